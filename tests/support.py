@@ -1,0 +1,87 @@
+"""What every test tier shares: prerequisites that skip locally but fail in CI, fd counting,
+temporary memfd guest memory, and PID-exact cleanup of peer processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+import unittest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+#: apt packages each tier needs on a fresh Debian 12 machine; .ci/run installs the same list.
+PEER_PACKAGES = ("qemu-system-x86 qemu-utils qemu-system-common dpdk-dev librte-net-vhost23 "
+                 "librte-net-virtio23 librte-mempool-ring23 cpio busybox-static")
+
+
+def require(ok: bool, what: str, install: str) -> None:
+    """Skip (locally) or fail (with CI=true) when a tier's prerequisite is missing.
+
+    ``install`` is the exact command that provides it, printed so a person can act on it.
+    """
+    if ok:
+        return
+    message = f"{what} is missing; install it with: {install}"
+    if IN_CI:
+        raise AssertionError(f"CI=true and {message}")
+    raise unittest.SkipTest(message)
+
+
+def require_commands(*commands: str, install: str = f"apt-get install -y {PEER_PACKAGES}") -> None:
+    """:func:`require` for programs looked up on PATH (or given as absolute paths)."""
+    missing = [c for c in commands if not (shutil.which(c) or (os.path.isabs(c) and os.access(c, os.X_OK)))]
+    require(not missing, " and ".join(missing), install)
+
+
+def require_root(what: str) -> None:
+    require(os.geteuid() == 0, f"root (for {what})", "run the tests as root")
+
+
+def open_fds() -> set[int]:
+    """The fds this process has open now (for leak checks)."""
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def seeded_random(test: unittest.TestCase, seed: int | None = None) -> random.Random:
+    """A Random with a fixed (or given) seed that is printed, so a failure can be replayed."""
+    seed = int(os.environ.get("VHOST_MIN_SEED", seed if seed is not None else 20261126))
+    print(f"\n[{test.id()}] random seed {seed} (set VHOST_MIN_SEED to replay)", flush=True)
+    return random.Random(seed)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop exactly this process (by its PID): SIGTERM, then SIGKILL if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def wait_for_path(path: str, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+    """Wait until ``path`` exists (a peer's socket), failing early if ``proc`` died."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process {proc.args!r} exited with {proc.returncode} before creating {path}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+def cache_dir(*parts: str) -> str:
+    """Where downloads and built images are kept between runs, outside the clone."""
+    base = os.environ.get("VHOST_MIN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vhost_min")
+    path = os.path.join(base, *parts)
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -1,0 +1,33 @@
+"""vhost_min: the vhost dataplanes of Linux virtualization in pure Python.
+
+Kernel vhost (``ioctl``), vhost-user (``user``), vDPA and VDUSE (``vdpa``), and the virtqueue
+engine they share (``vring`` for split rings, ``packed`` for packed rings, ``memory`` for guest
+memory). Standard library only; submodules load on first use so ``import vhost_min`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, NotSupportedError,
+                     ProtocolError, VhostError, VirtqueueError)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "GuestMemory": "memory", "IOTLB": "memory", "DirtyLog": "memory",
+    "SplitDeviceQueue": "vring", "SplitDriverQueue": "vring",
+    "PackedDeviceQueue": "packed", "PackedDriverQueue": "packed",
+}
+
+__all__ = ["VhostError", "GuestMemoryError", "VirtqueueError", "ProtocolError", "NotNegotiatedError",
+           "NotSupportedError", "DisconnectedError", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vhost_min' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

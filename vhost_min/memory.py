@@ -1,0 +1,488 @@
+"""Guest memory: regions mapped from fds, lookups by guest-physical, frontend-user and IO virtual
+address, the dirty-page log, and the memory barriers CPython lacks.
+
+Every access is bounds-checked against the region (or IOTLB entry) that covers it and handed out
+as a zero-copy ``memoryview``; nothing here copies guest data unless asked to (``read``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import ctypes.util
+import mmap
+import os
+import platform
+from typing import Callable, NamedTuple
+
+from .errors import GuestMemoryError, VhostError
+
+PAGE_SIZE = mmap.PAGESIZE
+#: Most regions a vhost-user backend offers (VHOST_USER_GET_MAX_MEM_SLOTS); QEMU's and lvu's number.
+MAX_MEM_SLOTS = 509
+#: The dirty log's page size (VHOST_LOG_PAGE in the spec, VHOST_PAGE_SIZE in linux/vhost_types.h).
+VHOST_LOG_PAGE = 0x1000
+
+
+# --------------------------------------------------------------------------------------------
+# Memory ordering
+#
+# CPython executes each memoryview / struct access as a plain C load or store, in program order
+# as far as the compiler is concerned (every access is an opaque call).  The CPU may still
+# reorder them:
+#   * x86-64 is TSO: loads are not reordered with loads, stores not with stores, so the read
+#     barrier (avail idx before ring entries) and the write barrier (used entries before used
+#     idx) cost nothing.  Only store->load needs a fence: publishing used idx, then reading
+#     used_event / avail flags (and the driver's mirror image).
+#   * aarch64 reorders all four: read, write and full barriers are real ``dmb`` instructions.
+# A barrier is a tiny machine-code function called through ctypes (about 150 ns); where
+# executable memory is refused, libatomic's atomic_thread_fence; as a last resort the
+# membarrier(2) system call, whose kernel side is a full barrier.
+# --------------------------------------------------------------------------------------------
+
+_MACHINE = platform.machine()
+_X86_64 = _MACHINE in ("x86_64", "AMD64")
+_AARCH64 = _MACHINE in ("aarch64", "arm64")
+
+_CODE = {
+    # mfence; ret                      / lock or byte [rdi], sil; ret
+    "x86_64": {"full": b"\x0f\xae\xf0\xc3", "atomic_or8": b"\xf0\x40\x08\x37\xc3"},
+    # dmb ish; ret / dmb ishld; ret / dmb ishst; ret
+    # atomic_or8: ldaxrb w2,[x0]; orr w2,w2,w1; stlxrb w3,w2,[x0]; cbnz w3,-12; ret
+    "aarch64": {
+        "full": bytes.fromhex("bf3b03d5c0035fd6"),
+        "read": bytes.fromhex("bf3903d5c0035fd6"),
+        "write": bytes.fromhex("bf3a03d5c0035fd6"),
+        "atomic_or8": bytes.fromhex("02fc5f084200012a02fc0308a3ffff35c0035fd6"),
+    },
+}
+
+
+class Barriers(NamedTuple):
+    """The barriers a ring or log needs; ``read``/``write`` are None where the CPU needs none."""
+
+    full: Callable[[], None]
+    read: Callable[[], None] | None
+    write: Callable[[], None] | None
+    atomic_or8: Callable[[int, int], None]   # (address, bits): *address |= bits, atomically
+    how: str                                  # which mechanism, for the docs and benchmarks
+
+
+_barriers: Barriers | None = None
+_code_page: mmap.mmap | None = None  # kept alive for the process's lifetime
+
+
+def _machine_code_barriers() -> Barriers | None:
+    global _code_page
+    code = _CODE.get("x86_64" if _X86_64 else "aarch64" if _AARCH64 else "", None)
+    if code is None:
+        return None
+    try:
+        page = mmap.mmap(-1, PAGE_SIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError):
+        return None
+    base = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    funcs = {}
+    offset = 0
+    for name, blob in code.items():
+        page[offset:offset + len(blob)] = blob
+        if name == "atomic_or8":
+            funcs[name] = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_ubyte)(base + offset)
+        else:
+            funcs[name] = ctypes.CFUNCTYPE(None)(base + offset)
+        offset += 32
+    if _AARCH64:
+        ctypes.CDLL(None).__clear_cache(ctypes.c_void_p(base), ctypes.c_void_p(base + offset))
+    _code_page = page
+    return Barriers(funcs["full"], funcs.get("read"), funcs.get("write"), funcs["atomic_or8"],
+                    "machine code (mfence / lock or)" if _X86_64 else "machine code (dmb / ldaxrb-stlxrb)")
+
+
+def _libatomic_barriers() -> Barriers | None:
+    name = ctypes.util.find_library("atomic")
+    if not name:
+        return None
+    try:
+        lib = ctypes.CDLL(name)
+        fence, fetch_or = lib.atomic_thread_fence, lib.__atomic_fetch_or_1
+    except (OSError, AttributeError):
+        return None
+    fence.argtypes, fence.restype = [ctypes.c_int], None
+    fetch_or.argtypes, fetch_or.restype = [ctypes.c_void_p, ctypes.c_ubyte, ctypes.c_int], ctypes.c_ubyte
+    seq_cst = 5
+
+    def full() -> None:
+        fence(seq_cst)
+
+    def atomic_or8(address: int, bits: int) -> None:
+        fetch_or(address, bits, seq_cst)
+
+    weak = None if _X86_64 else full
+    return Barriers(full, weak, weak, atomic_or8, "libatomic atomic_thread_fence")
+
+
+def _membarrier_barriers() -> Barriers:
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr = {"x86_64": 324, "aarch64": 283}.get("x86_64" if _X86_64 else "aarch64" if _AARCH64 else "")
+    if nr is None:
+        raise VhostError(f"no memory barrier available on {_MACHINE}")
+    register_private_expedited, private_expedited = 1 << 4, 1 << 3
+    if libc.syscall(nr, register_private_expedited, 0, 0) != 0:
+        raise VhostError(f"membarrier(2) unavailable: {os.strerror(ctypes.get_errno())}")
+
+    def full() -> None:
+        libc.syscall(nr, private_expedited, 0, 0)
+
+    def atomic_or8(address: int, bits: int) -> None:   # single-writer fallback, fenced
+        full()
+        cell = ctypes.c_ubyte.from_address(address)
+        cell.value |= bits
+        full()
+
+    weak = None if _X86_64 else full
+    return Barriers(full, weak, weak, atomic_or8, "membarrier(2)")
+
+
+def barriers() -> Barriers:
+    """The process's barriers, set up on first use (not at import)."""
+    global _barriers
+    if _barriers is None:
+        _barriers = _machine_code_barriers() or _libatomic_barriers() or _membarrier_barriers()
+    return _barriers
+
+
+# --------------------------------------------------------------------------------------------
+# Regions
+# --------------------------------------------------------------------------------------------
+
+class MemoryRegion:
+    """One contiguous piece of guest memory: ``size`` bytes at guest-physical ``gpa``.
+
+    ``uva`` is the address the frontend uses for it (vhost-user sends ring addresses in it);
+    ``view`` is a writable memoryview of exactly the region, whatever backs it.
+    """
+
+    __slots__ = ("gpa", "size", "uva", "mmap_offset", "end", "view", "_mapping")
+
+    def __init__(self, gpa: int, size: int, uva: int, mmap_offset: int,
+                 view: memoryview, mapping: mmap.mmap | None) -> None:
+        self.gpa, self.size, self.uva, self.mmap_offset = gpa, size, uva, mmap_offset
+        self.end = gpa + size
+        self.view = view
+        self._mapping = mapping
+
+    def __repr__(self) -> str:
+        return (f"MemoryRegion(gpa={self.gpa:#x}, size={self.size:#x}, uva={self.uva:#x}, "
+                f"mmap_offset={self.mmap_offset:#x})")
+
+    def close(self) -> None:
+        self.view.release()
+        if self._mapping is not None:
+            try:
+                self._mapping.close()
+            except BufferError:   # a view handed out earlier is still alive: unmapped when freed
+                pass
+            self._mapping = None
+
+
+def _map_fd(fd: int, size: int, mmap_offset: int) -> tuple[memoryview, mmap.mmap]:
+    """mmap(MAP_SHARED) ``size`` bytes of ``fd`` at ``mmap_offset`` (any alignment)."""
+    start = mmap_offset - mmap_offset % mmap.ALLOCATIONGRANULARITY
+    skip = mmap_offset - start
+    try:
+        file_size = os.fstat(fd).st_size
+    except OSError as exc:
+        raise GuestMemoryError(f"region fd {fd} cannot be used: {exc.strerror}", exc.errno) from None
+    if file_size and mmap_offset + size > file_size:
+        raise GuestMemoryError(f"region of {size:#x} bytes at fd offset {mmap_offset:#x} "
+                               f"runs past the end of its file ({file_size:#x} bytes)")
+    try:
+        mapping = mmap.mmap(fd, skip + size, flags=mmap.MAP_SHARED,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    except (OSError, ValueError, OverflowError) as exc:
+        raise GuestMemoryError(f"cannot map region of {size:#x} bytes at fd offset {mmap_offset:#x}: {exc}",
+                               getattr(exc, "errno", None)) from None
+    return memoryview(mapping)[skip:skip + size], mapping
+
+
+class GuestMemory:
+    """The guest's memory as a set of non-overlapping regions, looked up with bisect.
+
+    Lookups by guest-physical address (descriptors), by frontend user address (vhost-user ring
+    addresses) and, through :class:`IOTLB`, by IO virtual address. ``generation`` changes on
+    every add or remove so a ring can revalidate what it cached.
+    """
+
+    def __init__(self, max_regions: int = MAX_MEM_SLOTS) -> None:
+        self.max_regions = max_regions
+        self.generation = 0
+        self._regions: list[MemoryRegion] = []   # sorted by gpa
+        self._starts: list[int] = []
+        self._by_uva: list[MemoryRegion] = []     # sorted by uva
+        self._uva_starts: list[int] = []
+
+    # -- changes ------------------------------------------------------------------------------
+    def add_region(self, gpa: int, size: int, *, fd: int | None = None, mmap_offset: int = 0,
+                   uva: int | None = None, buffer=None) -> MemoryRegion:
+        """Map ``size`` bytes of ``fd`` (MAP_SHARED, the fd may be closed afterwards) or wrap an
+        existing writable ``buffer``, as guest-physical ``[gpa, gpa + size)``."""
+        if size <= 0 or gpa < 0 or gpa + size > 1 << 64 or mmap_offset < 0:
+            raise GuestMemoryError(f"invalid region gpa={gpa:#x} size={size:#x} mmap_offset={mmap_offset:#x}")
+        uva = gpa if uva is None else uva
+        if uva < 0 or uva + size > 1 << 64:
+            raise GuestMemoryError(f"invalid region user address {uva:#x} size {size:#x}")
+        if len(self._regions) >= self.max_regions:
+            raise GuestMemoryError(f"too many memory regions (the limit is {self.max_regions})")
+        i = bisect.bisect_left(self._starts, gpa)
+        for neighbour in self._regions[max(i - 1, 0):i + 1]:
+            if gpa < neighbour.end and neighbour.gpa < gpa + size:
+                raise GuestMemoryError(f"region gpa={gpa:#x} size={size:#x} overlaps {neighbour!r}")
+        j = bisect.bisect_left(self._uva_starts, uva)
+        for neighbour in self._by_uva[max(j - 1, 0):j + 1]:
+            if uva < neighbour.uva + neighbour.size and neighbour.uva < uva + size:
+                raise GuestMemoryError(f"region uva={uva:#x} size={size:#x} overlaps {neighbour!r}")
+        if (fd is None) == (buffer is None):
+            raise GuestMemoryError("a region needs exactly one of fd and buffer")
+        if fd is not None:
+            view, mapping = _map_fd(fd, size, mmap_offset)
+        else:
+            view, mapping = memoryview(buffer).cast("B"), None
+            if view.readonly or len(view) < size:
+                raise GuestMemoryError(f"buffer for region gpa={gpa:#x} is read-only or smaller than {size:#x}")
+            view = view[:size]
+        region = MemoryRegion(gpa, size, uva, mmap_offset, view, mapping)
+        self._regions.insert(i, region)
+        self._starts.insert(i, gpa)
+        self._by_uva.insert(j, region)
+        self._uva_starts.insert(j, uva)
+        self.generation += 1
+        return region
+
+    def remove_region(self, gpa: int, size: int, uva: int | None = None) -> None:
+        """Unmap the region that starts at ``gpa`` with exactly this size (and user address)."""
+        i = bisect.bisect_left(self._starts, gpa)
+        if i == len(self._starts) or self._starts[i] != gpa or self._regions[i].size != size or (
+                uva is not None and self._regions[i].uva != uva):
+            raise GuestMemoryError(f"no region gpa={gpa:#x} size={size:#x}"
+                                   + (f" uva={uva:#x}" if uva is not None else ""))
+        region = self._regions.pop(i)
+        del self._starts[i]
+        j = self._by_uva.index(region)
+        del self._by_uva[j], self._uva_starts[j]
+        self.generation += 1
+        region.close()
+
+    def clear(self) -> None:
+        """Unmap every region (vhost-user SET_MEM_TABLE replaces the whole table)."""
+        for region in self._regions:
+            region.close()
+        self._regions, self._starts, self._by_uva, self._uva_starts = [], [], [], []
+        self.generation += 1
+
+    close = clear
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.clear()
+
+    @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        return tuple(self._regions)
+
+    # -- lookups ------------------------------------------------------------------------------
+    def region_at(self, gpa: int) -> MemoryRegion:
+        """The region containing guest-physical ``gpa``."""
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0:
+            region = self._regions[i]
+            if gpa < region.end:
+                return region
+        raise GuestMemoryError(f"guest address {gpa:#x} is outside every memory region")
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of ``[gpa, gpa + length)``, which must lie inside one region."""
+        region = self.region_at(gpa)
+        offset = gpa - region.gpa
+        if length < 0 or offset + length > region.size:
+            raise GuestMemoryError(f"guest buffer {gpa:#x}+{length:#x} runs past the end of {region!r}")
+        return region.view[offset:offset + length]
+
+    def segments(self, gpa: int, length: int) -> list[memoryview]:
+        """Views covering ``[gpa, gpa + length)``, split where it crosses into an adjacent region."""
+        if length < 0 or gpa + length > 1 << 64:
+            raise GuestMemoryError(f"guest buffer {gpa:#x}+{length:#x} wraps the address space")
+        out = []
+        while True:
+            region = self.region_at(gpa)
+            offset = gpa - region.gpa
+            take = min(length, region.size - offset)
+            out.append(region.view[offset:offset + take])
+            length -= take
+            if not length:
+                return out
+            gpa += take
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Copy guest bytes out (for control paths; data paths use views)."""
+        return b"".join(self.segments(gpa, length))
+
+    def write(self, gpa: int, data) -> None:
+        """Copy ``data`` into guest memory, across adjacent regions if needed."""
+        data = memoryview(data).cast("B")
+        pos = 0
+        for seg in self.segments(gpa, len(data)):
+            seg[:] = data[pos:pos + len(seg)]
+            pos += len(seg)
+
+    def gpa_for_uva(self, uva: int, length: int = 1) -> int:
+        """Translate a frontend user address (vhost-user ring addresses) to guest-physical."""
+        i = bisect.bisect_right(self._uva_starts, uva) - 1
+        if i >= 0:
+            region = self._by_uva[i]
+            if uva + length <= region.uva + region.size:
+                return region.gpa + (uva - region.uva)
+        raise GuestMemoryError(f"frontend address {uva:#x}+{length:#x} is outside every memory region")
+
+
+# --------------------------------------------------------------------------------------------
+# IOTLB
+# --------------------------------------------------------------------------------------------
+
+VHOST_ACCESS_RO, VHOST_ACCESS_WO, VHOST_ACCESS_RW = 1, 2, 3   # linux/vhost_types.h perm values
+
+
+class IOTLBMiss(GuestMemoryError):
+    """No IOTLB entry covers this IOVA with this access (the device should report a miss)."""
+
+    def __init__(self, iova: int, write: bool) -> None:
+        super().__init__(f"IOTLB miss for {'write' if write else 'read'} at IOVA {iova:#x}")
+        self.iova, self.write = iova, write
+
+
+class IOTLB:
+    """IO virtual address -> memory translations with permissions, for VIRTIO_F_ACCESS_PLATFORM
+    and vDPA: ``update`` / ``invalidate`` as the vhost IOTLB messages say, and the same
+    ``view`` / ``segments`` interface as :class:`GuestMemory` so rings work over either.
+
+    Entries point into views given directly (VDUSE's mmapped bounce area) or at frontend user
+    addresses resolved through ``memory`` (vhost-user's VHOST_IOTLB_UPDATE carries a uaddr).
+    """
+
+    def __init__(self, memory: GuestMemory | None = None) -> None:
+        self.memory = memory
+        self.generation = 0
+        self._starts: list[int] = []
+        self._entries: list[tuple[int, int, memoryview, int]] = []   # (iova, end, view, perm)
+
+    def update(self, iova: int, size: int, uaddr: int, perm: int = VHOST_ACCESS_RW) -> None:
+        """VHOST_IOTLB_UPDATE: map ``[iova, iova + size)`` to frontend user address ``uaddr``."""
+        if self.memory is None:
+            raise GuestMemoryError("this IOTLB has no guest memory to resolve user addresses in")
+        gpa = self.memory.gpa_for_uva(uaddr, size)
+        self.update_view(iova, self.memory.view(gpa, size), perm)
+
+    def update_view(self, iova: int, view: memoryview, perm: int = VHOST_ACCESS_RW) -> None:
+        """Map ``[iova, iova + len(view))`` onto ``view``, replacing what overlapped it."""
+        size = len(view)
+        if size <= 0 or iova < 0 or iova + size > 1 << 64 or perm not in (1, 2, 3):
+            raise GuestMemoryError(f"invalid IOTLB update iova={iova:#x} size={size:#x} perm={perm}")
+        self.invalidate(iova, size)
+        i = bisect.bisect_left(self._starts, iova)
+        self._starts.insert(i, iova)
+        self._entries.insert(i, (iova, iova + size, view, perm))
+        self.generation += 1
+
+    def invalidate(self, iova: int, size: int) -> None:
+        """VHOST_IOTLB_INVALIDATE: forget ``[iova, iova + size)``; entries that straddle it are trimmed."""
+        end = iova + size
+        kept = []
+        for entry in self._entries:
+            start, stop, view, perm = entry
+            if stop <= iova or start >= end:
+                kept.append(entry)
+                continue
+            if start < iova:
+                kept.append((start, iova, view[:iova - start], perm))
+            if stop > end:
+                kept.append((end, stop, view[end - start:], perm))
+        self._entries = kept
+        self._starts = [e[0] for e in kept]
+        self.generation += 1
+
+    def segments(self, iova: int, length: int, write: bool = False) -> list[memoryview]:
+        need = VHOST_ACCESS_WO if write else VHOST_ACCESS_RO
+        out = []
+        while length > 0:
+            i = bisect.bisect_right(self._starts, iova) - 1
+            entry = self._entries[i] if i >= 0 else None
+            if entry is None or iova >= entry[1] or not entry[3] & need:
+                raise IOTLBMiss(iova, write)
+            start, stop, view, _ = entry
+            take = min(length, stop - iova)
+            out.append(view[iova - start:iova - start + take])
+            iova += take
+            length -= take
+        return out
+
+    def view(self, iova: int, length: int, write: bool = False) -> memoryview:
+        segs = self.segments(iova, length, write)
+        if len(segs) != 1:
+            raise GuestMemoryError(f"IOVA buffer {iova:#x}+{length:#x} spans several IOTLB entries")
+        return segs[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Dirty log
+# --------------------------------------------------------------------------------------------
+
+class DirtyLog:
+    """The live-migration dirty bitmap (VHOST_USER_SET_LOG_BASE / VHOST_SET_LOG_BASE): one bit per
+    4 KiB guest page, page n at byte n // 8, bit n % 8, set with an atomic OR because the
+    frontend and other devices clear and set bits in the same bitmap concurrently."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = memoryview(view).cast("B")
+        if self.view.readonly:
+            raise GuestMemoryError("the dirty log must be writable")
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self.view))
+        self._or = barriers().atomic_or8
+
+    @classmethod
+    def from_fd(cls, fd: int, size: int, offset: int = 0) -> DirtyLog:
+        view, mapping = _map_fd(fd, size, offset)
+        log = cls(view)
+        log._mapping = mapping
+        return log
+
+    def mark(self, gpa: int, length: int) -> None:
+        """Mark every page of ``[gpa, gpa + length)`` dirty."""
+        if length <= 0:
+            return
+        first, last = gpa // VHOST_LOG_PAGE, (gpa + length - 1) // VHOST_LOG_PAGE
+        if last // 8 >= len(self.view):
+            raise GuestMemoryError(f"dirty log of {len(self.view)} bytes cannot cover guest address "
+                                   f"{gpa + length - 1:#x}")
+        page = first
+        while page <= last:
+            byte, bit = divmod(page, 8)
+            if bit == 0 and last - page >= 7:    # a whole byte at once
+                bits = 0xFF
+                page += 8
+            else:
+                bits = 0
+                while page <= last and page // 8 == byte:
+                    bits |= 1 << (page % 8)
+                    page += 1
+            self._or(self._address + byte, bits)
+
+    def is_dirty(self, gpa: int) -> bool:
+        page = gpa // VHOST_LOG_PAGE
+        return bool(self.view[page // 8] >> (page % 8) & 1)
+
+    def close(self) -> None:
+        self.view.release()
+        mapping = getattr(self, "_mapping", None)
+        if mapping is not None:
+            mapping.close()
