@@ -91,8 +91,13 @@ def _machine_code_barriers() -> Barriers | None:
         else:
             funcs[name] = ctypes.CFUNCTYPE(None)(base + offset)
         offset += 32
-    if _AARCH64:
-        ctypes.CDLL(None).__clear_cache(ctypes.c_void_p(base), ctypes.c_void_p(base + offset))
+    if _AARCH64:   # make the new instructions visible to instruction fetch (libgcc's __clear_cache)
+        try:
+            libgcc = ctypes.CDLL(ctypes.util.find_library("gcc_s") or "libgcc_s.so.1")
+            libgcc.__clear_cache(ctypes.c_void_p(base), ctypes.c_void_p(base + offset))
+        except (OSError, AttributeError):
+            page.close()
+            return None
     _code_page = page
     return Barriers(funcs["full"], funcs.get("read"), funcs.get("write"), funcs["atomic_or8"],
                     "machine code (mfence / lock or)" if _X86_64 else "machine code (dmb / ldaxrb-stlxrb)")

@@ -1,0 +1,283 @@
+"""Guest memory regions, IOTLB, dirty log and barriers (vhost_min.memory)."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import time
+import unittest
+
+from tests.support import open_fds, seeded_random
+from vhost_min.errors import GuestMemoryError, VhostError
+from vhost_min.memory import (IOTLB, MAX_MEM_SLOTS, VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO,
+                              DirtyLog, GuestMemory, IOTLBMiss, barriers)
+
+
+def memfd(size: int) -> int:
+    fd = os.memfd_create("test-memory", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+class RegionTest(unittest.TestCase):
+    def setUp(self):
+        self.fd = memfd(1 << 20)
+        self.memory = GuestMemory()
+
+    def tearDown(self):
+        self.memory.clear()
+        os.close(self.fd)
+
+    def test_view_reads_and_writes_the_file(self):
+        self.memory.add_region(0x10000, 0x4000, fd=self.fd, mmap_offset=0x2000)
+        self.memory.view(0x10010, 4)[:] = b"abcd"
+        self.assertEqual(os.pread(self.fd, 4, 0x2010), b"abcd")
+        os.pwrite(self.fd, b"wxyz", 0x5ffc)
+        self.assertEqual(bytes(self.memory.view(0x13ffc, 4)), b"wxyz")
+
+    def test_unaligned_mmap_offset(self):
+        self.memory.add_region(0x0, 0x100, fd=self.fd, mmap_offset=0x1234)
+        os.pwrite(self.fd, b"Q", 0x1234 + 0x42)
+        self.assertEqual(self.memory.read(0x42, 1), b"Q")
+
+    def test_bounds(self):
+        self.memory.add_region(0x1000, 0x1000, fd=self.fd)
+        self.assertEqual(len(self.memory.view(0x1000, 0x1000)), 0x1000)
+        for gpa, length in ((0xfff, 1), (0x1fff, 2), (0x2000, 1), (0x1000, 0x1001), (0x1000, -1)):
+            with self.assertRaises(GuestMemoryError, msg=f"{gpa:#x}+{length}"):
+                self.memory.view(gpa, length)
+        with self.assertRaises(GuestMemoryError):
+            self.memory.segments(0x1f00, 0x200)     # runs into a gap
+        with self.assertRaises(GuestMemoryError):
+            self.memory.segments(0xffffffffffffff00, 0x200)
+
+    def test_adjacent_regions_give_segments(self):
+        self.memory.add_region(0x0, 0x1000, fd=self.fd, mmap_offset=0x10000)
+        self.memory.add_region(0x1000, 0x1000, fd=self.fd, mmap_offset=0x40000)
+        segs = self.memory.segments(0xff0, 0x20)
+        self.assertEqual([len(s) for s in segs], [0x10, 0x10])
+        self.memory.write(0xff0, bytes(range(0x20)))
+        self.assertEqual(os.pread(self.fd, 0x10, 0x10ff0), bytes(range(0x10)))
+        self.assertEqual(os.pread(self.fd, 0x10, 0x40000), bytes(range(0x10, 0x20)))
+        with self.assertRaises(GuestMemoryError):
+            self.memory.view(0xff0, 0x20)   # one view cannot span two regions
+
+    def test_overlaps_and_bad_regions_rejected(self):
+        self.memory.add_region(0x10000, 0x10000, fd=self.fd, uva=0x7000_0000)
+        for gpa, size, uva in ((0x8000, 0x8001, 0x1), (0x1ffff, 1, 0x2), (0x10000, 0x10, 0x3),
+                               (0x0, 0x1000, 0x7000_ffff)):
+            with self.assertRaises(GuestMemoryError):
+                self.memory.add_region(gpa, size, fd=self.fd, uva=uva)
+        for gpa, size in ((0, 0), (0, -1), (1 << 64, 1), ((1 << 64) - 1, 2)):
+            with self.assertRaises(GuestMemoryError):
+                self.memory.add_region(gpa, size, fd=self.fd)
+        with self.assertRaises(GuestMemoryError):   # larger than the file behind it
+            self.memory.add_region(0x100000, 2 << 20, fd=self.fd)
+        with self.assertRaises(GuestMemoryError):
+            self.memory.add_region(0x100000, 0x1000, fd=12345)
+        with self.assertRaises(GuestMemoryError):
+            self.memory.add_region(0x100000, 0x1000, buffer=b"read-only bytes")
+        self.assertEqual(len(self.memory.regions), 1)
+
+    def test_remove_region(self):
+        before = self.memory.generation
+        self.memory.add_region(0x0, 0x1000, fd=self.fd)
+        self.memory.add_region(0x1000, 0x1000, fd=self.fd)
+        with self.assertRaises(GuestMemoryError):
+            self.memory.remove_region(0x0, 0x2000)
+        self.memory.remove_region(0x0, 0x1000)
+        with self.assertRaises(GuestMemoryError):
+            self.memory.view(0x0, 1)
+        self.assertEqual(len(self.memory.view(0x1000, 1)), 1)
+        self.assertGreater(self.memory.generation, before + 2)
+
+    def test_uva_translation(self):
+        self.memory.add_region(0x0, 0x1000, fd=self.fd, uva=0x7f00_0000_0000)
+        self.memory.add_region(0x100000, 0x1000, fd=self.fd, uva=0x5500_0000_0000)
+        self.assertEqual(self.memory.gpa_for_uva(0x7f00_0000_0010), 0x10)
+        self.assertEqual(self.memory.gpa_for_uva(0x5500_0000_0ff0, 0x10), 0x100ff0)
+        with self.assertRaises(GuestMemoryError):
+            self.memory.gpa_for_uva(0x5500_0000_0ff0, 0x11)
+        with self.assertRaises(GuestMemoryError):
+            self.memory.gpa_for_uva(0x1234)
+
+    def test_hundreds_of_regions(self):
+        rng = seeded_random(self)
+        order = list(range(MAX_MEM_SLOTS))
+        rng.shuffle(order)
+        for i in order:
+            self.memory.add_region(i * 0x2000, 0x1000, fd=self.fd, mmap_offset=(i % 200) * 0x1000)
+        with self.assertRaises(GuestMemoryError):
+            self.memory.add_region(1 << 40, 0x1000, fd=self.fd)
+        for _ in range(2000):
+            i = rng.randrange(MAX_MEM_SLOTS)
+            self.assertEqual(self.memory.region_at(i * 0x2000 + 5).gpa, i * 0x2000)
+            with self.assertRaises(GuestMemoryError):
+                self.memory.region_at(i * 0x2000 + 0x1000)
+        start = time.perf_counter()
+        for _ in range(10000):
+            self.memory.view(0x1000 * 2 * 400 + 8, 8)
+        self.assertLess(time.perf_counter() - start, 5.0)   # a hang guard, not a timing test
+        for i in order[:300]:
+            self.memory.remove_region(i * 0x2000, 0x1000)
+        self.assertEqual(len(self.memory.regions), MAX_MEM_SLOTS - 300)
+
+    def test_no_fd_leak(self):
+        before = open_fds()
+        memory = GuestMemory()
+        for i in range(20):
+            memory.add_region(i * 0x1000, 0x1000, fd=self.fd)
+        with self.assertRaises(GuestMemoryError):
+            memory.add_region(0, 0x1000, fd=self.fd)
+        memory.clear()
+        self.assertEqual(open_fds(), before)
+
+
+class IOTLBTest(unittest.TestCase):
+    def setUp(self):
+        self.fd = memfd(1 << 20)
+        self.memory = GuestMemory()
+        self.memory.add_region(0x0, 1 << 20, fd=self.fd, uva=0x7f00_0000_0000)
+        self.tlb = IOTLB(self.memory)
+
+    def tearDown(self):
+        self.tlb = None
+        self.memory.clear()
+        os.close(self.fd)
+
+    def test_translation_and_permissions(self):
+        self.tlb.update(0xA000_0000, 0x2000, 0x7f00_0000_4000, VHOST_ACCESS_RO)
+        self.tlb.update(0xB000_0000, 0x1000, 0x7f00_0000_8000, VHOST_ACCESS_WO)
+        self.memory.write(0x4010, b"hello")
+        self.assertEqual(bytes(self.tlb.view(0xA000_0010, 5)), b"hello")
+        self.tlb.view(0xB000_0000, 16, write=True)[:5] = b"world"
+        self.assertEqual(self.memory.read(0x8000, 5), b"world")
+        with self.assertRaises(IOTLBMiss) as cm:
+            self.tlb.view(0xA000_0000, 1, write=True)
+        self.assertEqual(cm.exception.iova, 0xA000_0000)
+        with self.assertRaises(IOTLBMiss):
+            self.tlb.view(0xB000_0000, 1)
+        with self.assertRaises(IOTLBMiss):
+            self.tlb.view(0xA000_1ff0, 0x20)
+        self.assertIsInstance(cm.exception, GuestMemoryError)
+
+    def test_invalidate_trims(self):
+        self.tlb.update(0x10000, 0x3000, 0x7f00_0000_0000, VHOST_ACCESS_RW)
+        self.tlb.invalidate(0x11000, 0x1000)
+        self.assertEqual(len(self.tlb.view(0x10000, 0x1000)), 0x1000)
+        self.assertEqual(len(self.tlb.view(0x12000, 0x1000)), 0x1000)
+        with self.assertRaises(IOTLBMiss):
+            self.tlb.view(0x11800, 1)
+        # A buffer crossing two entries comes back as two segments.
+        self.tlb.update(0x11000, 0x1000, 0x7f00_0000_9000, VHOST_ACCESS_RW)
+        self.assertEqual([len(s) for s in self.tlb.segments(0x10ff0, 0x20)], [0x10, 0x10])
+
+    def test_bad_updates(self):
+        with self.assertRaises(GuestMemoryError):
+            self.tlb.update(0x0, 0x1000, 0x1234, VHOST_ACCESS_RW)         # uaddr outside memory
+        with self.assertRaises(GuestMemoryError):
+            self.tlb.update(0x0, 0x1000, 0x7f00_0000_0000, 0)              # no permission
+        with self.assertRaises(GuestMemoryError):
+            self.tlb.update(0x0, 2 << 20, 0x7f00_0000_0000, VHOST_ACCESS_RW)
+
+
+class DirtyLogTest(unittest.TestCase):
+    def test_marks_pages(self):
+        buf = bytearray(16)
+        log = DirtyLog(memoryview(buf))
+        log.mark(0x1000, 0x9000)            # pages 1..9
+        self.assertEqual(buf[:3], bytes([0xFE, 0x03, 0x00]))
+        log.mark(0x10fff, 2)                # pages 16 and 17
+        self.assertEqual(buf[2], 0x03)
+        log.mark(0x40000, 0x40000)          # pages 64..127: whole bytes
+        self.assertEqual(buf[8:16], b"\xff" * 8)
+        self.assertTrue(log.is_dirty(0x9fff))
+        self.assertFalse(log.is_dirty(0xa000))
+        log.mark(0x0, 0)                    # nothing
+        self.assertFalse(log.is_dirty(0x0))
+        with self.assertRaises(GuestMemoryError):
+            log.mark(0x80000, 1)            # beyond what 16 bytes of log cover
+        log.close()
+
+    def test_atomic_or_from_two_processes(self):
+        """Two processes set different bits of the same bytes; no bit is ever lost."""
+        fd = memfd(4096)
+        log = DirtyLog.from_fd(fd, 64)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for _ in range(3):
+                    for page in range(0, 512, 2):       # even pages
+                        log.mark(page * 0x1000, 1)
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        for _ in range(3):
+            for page in range(1, 512, 2):               # odd pages
+                log.mark(page * 0x1000, 1)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(status, 0)
+        self.assertEqual(os.pread(fd, 64, 0), b"\xff" * 64)
+        log.close()
+        os.close(fd)
+
+
+class BarrierTest(unittest.TestCase):
+    def test_barriers_run(self):
+        b = barriers()
+        b.full()
+        for fn in (b.read, b.write):
+            if fn is not None:
+                fn()
+        cell = ctypes.create_string_buffer(1)
+        b.atomic_or8(ctypes.addressof(cell), 0x21)
+        b.atomic_or8(ctypes.addressof(cell), 0x84)
+        self.assertEqual(cell.raw, b"\xa5")
+        self.assertTrue(b.how)
+
+    def test_store_buffering_litmus(self):
+        """Dekker's test across two processes: each stores its flag, full barrier, loads the other's.
+        With a real full barrier both loads can never see 0 in the same round."""
+        page = mmap.mmap(-1, 4096)
+        mem = memoryview(page)
+        full = barriers().full
+        rounds = 3000
+        u32 = struct.Struct("<I")
+        # layout: 0 flag A, 4 flag B, 8 round go (parent), 12 round ack (child), 16.. child's observations
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for r in range(1, rounds + 1):
+                    while u32.unpack_from(mem, 8)[0] != r:
+                        pass
+                    u32.pack_into(mem, 4, r)
+                    full()
+                    seen = u32.unpack_from(mem, 0)[0]
+                    mem[16 + (r % 1024)] = 1 if seen == r else 0
+                    u32.pack_into(mem, 12, r)
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        both_zero = 0
+        try:
+            for r in range(1, rounds + 1):
+                u32.pack_into(mem, 8, r)
+                u32.pack_into(mem, 0, r)
+                full()
+                parent_saw = u32.unpack_from(mem, 4)[0] == r
+                while u32.unpack_from(mem, 12)[0] != r:
+                    pass
+                if not parent_saw and not mem[16 + (r % 1024)]:
+                    both_zero += 1
+        finally:
+            _, status = os.waitpid(pid, 0)
+        self.assertEqual(status, 0)
+        self.assertEqual(both_zero, 0)
+        mem.release()
+        page.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
