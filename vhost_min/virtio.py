@@ -2,6 +2,8 @@
 
 Names are the virtio spec's and Linux uapi's (``VIRTQ_DESC_F_NEXT``, ``VIRTIO_F_EVENT_IDX``),
 so grep finds the definition; each fact is defined here once and imported everywhere else.
+Feature constants are masks (``1 << bit``), unlike the C headers' bit numbers, so that
+``features & VIRTIO_F_EVENT_IDX`` reads as it should.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class VirtioFeature(enum.IntFlag):
 VHOST_F_LOG_ALL = 1 << 26
 VHOST_NET_F_VIRTIO_NET_HDR = 1 << 27
 
+VHOST_USER_F_PROTOCOL_FEATURES = VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES
 VIRTIO_F_INDIRECT_DESC = VirtioFeature.VIRTIO_F_INDIRECT_DESC
 VIRTIO_F_EVENT_IDX = VirtioFeature.VIRTIO_F_EVENT_IDX
 VIRTIO_F_VERSION_1 = VirtioFeature.VIRTIO_F_VERSION_1
