@@ -1,0 +1,366 @@
+"""Launchers for the real vhost-user peers of PEERS.md, one context manager each.
+
+Every launcher checks its program is installed (skip locally, fail with CI=true, naming the apt
+command), starts one process on temporary sockets in a private directory, waits until it is ready
+(its socket exists; a peer that exits first fails at once with its log), and on exit stops exactly
+that PID (support.stop_process), then removes the directory and the files the peer left elsewhere
+(DPDK's /var/run/dpdk/<prefix>, virtiofsd's /run/virtiofsd pid file). Peers also get SIGTERM if
+the test process dies, so a killed test run leaves nothing behind.
+
+Peers that are front-ends (QEMU, DPDK virtio-user, DPDK vhost in client mode) connect to a socket
+the test already listens on; their launchers return at once, without waiting for the handshake,
+because the peer blocks until the test answers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from tests import support
+
+QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+TESTPMD = "dpdk-testpmd"
+QEMU = "qemu-system-x86_64"
+
+# apt packages per program (dpkg -S on Debian 12); support.PEER_PACKAGES is their union.
+APT_QEMU_COMMON = "apt-get install -y --no-install-recommends qemu-system-common"
+APT_DPDK = ("apt-get install -y --no-install-recommends dpdk-dev librte-net-vhost23 librte-net-virtio23 "
+            "librte-mempool-ring23")
+APT_QEMU = "apt-get install -y --no-install-recommends qemu-system-x86 qemu-system-common"
+
+#: EAL options every testpmd gets (PEERS.md): no hugepages (steadier timings, no setup), no PCI
+#: probing, a 8192-mbuf pool instead of the default ~340 MB one.
+TESTPMD_EAL = ("--no-huge", "-m", "256", "--no-pci", "-l", "0,1", "--main-lcore", "1")
+DPDK_RUNTIME_DIR = "/var/run/dpdk"
+VIRTIOFSD_RUN_DIR = "/run/virtiofsd"
+
+READY_TIMEOUT = 20.0
+_serial = itertools.count()
+
+
+@dataclass
+class Peer:
+    """One running peer process: its vhost-user socket, its log, and (QEMU's) QMP socket."""
+
+    name: str
+    proc: subprocess.Popen
+    socket: str
+    workdir: str
+    log_path: str
+    qmp_path: str | None = None
+    extra_files: list[str] = field(default_factory=list)    # outside workdir, removed on exit
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self, tail: int = 4000) -> str:
+        """The last ``tail`` characters of the peer's stdout+stderr."""
+        try:
+            with open(self.log_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return ""
+        return data[-tail:].decode(errors="replace")
+
+    def check_alive(self) -> None:
+        """AssertionError carrying the peer's log if it has exited."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} (pid {self.pid}) exited with {self.proc.returncode}; "
+                                 f"its output:\n{self.log()}")
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit status if the peer ends within ``timeout`` seconds (one-shot peers), else None."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def qmp(self, timeout: float = 10.0) -> QMP:
+        """A new QMP session (capabilities negotiated); the caller closes it."""
+        if self.qmp_path is None:
+            raise ValueError(f"{self.name} has no QMP socket")
+        try:
+            support.wait_for_path(self.qmp_path, self.proc, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {self.name} output:\n{self.log()}") from None
+        return QMP(self.qmp_path, timeout)
+
+
+class QMPError(AssertionError):
+    """QMP answered a command with an error (or not at all)."""
+
+
+class QMP:
+    """A minimal QMP client: one JSON object per line, events skipped, every read bounded."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._buffer = b""
+        try:
+            self._sock.connect(path)
+            self.greeting = self._read()
+            if "QMP" not in self.greeting:
+                raise QMPError(f"not a QMP greeting: {self.greeting}")
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def execute(self, command: str, **arguments: object) -> object:
+        """Run ``command`` and return its "return" value; QMPError on an "error" answer."""
+        request: dict[str, object] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            answer = self._read()
+            if "event" in answer:
+                continue
+            if "error" in answer:
+                raise QMPError(f"QMP {command} {arguments or ''} failed: {answer['error']}")
+            return answer.get("return")
+
+    def quit(self) -> None:
+        """Ask QEMU to exit; the connection dropping right after is the expected answer."""
+        try:
+            self.execute("quit")
+        except (OSError, QMPError, ValueError):
+            pass
+
+    def _read(self) -> dict:
+        while b"\n" not in self._buffer:
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                raise QMPError("QMP did not answer in time") from None
+            if not chunk:
+                raise QMPError("QMP connection closed")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> QMP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The common part: spawn, wait until ready, stop by PID, clean up
+# --------------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)      # loaded here: the child may not do much after fork
+PR_SET_PDEATHSIG = 1                             # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the thread that started it dies (the test run)."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _qemu_path(path: str) -> str:
+    """A path inside a QEMU -option value: commas are doubled."""
+    return path.replace(",", ",,")
+
+
+@contextlib.contextmanager
+def _workdir(name: str) -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix=f"vhost_min-{name}-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _running(name: str, argv: Sequence[str], workdir: str, sock: str, *, ready: Sequence[str] = (),
+             qmp_path: str | None = None, extra_files: Sequence[str] = (), grace: float = 0.0) -> Iterator[Peer]:
+    """Start ``argv`` with its output in ``workdir``/``name``.log, wait for the ``ready`` paths,
+    yield the Peer, and finally stop that PID (after ``grace`` seconds to exit on its own) and
+    remove ``extra_files``."""
+    log_path = os.path.join(workdir, f"{name}.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=workdir, preexec_fn=_die_with_parent)
+    peer = Peer(name, proc, sock, workdir, log_path, qmp_path, list(extra_files))
+    try:
+        for path in ready:
+            try:
+                support.wait_for_path(path, proc, READY_TIMEOUT)
+            except AssertionError as exc:
+                raise AssertionError(f"{name} did not get ready: {exc}\nits output:\n{peer.log()}") from None
+        yield peer
+    finally:
+        if grace:
+            peer.wait_exit(grace)
+        support.stop_process(proc)
+        for path in peer.extra_files:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{next(_serial)}-{time.monotonic_ns() % 1000000}"
+
+
+# --------------------------------------------------------------------------------------------
+# The peers
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def storage_daemon(image_path: str, num_queues: int = 1, writable: bool = True,
+                   block_size: int = 512) -> Iterator[Peer]:
+    """qemu-storage-daemon exporting ``image_path`` (a raw file) as a vhost-user-blk back-end.
+
+    It listens on ``.socket``, serves one front-end at a time and survives reconnects; ``.qmp()``
+    talks to its monitor. ``block_size`` must be a power of two (logical-block-size).
+    """
+    support.require_commands(QEMU_STORAGE_DAEMON, install=APT_QEMU_COMMON)
+    with _workdir("qsd") as work:
+        sock, qmp = os.path.join(work, "vhost-user-blk.sock"), os.path.join(work, "qmp.sock")
+        argv = [QEMU_STORAGE_DAEMON,
+                "--blockdev", f"driver=file,node-name=file0,filename={_qemu_path(os.path.abspath(image_path))}",
+                "--export", (f"type=vhost-user-blk,id=export0,node-name=file0,addr.type=unix,"
+                             f"addr.path={_qemu_path(sock)},writable={'on' if writable else 'off'},"
+                             f"num-queues={num_queues},logical-block-size={block_size}"),
+                "--chardev", f"socket,id=qmp,path={_qemu_path(qmp)},server=on,wait=off",
+                "--monitor", "chardev=qmp"]
+        with _running("qemu-storage-daemon", argv, work, sock, ready=(sock, qmp), qmp_path=qmp) as peer:
+            yield peer
+
+
+@contextlib.contextmanager
+def virtiofsd(shared_dir: str, sandbox: str | None = None) -> Iterator[Peer]:
+    """QEMU 7.2's C virtiofsd sharing ``shared_dir``: a one-shot vhost-user-fs back-end.
+
+    It exits when its front-end disconnects (start one per test); the socket is mode 0700, so
+    only root can connect. ``sandbox`` is virtiofsd's ``-o sandbox=`` (namespace by default,
+    ``chroot`` in containers that cannot create namespaces). Note the C virtiofsd's option is
+    ``-o sandbox=``; ``--sandbox=`` is the Rust virtiofsd's spelling.
+    """
+    support.require_commands(VIRTIOFSD, install=APT_QEMU_COMMON)
+    support.require_root("virtiofsd")
+    with _workdir("virtiofsd") as work:
+        sock = os.path.join(work, "vhost-user-fs.sock")
+        argv = [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={os.path.abspath(shared_dir)}",
+                "-o", "cache=none"]
+        if sandbox:
+            argv += ["-o", f"sandbox={sandbox}"]
+        # It locks the socket with a pid file named after the socket path, outside our directory.
+        pid_file = os.path.join(VIRTIOFSD_RUN_DIR, sock.replace("/", ".") + ".pid")
+        # In the namespace sandbox it forks once a front-end connects; the parent only waits for
+        # the child. SIGTERM to the parent would orphan a child still exiting, so after the test
+        # (which has disconnected by then) it gets a moment to finish by itself.
+        with _running("virtiofsd", argv, work, sock, ready=(sock,), extra_files=(pid_file,), grace=2.0) as peer:
+            yield peer
+
+
+def _testpmd_argv(prefix: str, vdev: str, queues: int, extra: Sequence[str]) -> list[str]:
+    # --auto-start with --stats-period: runs until SIGTERM without reading stdin (which is /dev/null).
+    return [TESTPMD, *TESTPMD_EAL, f"--file-prefix={prefix}", "--vdev", vdev, "--",
+            "--total-num-mbufs=8192", f"--rxq={queues}", f"--txq={queues}", "--auto-start",
+            "--stats-period", "5", *extra]
+
+
+@contextlib.contextmanager
+def testpmd_virtio_user(socket_path: str, server: bool = False, packed: bool = False, queues: int = 1,
+                        extra: Sequence[str] = (), vdev_args: str = "") -> Iterator[Peer]:
+    """DPDK testpmd with a virtio-user port: a vhost-user FRONT-END on ``socket_path``.
+
+    Client mode (the default) connects to a socket the test listens on and returns at once (it
+    blocks in its handshake until the test answers); ``server=True`` creates ``socket_path`` and
+    waits for our back-end to connect. ``extra`` are testpmd options (``--forward-mode=txonly``),
+    ``vdev_args`` more virtio-user devargs (``mrg_rxbuf=0,in_order=1``).
+    """
+    support.require_commands(TESTPMD, install=APT_DPDK)
+    with _workdir("virtio-user") as work:
+        prefix = _unique("vhost_min-vu")
+        vdev = f"net_virtio_user0,path={socket_path},queues={queues}"
+        vdev += ",server=1" if server else ""
+        vdev += ",packed_vq=1" if packed else ""
+        vdev += f",{vdev_args}" if vdev_args else ""
+        argv = _testpmd_argv(prefix, vdev, queues, extra)
+        with _running("testpmd-virtio-user", argv, work, socket_path, ready=(socket_path,) if server else (),
+                      extra_files=(os.path.join(DPDK_RUNTIME_DIR, prefix),)) as peer:
+            yield peer
+
+
+@contextlib.contextmanager
+def testpmd_vhost(socket_path: str | None = None, client: bool = False, queues: int = 1,
+                  extra: Sequence[str] = ()) -> Iterator[Peer]:
+    """DPDK testpmd with a vhost port (net_vhost): a vhost-user-net BACK-END.
+
+    Server mode (the default) creates the socket (``socket_path``, or one in a private directory
+    when None) and returns when it exists; ``client=True`` connects to a socket the test listens on.
+    """
+    support.require_commands(TESTPMD, install=APT_DPDK)
+    with _workdir("vhost") as work:
+        if socket_path is None:
+            if client:
+                raise ValueError("client mode needs the path of the socket the test listens on")
+            socket_path = os.path.join(work, "vhost-user-net.sock")
+        prefix = _unique("vhost_min-vh")
+        vdev = f"net_vhost0,iface={socket_path},queues={queues}" + (",client=1" if client else "")
+        argv = _testpmd_argv(prefix, vdev, queues, extra)
+        with _running("testpmd-vhost", argv, work, socket_path, ready=() if client else (socket_path,),
+                      extra_files=(os.path.join(DPDK_RUNTIME_DIR, prefix),)) as peer:
+            yield peer
+
+
+@contextlib.contextmanager
+def qemu_frontend(socket_path: str, device: str = "vhost-user-blk-pci", extra_device_args: str = "",
+                  memory: str = "256M", stopped: bool = True, extra: Sequence[str] = ()) -> Iterator[Peer]:
+    """QEMU 7.2 (TCG, memfd share=on guest RAM) as the vhost-user FRONT-END of ``socket_path``.
+
+    QEMU connects to the socket the test listens on (chardev client) and realizes ``device``
+    on it (``vhost-user-blk-pci``, ``vhost-user-fs-pci`` with ``extra_device_args="tag=fs"``, or
+    ``virtio-net-pci``, which gets a vhost-user netdev and vectors=0, see PEERS.md). With
+    ``stopped`` (-S, no kernel) it does only the realize-time handshake and then waits; ``extra``
+    adds QEMU options (-kernel ... for a running guest). ``.qmp()`` opens its monitor; the device
+    has id ``vhost0``, so its virtio state is at QOM path ``/machine/peripheral/vhost0/virtio-backend``.
+    """
+    support.require_commands(QEMU, install=APT_QEMU)
+    with _workdir("qemu") as work:
+        qmp = os.path.join(work, "qmp.sock")
+        argv = [QEMU, "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
+                "-machine", "q35,accel=tcg,memory-backend=mem", "-m", memory,
+                "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
+                "-chardev", f"socket,id=chr0,path={_qemu_path(socket_path)}",
+                "-qmp", f"unix:{_qemu_path(qmp)},server=on,wait=off"]
+        if device == "virtio-net-pci":
+            argv += ["-netdev", "vhost-user,id=net0,chardev=chr0"]
+            device_args = "netdev=net0,vectors=0"
+        else:
+            device_args = "chardev=chr0"
+        if extra_device_args:
+            device_args += f",{extra_device_args}"
+        argv += ["-device", f"{device},id=vhost0,{device_args}"]
+        if stopped:
+            argv.append("-S")
+        argv += list(extra)
+        # The QMP socket is created with the chardevs, before the device realizes (and blocks on
+        # the handshake), so waiting for it does not wait for the test's answers.
+        with _running("qemu", argv, work, socket_path, ready=(qmp,), qmp_path=qmp) as peer:
+            yield peer
