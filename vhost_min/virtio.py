@@ -34,6 +34,8 @@ class VirtioFeature(enum.IntFlag):
 # vhost's use of two device-specific bits (linux/vhost_types.h); not virtio features.
 VHOST_F_LOG_ALL = 1 << 26
 VHOST_NET_F_VIRTIO_NET_HDR = 1 << 27
+#: struct vhost_vring_addr flags bit 0 (linux/vhost_types.h): log used-ring writes at log_guest_addr.
+VHOST_VRING_F_LOG = 1 << 0
 
 VHOST_USER_F_PROTOCOL_FEATURES = VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES
 VIRTIO_F_INDIRECT_DESC = VirtioFeature.VIRTIO_F_INDIRECT_DESC
@@ -86,6 +88,9 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 RING_EVENT_FLAGS_ENABLE = 0
 RING_EVENT_FLAGS_DISABLE = 1
 RING_EVENT_FLAGS_DESC = 2
+# pvirtq_event_suppress.desc: the offset in bits 0-14, the wrap counter in this bit
+# (desc_event_wrap; linux/virtio_ring.h VRING_PACKED_EVENT_F_WRAP_CTR).
+VRING_PACKED_EVENT_F_WRAP_CTR = 15
 
 VIRTQ_DESC_SIZE = 16            # both split (virtq_desc) and packed (pvirtq_desc) descriptors
 VIRTQ_MAX_SIZE = 32768          # largest queue size the spec allows
@@ -98,6 +103,11 @@ PACKED_DESC_ALIGN, PACKED_EVENT_ALIGN = 16, 4
 def split_ring_sizes(queue_size: int) -> tuple[int, int, int]:
     """Bytes of the split ring's descriptor table, avail ring and used ring (with the event words)."""
     return 16 * queue_size, 6 + 2 * queue_size, 6 + 8 * queue_size
+
+
+def packed_ring_sizes(queue_size: int) -> tuple[int, int, int]:
+    """Bytes of the packed ring's descriptor ring, driver and device event suppression areas."""
+    return 16 * queue_size, 4, 4
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
