@@ -1,0 +1,688 @@
+"""virtio-blk (vhost_min.blk): the header's facts, every request type against a temporary image
+(checked with os.pread of the image file), the device's features and config space, and our
+BlkClient against our BlkDevice over a real vhost-user connection."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import unittest
+from unittest import mock
+
+from tests.support import open_fds
+from vhost_min import blk
+from vhost_min.blk import (SECTOR_SIZE, VIRTIO_BLK_CONFIG, VIRTIO_BLK_CONFIG_OFFSETS, VIRTIO_BLK_DISCARD_WRITE_ZEROES,
+                           VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_OUTHDR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+                           VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+                           VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+                           VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkConfig, BlockImage, VirtioBlkFeature,
+                           VirtioBlkStatus, VirtioBlkType)
+from vhost_min.errors import NotNegotiatedError, NotSupportedError, VhostError, VirtqueueError
+from vhost_min.virtio import VIRTIO_F_RING_PACKED
+
+HEADER = "/usr/include/linux/virtio_blk.h"
+
+# offsetof(struct virtio_blk_config, field), read off linux/virtio_blk.h (packed, 72 bytes)
+GOLDEN_OFFSETS = {
+    "capacity": 0, "size_max": 8, "seg_max": 12, "cylinders": 16, "heads": 18, "sectors": 19,
+    "blk_size": 20, "physical_block_exp": 24, "alignment_offset": 25, "min_io_size": 26, "opt_io_size": 28,
+    "wce": 32, "num_queues": 34, "max_discard_sectors": 36, "max_discard_seg": 40,
+    "discard_sector_alignment": 44, "max_write_zeroes_sectors": 48, "max_write_zeroes_seg": 52,
+    "write_zeroes_may_unmap": 56, "max_secure_erase_sectors": 60, "max_secure_erase_seg": 64,
+    "secure_erase_sector_alignment": 68,
+}
+C_NAMES = {"cylinders": "geometry.cylinders", "heads": "geometry.heads", "sectors": "geometry.sectors"}
+
+
+class HeaderFactsTest(unittest.TestCase):
+    def test_config_layout_golden(self):
+        self.assertEqual(VIRTIO_BLK_CONFIG.size, 72)
+        self.assertEqual(VIRTIO_BLK_CONFIG_OFFSETS, GOLDEN_OFFSETS)
+        self.assertEqual(VIRTIO_BLK_OUTHDR.size, 16)
+        self.assertEqual(VIRTIO_BLK_DISCARD_WRITE_ZEROES.size, 16)
+        self.assertEqual(VIRTIO_BLK_ID_BYTES, 20)
+
+    def test_config_pack_places_each_field_at_its_offset(self):
+        for i, name in enumerate(BlkConfig._fields):
+            packed = BlkConfig(**{name: 1}).pack()
+            self.assertEqual(packed.index(1), GOLDEN_OFFSETS[name], name)
+            self.assertEqual(BlkConfig.unpack(packed), BlkConfig(**{name: 1}))
+        self.assertEqual(BlkConfig.unpack(BlkConfig(capacity=7, seg_max=3).pack()[:16]),
+                         BlkConfig(capacity=7, seg_max=3))
+
+    def test_constants_match_the_header(self):
+        if not os.path.exists(HEADER):
+            self.skipTest(f"{HEADER} is missing (apt-get install linux-libc-dev)")
+        with open(HEADER) as f:
+            defines = dict(re.findall(r"^#define\s+(VIRTIO_BLK_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", f.read(), re.M))
+        features = {k: int(v, 0) for k, v in defines.items() if k.startswith("VIRTIO_BLK_F_")}
+        self.assertGreaterEqual(len(features), 14)
+        for name, bit in features.items():
+            self.assertEqual(VirtioBlkFeature[name], 1 << bit, name)
+        for name, value in defines.items():
+            if name.startswith("VIRTIO_BLK_T_") and name != "VIRTIO_BLK_T_BARRIER":
+                self.assertEqual(VirtioBlkType[name], int(value, 0), name)
+            elif name.startswith("VIRTIO_BLK_S_"):
+                self.assertEqual(VirtioBlkStatus[name], int(value, 0), name)
+        self.assertEqual(int(defines["VIRTIO_BLK_ID_BYTES"]), VIRTIO_BLK_ID_BYTES)
+        self.assertEqual(int(defines["VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP"], 0), VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+
+    def test_layouts_match_the_compiler(self):
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if not cc or not os.path.exists(HEADER):
+            self.skipTest("needs a C compiler and linux/virtio_blk.h (apt-get install gcc linux-libc-dev)")
+        fields = [(name, C_NAMES.get(name, name)) for name in GOLDEN_OFFSETS]
+        program = "#include <stddef.h>\n#include <stdio.h>\n#include <linux/virtio_blk.h>\nint main(void) {\n"
+        for name, cname in fields:
+            program += f'printf("{name} %zu\\n", offsetof(struct virtio_blk_config, {cname}));\n'
+        program += ('printf("sizeof %zu %zu %zu\\n", sizeof(struct virtio_blk_config), '
+                    'sizeof(struct virtio_blk_outhdr), sizeof(struct virtio_blk_discard_write_zeroes));\n'
+                    "return 0; }\n")
+        with tempfile.TemporaryDirectory() as work:
+            src, exe = os.path.join(work, "layout.c"), os.path.join(work, "layout")
+            with open(src, "w") as f:
+                f.write(program)
+            subprocess.run([cc, "-o", exe, src], check=True, capture_output=True)
+            out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout.split("\n")
+        got = dict(line.split(" ", 1) for line in out if line)
+        self.assertEqual(got.pop("sizeof"), f"{VIRTIO_BLK_CONFIG.size} {VIRTIO_BLK_OUTHDR.size} "
+                                            f"{VIRTIO_BLK_DISCARD_WRITE_ZEROES.size}")
+        self.assertEqual({k: int(v) for k, v in got.items()}, VIRTIO_BLK_CONFIG_OFFSETS)
+
+
+# --------------------------------------------------------------------------------------------
+# Requests as chains of bytearray-backed views
+# --------------------------------------------------------------------------------------------
+
+def views(*sizes: int) -> list[memoryview]:
+    return [memoryview(bytearray(n)) for n in sizes]
+
+
+def header(type_: int, sector: int = 0, split: tuple[int, ...] = ()) -> list[memoryview]:
+    """The 16-byte request header as views, cut at the offsets in ``split``."""
+    raw = VIRTIO_BLK_OUTHDR.pack(type_, 0, sector)
+    cuts = [0, *split, len(raw)]
+    return [memoryview(bytearray(raw[a:b])) for a, b in zip(cuts, cuts[1:])]
+
+
+@contextlib.contextmanager
+def pwritev_flags():
+    """Record the flags of every os.pwritev (only the flags: the views would keep guest memory
+    mapped, and its fd open, for as long as the record lives)."""
+    flags = []
+    real = os.pwritev
+
+    def spy(fd, buffers, offset, flag=0):
+        flags.append(flag)
+        return real(fd, buffers, offset, flag)
+    with mock.patch("os.pwritev", spy):
+        yield flags
+
+
+def segments(*segs: tuple[int, int, int]) -> list[memoryview]:
+    return [memoryview(bytearray(b"".join(VIRTIO_BLK_DISCARD_WRITE_ZEROES.pack(*s) for s in segs)))]
+
+
+class ImageTestCase(unittest.TestCase):
+    SECTORS = 64
+
+    def setUp(self):
+        self.rng = random.Random(20261126)          # fixed: every run sees the same bytes
+        fd, self.path = tempfile.mkstemp(prefix="vhost-min-blk-", suffix=".img")
+        self.original = self.rng.randbytes(self.SECTORS * SECTOR_SIZE)
+        os.write(fd, self.original)
+        os.close(fd)
+        fds = open_fds()
+        self.addCleanup(os.unlink, self.path)
+        # cleanups run last-in first-out: this check runs after every other cleanup
+        self.addCleanup(lambda: self.assertEqual(open_fds(), fds, "fd leak"))
+        self.image = BlockImage(self.path, serial="vhost-min-0001")
+        self.addCleanup(lambda: self.image.close())
+
+    def disk(self, offset: int = 0, length: int | None = None) -> bytes:
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), self.SECTORS * SECTOR_SIZE if length is None else length, offset)
+
+    def run_chain(self, readable, writable, image=None) -> tuple[int, int]:
+        """(status byte, used length)."""
+        used = (image or self.image).handle(readable, writable)
+        return writable[-1][-1], used
+
+
+class RequestTest(ImageTestCase):
+    def test_capacity_and_open_mode(self):
+        self.assertEqual(self.image.capacity, self.SECTORS)
+        self.assertEqual(fcntl.fcntl(self.image.fileno(), fcntl.F_GETFL) & os.O_ACCMODE, os.O_RDWR)
+        self.assertTrue(fcntl.fcntl(self.image.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+
+    def test_in(self):
+        data = views(1024, 512)
+        status = views(1)
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_IN, 3), data + status), (VIRTIO_BLK_S_OK, 1537))
+        self.assertEqual(bytes(data[0]) + bytes(data[1]), self.original[3 * 512:6 * 512])
+
+    def test_in_status_is_last_byte_of_a_data_view(self):
+        buf = views(2 * 512 + 1)
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_IN, 10), buf), (VIRTIO_BLK_S_OK, 1025))
+        self.assertEqual(bytes(buf[0][:1024]), self.original[10 * 512:12 * 512])
+
+    def test_in_header_split_and_data_in_three_views(self):
+        data = views(100, 700, 224)
+        status, used = self.run_chain(header(VIRTIO_BLK_T_IN, 63 - 1, split=(5,)), data + views(1))
+        self.assertEqual((status, used), (VIRTIO_BLK_S_OK, 1025))
+        self.assertEqual(b"".join(map(bytes, data)), self.original[62 * 512:])
+
+    def test_out_header_split_across_two_and_data_across_three(self):
+        payload = self.rng.randbytes(1024)
+        data = [memoryview(bytearray(payload[:100])), memoryview(bytearray(payload[100:800])),
+                memoryview(bytearray(payload[800:]))]
+        readable = header(VIRTIO_BLK_T_OUT, 7, split=(5,)) + data
+        self.assertEqual(self.run_chain(readable, views(1)), (VIRTIO_BLK_S_OK, 1))
+        expected = self.original[:7 * 512] + payload + self.original[9 * 512:]
+        self.assertEqual(self.disk(), expected)
+
+    def test_header_and_data_in_one_view(self):
+        payload = self.rng.randbytes(512)
+        raw = bytes(header(VIRTIO_BLK_T_OUT, 1)[0]) + payload
+        self.assertEqual(self.run_chain([memoryview(bytearray(raw))], views(1)), (VIRTIO_BLK_S_OK, 1))
+        self.assertEqual(self.disk(512, 512), payload)
+
+    def test_header_split_byte_by_byte(self):
+        data = views(512)
+        status, _ = self.run_chain(header(VIRTIO_BLK_T_IN, 5, split=tuple(range(1, 16))), data + views(1))
+        self.assertEqual(status, VIRTIO_BLK_S_OK)
+        self.assertEqual(bytes(data[0]), self.original[5 * 512:6 * 512])
+
+    def test_more_views_than_iov_max(self):
+        n = (blk.IOV_MAX + 100) // 64 * 64             # 8-byte views, whole sectors in all
+        payload = self.rng.randbytes(n * 8)
+        data = [memoryview(bytearray(payload[i * 8:(i + 1) * 8])) for i in range(n)]
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_OUT, 1) + data, views(1)), (VIRTIO_BLK_S_OK, 1))
+        self.assertEqual(self.disk(512, len(payload)), payload)
+        back = views(*([8] * n))
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_IN, 1), back + views(1)),
+                         (VIRTIO_BLK_S_OK, len(payload) + 1))
+        self.assertEqual(b"".join(map(bytes, back)), payload)
+
+    def test_in_and_out_use_guest_memory_directly(self):
+        with mock.patch("os.preadv", wraps=os.preadv) as preadv, mock.patch("os.pwritev", wraps=os.pwritev) as pwritev:
+            data = views(512)
+            self.run_chain(header(VIRTIO_BLK_T_IN, 2), data + views(1))
+            self.assertIs(preadv.call_args.args[1][0], data[0])
+            self.run_chain(header(VIRTIO_BLK_T_OUT, 2) + data, views(1))
+            self.assertIs(pwritev.call_args.args[1][0], data[0])
+            self.assertEqual(pwritev.call_args.args[3], 0)
+
+    def test_writethrough_writes_are_dsync(self):
+        self.image.writeback = False
+        with pwritev_flags() as flags:
+            self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_OUT, 2) + views(512), views(1))[0], VIRTIO_BLK_S_OK)
+        self.assertEqual(flags, [os.RWF_DSYNC])
+
+    def test_short_read_at_end_of_file_is_zero_filled(self):
+        os.truncate(self.path, 10 * 512 + 100)      # the image shrank after it was opened
+        data = views(1024)
+        data[0][:] = b"\xff" * 1024
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_IN, 10), data + views(1)), (VIRTIO_BLK_S_OK, 1025))
+        self.assertEqual(bytes(data[0]), self.original[10 * 512:10 * 512 + 100] + bytes(924))
+
+    def test_flush(self):
+        with mock.patch("os.fdatasync") as fdatasync:
+            self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_FLUSH), views(1)), (VIRTIO_BLK_S_OK, 1))
+        fdatasync.assert_called_once_with(self.image.fileno())
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_FLUSH), views(1)), (VIRTIO_BLK_S_OK, 1))
+        with mock.patch("os.fdatasync", side_effect=OSError(errno.EIO, "EIO")), self.assertLogs("vhost_min.blk"):
+            self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_FLUSH), views(1)), (VIRTIO_BLK_S_IOERR, 1))
+
+    def test_get_id(self):
+        ident = views(20)
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_GET_ID), ident + views(1)), (VIRTIO_BLK_S_OK, 21))
+        self.assertEqual(bytes(ident[0]), b"vhost-min-0001".ljust(20, b"\0"))
+        split = views(7, 13, 1)
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_GET_ID), split), (VIRTIO_BLK_S_OK, 21))
+        self.assertEqual(bytes(split[0]) + bytes(split[1]), b"vhost-min-0001".ljust(20, b"\0"))
+        with BlockImage(self.path, serial="A" * 20) as image:
+            ident = views(20)
+            self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_GET_ID), ident + views(1), image)[0], VIRTIO_BLK_S_OK)
+            self.assertEqual(bytes(ident[0]), b"A" * 20)     # 20 bytes: no NUL terminator
+        with BlockImage(self.path) as image:                 # no serial: an empty id
+            ident = views(20)
+            ident[0][:] = b"\xff" * 20
+            self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_GET_ID), ident + views(1), image)[0], VIRTIO_BLK_S_OK)
+            self.assertEqual(bytes(ident[0]), bytes(20))
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_GET_ID), views(1)), (VIRTIO_BLK_S_IOERR, 1))
+        with self.assertRaises(ValueError):
+            BlockImage(self.path, serial="x" * 21)
+
+    def test_discard(self):
+        fs_block = os.statvfs(self.path).f_bsize
+        per_block = fs_block // 512
+        self.assertEqual(self.image.discard_sector_alignment, max(1, os.fstat(self.image.fileno()).st_blksize // 512))
+        before = os.stat(self.path).st_blocks
+        readable = header(VIRTIO_BLK_T_DISCARD) + segments((per_block, per_block, 0), (3 * per_block, per_block, 0))
+        self.assertEqual(self.run_chain(readable, views(1)), (VIRTIO_BLK_S_OK, 1))
+        # a discard only promises the data outside the ranges is kept; this file system punched holes
+        self.assertEqual(self.disk(0, fs_block), self.original[:fs_block])
+        self.assertEqual(self.disk(2 * fs_block, fs_block), self.original[2 * fs_block:3 * fs_block])
+        self.assertEqual(self.disk(4 * fs_block), self.original[4 * fs_block:])
+        if self.image._fallocate_ok[blk.FALLOC_FL_PUNCH_HOLE]:
+            self.assertLess(os.stat(self.path).st_blocks, before)
+            self.assertEqual(self.disk(fs_block, fs_block), bytes(fs_block))
+
+    def test_discard_refusals(self):
+        ok = (0, 8, 0)
+        cases = [
+            ("UNMAP flag on a discard", segments((0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)), VIRTIO_BLK_S_UNSUPP),
+            ("unknown flag", segments((0, 8, 2)), VIRTIO_BLK_S_UNSUPP),
+            ("past the end", segments(ok, (self.SECTORS - 4, 8, 0)), VIRTIO_BLK_S_IOERR),
+            ("too many sectors", segments((0, self.image.max_discard_sectors + 1, 0)), VIRTIO_BLK_S_IOERR),
+            ("too many segments", segments(*[ok] * (self.image.max_discard_seg + 1)), VIRTIO_BLK_S_IOERR),
+            ("not whole segments", [memoryview(bytearray(20))], VIRTIO_BLK_S_IOERR),
+        ]
+        for what, payload, expected in cases:
+            with self.subTest(what):
+                self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_DISCARD) + payload, views(1)), (expected, 1))
+                self.assertEqual(self.disk(), self.original)
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_DISCARD) + segments(*[ok] * 16), views(1))[0],
+                         VIRTIO_BLK_S_OK)
+
+    def check_write_zeroes(self, unmap: bool, ranges=((3, 5), (20, 16))):
+        flags = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if unmap else 0
+        # the second segment arrives split across two views
+        payload = segments(*[(s, n, flags) for s, n in ranges])[0]
+        readable = header(VIRTIO_BLK_T_WRITE_ZEROES, split=(9,)) + [payload[:21], payload[21:]]
+        self.assertEqual(self.run_chain(readable, views(1)), (VIRTIO_BLK_S_OK, 1))
+        expected = bytearray(self.original)
+        for s, n in ranges:
+            expected[s * 512:(s + n) * 512] = bytes(n * 512)
+        self.assertEqual(self.disk(), bytes(expected))
+        self.assertEqual(os.stat(self.path).st_size, len(self.original))
+
+    def test_write_zeroes(self):
+        self.check_write_zeroes(unmap=False)
+
+    def test_write_zeroes_unmap(self):
+        self.check_write_zeroes(unmap=True)
+
+    def test_write_zeroes_without_fallocate_writes_zeros(self):
+        self.image._fallocate_ok = dict.fromkeys(self.image._fallocate_ok, False)
+        with mock.patch.object(blk, "fallocate", side_effect=AssertionError("fallocate called")):
+            self.check_write_zeroes(unmap=True, ranges=((1, 2), (4, self.SECTORS - 4)))
+
+    def test_write_zeroes_on_a_file_system_without_zero_range(self):
+        real = blk.fallocate
+
+        def no_zero_range(fd, mode, offset, length):     # tmpfs: PUNCH_HOLE yes, ZERO_RANGE no
+            if mode & blk.FALLOC_FL_ZERO_RANGE:
+                raise OSError(errno.EOPNOTSUPP, "no ZERO_RANGE")
+            return real(fd, mode, offset, length)
+        with mock.patch.object(blk, "fallocate", side_effect=no_zero_range) as fallocate:
+            self.check_write_zeroes(unmap=False)
+        self.assertFalse(self.image._fallocate_ok[blk.FALLOC_FL_ZERO_RANGE])
+        modes = [c.args[1] for c in fallocate.call_args_list]
+        self.assertIn(blk.FALLOC_FL_PUNCH_HOLE | blk.FALLOC_FL_KEEP_SIZE, modes)
+        self.assertIn(blk.FALLOC_FL_KEEP_SIZE, modes)       # re-allocated: UNMAP was not allowed
+
+    def test_write_zeroes_refusals(self):
+        for what, payload, expected in [
+            ("unknown flag", segments((0, 8, 4)), VIRTIO_BLK_S_UNSUPP),
+            ("past the end", segments((self.SECTORS, 1, 0)), VIRTIO_BLK_S_IOERR),
+            ("too many sectors", segments((0, self.image.max_write_zeroes_sectors + 1, 0)), VIRTIO_BLK_S_IOERR),
+            ("too many segments", segments(*[(0, 1, 0)] * (self.image.max_write_zeroes_seg + 1)), VIRTIO_BLK_S_IOERR),
+        ]:
+            with self.subTest(what):
+                self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_WRITE_ZEROES) + payload, views(1)), (expected, 1))
+                self.assertEqual(self.disk(), self.original)
+
+    def test_out_of_range(self):
+        for what, type_, sector, length in [
+            ("read past the end", VIRTIO_BLK_T_IN, self.SECTORS - 1, 1024),
+            ("read at capacity", VIRTIO_BLK_T_IN, self.SECTORS, 512),
+            ("write past the end", VIRTIO_BLK_T_OUT, self.SECTORS - 1, 1024),
+            ("huge sector", VIRTIO_BLK_T_OUT, (1 << 64) - 1, 512),
+            ("huge sector read", VIRTIO_BLK_T_IN, (1 << 64) - 1, 512),
+        ]:
+            with self.subTest(what):
+                data = views(length)
+                data[0][:] = b"\xaa" * length
+                if type_ == VIRTIO_BLK_T_IN:
+                    chain = header(type_, sector), data + views(1)
+                else:
+                    chain = header(type_, sector) + data, views(1)
+                self.assertEqual(self.run_chain(*chain), (VIRTIO_BLK_S_IOERR, 1))
+                self.assertEqual(bytes(data[0]), b"\xaa" * length)
+                self.assertEqual(self.disk(), self.original)
+        # the last sector itself is fine
+        data = views(512)
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_IN, self.SECTORS - 1), data + views(1))[0], VIRTIO_BLK_S_OK)
+
+    def test_unknown_types_are_unsupported(self):
+        for type_ in (2, 3, 5, 10, 14, 15, 0x80000001, 0xFFFFFFFF):
+            with self.subTest(type=type_):
+                self.assertEqual(self.run_chain(header(type_) + views(512), views(1)), (VIRTIO_BLK_S_UNSUPP, 1))
+        self.assertEqual(self.disk(), self.original)
+
+    def test_malformed_chains(self):
+        with self.assertRaises(VirtqueueError):
+            self.image.handle(header(VIRTIO_BLK_T_IN), [])
+        with self.assertRaises(VirtqueueError):
+            self.image.handle(header(VIRTIO_BLK_T_IN), views(0, 0))
+        with self.assertRaises(VirtqueueError):
+            self.image.handle([], [])
+        cases = [
+            ("no header", [], views(512, 1)),
+            ("header too short", [memoryview(bytearray(VIRTIO_BLK_OUTHDR.pack(0, 0, 0)[:10]))], views(512, 1)),
+            ("header short over two views", header(VIRTIO_BLK_T_IN, split=(4,))[:1] + views(3), views(512, 1)),
+            ("read not a multiple of 512", header(VIRTIO_BLK_T_IN), views(500, 1)),
+            ("read with readable data", header(VIRTIO_BLK_T_IN) + views(512), views(512, 1)),
+            ("write not a multiple of 512", header(VIRTIO_BLK_T_OUT) + views(100), views(1)),
+            ("write with writable data", header(VIRTIO_BLK_T_OUT) + views(512), views(512, 1)),
+            ("discard with writable data", header(VIRTIO_BLK_T_DISCARD) + segments((0, 1, 0)), views(16, 1)),
+            ("get id with readable data", header(VIRTIO_BLK_T_GET_ID) + views(4), views(20, 1)),
+        ]
+        for what, readable, writable in cases:
+            with self.subTest(what):
+                self.assertEqual(self.run_chain(readable, writable), (VIRTIO_BLK_S_IOERR, 1))
+                self.assertEqual(self.disk(), self.original)
+        # an empty trailing view does not hide the status byte
+        writable = views(512, 1, 0)
+        self.assertEqual(self.image.handle(header(VIRTIO_BLK_T_IN), writable), 513)
+        self.assertEqual(writable[1][0], VIRTIO_BLK_S_OK)
+
+    def test_zero_length_read_and_write(self):
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_IN, 1), views(1)), (VIRTIO_BLK_S_OK, 1))
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_OUT, 1), views(1)), (VIRTIO_BLK_S_OK, 1))
+
+    def test_host_io_error_is_ioerr(self):
+        with mock.patch("os.preadv", side_effect=OSError(errno.EIO, "EIO")), self.assertLogs("vhost_min.blk"):
+            self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_IN), views(512, 1)), (VIRTIO_BLK_S_IOERR, 1))
+        with mock.patch("os.pwritev", side_effect=OSError(errno.ENOSPC, "ENOSPC")), self.assertLogs("vhost_min.blk"):
+            self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_OUT) + views(512), views(1)), (VIRTIO_BLK_S_IOERR, 1))
+
+
+class ReadOnlyTest(ImageTestCase):
+    def setUp(self):
+        super().setUp()
+        self.image.close()
+        self.image = BlockImage(self.path, read_only=True)
+
+    def test_opened_read_only(self):
+        self.assertEqual(fcntl.fcntl(self.image.fileno(), fcntl.F_GETFL) & os.O_ACCMODE, os.O_RDONLY)
+
+    def test_reads_work(self):
+        data = views(512)
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_IN, 4), data + views(1)), (VIRTIO_BLK_S_OK, 513))
+        self.assertEqual(bytes(data[0]), self.original[4 * 512:5 * 512])
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_FLUSH), views(1)), (VIRTIO_BLK_S_OK, 1))
+
+    def test_writes_are_refused(self):
+        for what, readable in [
+            ("write", header(VIRTIO_BLK_T_OUT, 4) + views(512)),
+            ("discard", header(VIRTIO_BLK_T_DISCARD) + segments((0, 8, 0))),
+            ("write zeroes", header(VIRTIO_BLK_T_WRITE_ZEROES) + segments((0, 8, 0))),
+        ]:
+            with self.subTest(what), mock.patch("os.pwritev") as pwritev, mock.patch.object(blk, "fallocate") as fa:
+                self.assertEqual(self.run_chain(readable, views(1)), (VIRTIO_BLK_S_IOERR, 1))
+                pwritev.assert_not_called()
+                fa.assert_not_called()
+        self.assertEqual(self.disk(), self.original)
+
+
+class OpenTest(unittest.TestCase):
+    def test_errors_name_the_path(self):
+        fds = open_fds()
+        with tempfile.TemporaryDirectory() as work:
+            missing = os.path.join(work, "missing.img")
+            with self.assertRaises(VhostError) as caught:
+                BlockImage(missing)
+            self.assertEqual(caught.exception.errno, errno.ENOENT)
+            self.assertIn(missing, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+            with self.assertRaises(VhostError) as caught:
+                BlockImage(work)                    # a directory
+            self.assertIn(work, str(caught.exception))
+            with self.assertRaises(VhostError):
+                BlockImage(work, read_only=True)    # opens, but is not a disk
+        self.assertEqual(open_fds(), fds)
+
+    def test_block_size_and_capacity(self):
+        with tempfile.NamedTemporaryFile() as f:
+            f.truncate(10 * 512 + 300)              # a partial last sector is not part of the disk
+            with BlockImage(f.name, block_size=4096) as image:
+                self.assertEqual((image.capacity, image.block_size), (10, 4096))
+            for bad in (0, 256, 1000, 3 * 512, 1 << 17):
+                with self.assertRaises(ValueError):
+                    BlockImage(f.name, block_size=bad)
+
+
+class DeviceTest(ImageTestCase):
+    """BlkDevice: what it offers and its config space, as the vhost-user back-end serves them."""
+
+    def test_features(self):
+        F = VirtioBlkFeature
+        with blk.BlkDevice(self.path) as dev:
+            self.assertEqual(dev.device_id, 2)
+            self.assertEqual(dev.features, F.VIRTIO_BLK_F_SEG_MAX | F.VIRTIO_BLK_F_BLK_SIZE | F.VIRTIO_BLK_F_FLUSH
+                             | F.VIRTIO_BLK_F_CONFIG_WCE | F.VIRTIO_BLK_F_DISCARD | F.VIRTIO_BLK_F_WRITE_ZEROES)
+        with blk.BlkDevice(self.path, read_only=True, num_queues=4) as dev:
+            self.assertEqual(dev.num_queues, 4)
+            self.assertEqual(dev.features, F.VIRTIO_BLK_F_SEG_MAX | F.VIRTIO_BLK_F_BLK_SIZE | F.VIRTIO_BLK_F_FLUSH
+                             | F.VIRTIO_BLK_F_CONFIG_WCE | F.VIRTIO_BLK_F_RO | F.VIRTIO_BLK_F_MQ)
+        for bad in (0, 65536, "2"):
+            with self.assertRaises(ValueError):
+                blk.BlkDevice(self.path, num_queues=bad)
+
+    def test_config_space(self):
+        with blk.BlkDevice(self.path, num_queues=2, block_size=4096) as dev:
+            raw = dev.get_config(0, VIRTIO_BLK_CONFIG.size)
+            config = BlkConfig.unpack(raw)
+            self.assertEqual(config.capacity, self.SECTORS)
+            self.assertEqual(config.blk_size, 4096)
+            self.assertEqual(config.seg_max, 254)
+            self.assertEqual(config.num_queues, 2)
+            self.assertEqual(config.wce, 1)
+            self.assertEqual((config.max_discard_sectors, config.max_discard_seg), (0x3FFFFF, 16))
+            # whole logical blocks, or whole file-system blocks when those are larger
+            self.assertEqual(config.discard_sector_alignment,
+                             max(4096, os.fstat(dev.image.fileno()).st_blksize) // 512)
+            self.assertEqual((config.max_write_zeroes_sectors, config.max_write_zeroes_seg), (1 << 16, 16))
+            self.assertEqual(config.write_zeroes_may_unmap, 1)
+            self.assertEqual(raw[0:8], self.SECTORS.to_bytes(8, "little"))
+            self.assertEqual(raw[33], 0)                      # unused
+            self.assertEqual(raw[57:60], bytes(3))            # unused1
+            self.assertEqual(dev.get_config(34, 2), (2).to_bytes(2, "little"))
+            self.assertEqual(dev.get_config(0, 60), raw[:60])  # what QEMU reads
+            for offset, size in ((0, 73), (72, 1), (70, 4), (-1, 2)):
+                with self.assertRaises(VhostError):
+                    dev.get_config(offset, size)
+        with blk.BlkDevice(self.path, read_only=True) as dev:
+            config = BlkConfig.unpack(dev.get_config(0, 72))
+            self.assertEqual(config.max_discard_sectors | config.max_write_zeroes_sectors, 0)
+
+    def test_cache_mode(self):
+        with blk.BlkDevice(self.path) as dev:
+            wce = VIRTIO_BLK_CONFIG_OFFSETS["wce"]
+            dev.set_config(wce, b"\0", 0)
+            self.assertFalse(dev.image.writeback)
+            self.assertEqual(dev.get_config(wce, 1), b"\0")
+            dev.set_config(wce, b"\1", 0)
+            self.assertTrue(dev.image.writeback)
+            for offset, data in ((0, bytes(8)), (wce, b"\0\0"), (wce - 1, b"\0\0")):
+                with self.assertRaises(NotSupportedError):
+                    dev.set_config(offset, data, 0)
+            dev.set_config(0, bytes(dev.config()._replace(wce=0).pack()), 1)   # a migration write
+            self.assertFalse(dev.image.writeback)
+            # a driver without FLUSH cannot make writes stable: writethrough
+            dev.features_set(int(VirtioBlkFeature.VIRTIO_BLK_F_SEG_MAX))
+            self.assertFalse(dev.image.writeback)
+            dev.features_set(int(VirtioBlkFeature.VIRTIO_BLK_F_FLUSH))
+            self.assertTrue(dev.image.writeback)
+
+    def test_handle_serves_every_queue(self):
+        with blk.BlkDevice(self.path, num_queues=3) as dev:
+            for queue in range(3):
+                data = views(512)
+                self.assertEqual(dev.handle(queue, header(VIRTIO_BLK_T_IN, queue), data + views(1)), 513)
+                self.assertEqual(bytes(data[0]), self.original[queue * 512:(queue + 1) * 512])
+
+
+class EndToEndTest(ImageTestCase):
+    """BlkClient over our Frontend, BlkDevice served by our backend framework in a thread."""
+
+    def setUp(self):
+        super().setUp()
+        try:
+            from vhost_min.backend import Server
+            from vhost_min.frontend import Frontend
+        except ImportError as exc:
+            self.skipTest(f"the vhost-user back-end or front-end is not available: {exc}")
+        self.Frontend = Frontend
+        self.work = tempfile.mkdtemp(prefix="vhost-min-blk-")
+        self.addCleanup(shutil.rmtree, self.work, True)
+        self.socket = os.path.join(self.work, "blk.sock")
+        self.stop = threading.Event()
+
+    def serve(self, device):
+        from vhost_min.backend import Server
+        server = Server()
+        server.add(device, self.socket)
+        thread = threading.Thread(target=server.run, kwargs={"stop_event": self.stop}, daemon=True)
+        thread.start()
+
+        def finish():
+            self.stop.set()
+            thread.join(10)
+            server.close()
+            device.close()
+            self.assertFalse(thread.is_alive())
+        self.addCleanup(finish)
+        return server
+
+    def connect(self, **kwargs):
+        fe = self.Frontend.connect(self.socket)
+        self.addCleanup(fe.close)
+        return fe, blk.BlkClient(fe, **kwargs)
+
+    def test_write_read_flush(self):
+        server = self.serve(blk.BlkDevice(self.path, serial="e2e-disk"))
+        fe, client = self.connect()
+        self.assertEqual(client.capacity, self.SECTORS)
+        self.assertEqual(client.size, self.SECTORS * 512)
+        self.assertFalse(client.read_only)
+        self.assertEqual(client.get_id(), "e2e-disk")
+        self.assertEqual(client.read(0, 4096), self.original[:4096])
+        pattern = bytes(range(256)) * 16 * 3                 # 12 KiB at sector 9
+        with mock.patch("os.fdatasync", wraps=os.fdatasync) as fdatasync:
+            client.write(9 * 512, pattern)
+            self.assertEqual(self.disk(9 * 512, len(pattern)), pattern)   # found in the image file
+            client.flush()
+        self.assertEqual(len(fdatasync.call_args_list), 1)
+        self.assertEqual(client.read(9 * 512, len(pattern)), pattern)
+        self.assertEqual(self.disk(0, 9 * 512), self.original[:9 * 512])
+        self.assertEqual(self.disk(9 * 512 + len(pattern)), self.original[9 * 512 + len(pattern):])
+        self.assertEqual(list(server.errors), [])
+
+    def test_errors_and_the_other_requests(self):
+        self.serve(blk.BlkDevice(self.path))
+        fe, client = self.connect(max_io=4096)
+        big = self.rng.randbytes(5 * 4096)                  # split into max_io requests
+        client.write(4096, big)
+        self.assertEqual(self.disk(4096, len(big)), big)
+        self.assertEqual(client.read(4096, len(big)), big)
+        with self.assertRaises(blk.BlkRequestError) as caught:
+            client.read(self.SECTORS * 512, 512)
+        self.assertEqual((caught.exception.status, caught.exception.errno), (VIRTIO_BLK_S_IOERR, errno.EIO))
+        with self.assertRaises(blk.BlkRequestError) as caught:
+            client._run([blk.BlkRequest(0x77)])
+        self.assertEqual((caught.exception.status, caught.exception.errno), (VIRTIO_BLK_S_UNSUPP, errno.EOPNOTSUPP))
+        client.write_zeroes(4096, 8192)
+        client.write_zeroes(4096 + 8192, 4096, unmap=True)
+        self.assertEqual(self.disk(4096, 12288), bytes(12288))
+        self.assertEqual(client.read(4096, 12288), bytes(12288))
+        client.discard(0, 4096)
+        self.assertEqual(self.disk(16384, len(big) - 12288), big[12288:])
+        client.set_writeback(False)
+        with pwritev_flags() as flags:
+            client.write(0, bytes(512))
+        self.assertEqual(flags, [os.RWF_DSYNC])
+
+    def test_queue_depth(self):
+        self.serve(blk.BlkDevice(self.path, num_queues=2))
+        fe, client = self.connect(queue_index=1, queue_size=64, depth=16, indirect=True)
+        self.assertEqual(client.depth, 16)
+        expected = {}
+        requests = []
+        for i in range(48):                                  # three times the depth
+            data = bytes([i]) * 512
+            requests.append(blk.BlkRequest.write(i * 512, data, tag=("w", i)))
+            expected[i] = data
+        done = []
+        while requests or client.in_flight:
+            requests = requests[client.submit(requests):]
+            self.assertLessEqual(client.in_flight, 16)
+            done += client.complete()
+        self.assertEqual(sorted(c.tag for c in done), sorted(("w", i) for i in range(48)))
+        self.assertTrue(all(c.status == VIRTIO_BLK_S_OK for c in done))
+        self.assertEqual(self.disk(0, 48 * 512), b"".join(expected[i] for i in range(48)))
+        self.assertEqual(client.submit([blk.BlkRequest.read(i * 512, 512, tag=i) for i in range(16)]), 16)
+        self.assertEqual(client.submit([blk.BlkRequest.read(0, 512)]), 0)    # no free slot
+        got = {}
+        while len(got) < 16:
+            for c in client.complete():
+                got[c.tag] = bytes(c.data)
+        self.assertEqual(got, {i: expected[i] for i in range(16)})
+        with self.assertRaises(ValueError):                 # the data does not match the length
+            client.submit([blk.BlkRequest(VIRTIO_BLK_T_OUT, 0, 512, b"short")])
+        self.assertEqual((client.in_flight, client.free_slots), (0, 16))
+        # a sync call in the middle keeps the completions that are not its own for complete()
+        self.assertEqual(client.submit([blk.BlkRequest.read(512, 512, tag="async")]), 1)
+        self.assertEqual(client.read(1024, 512), expected[2])
+        (late,) = client.complete()
+        self.assertEqual((late.tag, bytes(late.data)), ("async", expected[1]))
+        self.assertEqual((client.in_flight, client.free_slots), (0, 16))
+
+    def test_two_queues_share_the_disk(self):
+        self.serve(blk.BlkDevice(self.path, num_queues=2))
+        fe, first = self.connect()
+        second = blk.BlkClient(fe, queue_index=1)
+        self.assertEqual(fe.num_queues, 2)
+        self.assertTrue(first.features & VirtioBlkFeature.VIRTIO_BLK_F_MQ)
+        self.assertEqual(first.config.num_queues, 2)
+        self.assertEqual(first.submit([blk.BlkRequest.write(0, b"1" * 512)]), 1)
+        self.assertEqual(second.submit([blk.BlkRequest.write(512, b"2" * 512)]), 1)
+        self.assertEqual([c.status for c in first.complete() + second.complete()], [VIRTIO_BLK_S_OK] * 2)
+        self.assertEqual(self.disk(0, 1024), b"1" * 512 + b"2" * 512)
+        self.assertEqual(second.read(0, 512), b"1" * 512)
+
+    def test_packed_ring(self):
+        self.serve(blk.BlkDevice(self.path))
+        fe = self.Frontend.connect(self.socket)
+        self.addCleanup(fe.close)
+        if not fe.get_features() & VIRTIO_F_RING_PACKED:
+            self.skipTest("the back-end does not offer VIRTIO_F_RING_PACKED (vhost_min.packed unavailable)")
+        client = blk.BlkClient(fe, packed=True)
+        client.write(512, b"P" * 1024)
+        self.assertEqual(self.disk(512, 1024), b"P" * 1024)
+        self.assertEqual(client.read(0, 2048), self.original[:512] + b"P" * 1024 + self.original[1536:2048])
+
+    def test_read_only(self):
+        self.serve(blk.BlkDevice(self.path, read_only=True))
+        fe, client = self.connect()
+        self.assertTrue(client.read_only)
+        with self.assertRaises(blk.BlkRequestError):
+            client.write(0, bytes(512))
+        with self.assertRaises(NotNegotiatedError):
+            client.discard(0, 512)
+        self.assertEqual(self.disk(), self.original)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,1009 @@
+"""virtio-blk (virtio 1.3 §5.2): the request and config layouts, a device over a raw image file or
+block device, and the client a frontend uses to talk to any vhost-user-blk back-end.
+
+Read top to bottom: the facts of linux/virtio_blk.h (feature bits, request types, status values,
+``struct virtio_blk_config``, the request header and discard/write-zeroes segments), then
+:class:`BlockImage` (the image and every request type on it, usable without any vhost machinery),
+:class:`BlkDevice` (the vhost-user device: features and config space around a BlockImage) and
+:class:`BlkClient` (the driver side, through real virtqueues).
+
+A request chain is ``{le32 type, le32 ioprio, le64 sector}`` device-readable, then data (readable
+for writes, writable for reads), then one device-writable status byte, the last byte of the chain.
+Data moves with ``os.preadv`` / ``os.pwritev`` straight between the image and guest memory views.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import logging
+import os
+import stat
+import struct
+import time
+from typing import NamedTuple
+
+from .backend import Device
+from .user import VHOST_SET_CONFIG_TYPE_MIGRATION, ProtocolFeature
+from .errors import NotNegotiatedError, NotSupportedError, VhostError, VirtqueueError
+from .virtio import DeviceId, DeviceStatus, VirtioFeature
+
+__all__ = ["VirtioBlkFeature", "VirtioBlkType", "VirtioBlkStatus", "BlkConfig", "VIRTIO_BLK_CONFIG",
+           "VIRTIO_BLK_CONFIG_OFFSETS", "VIRTIO_BLK_OUTHDR", "VIRTIO_BLK_DISCARD_WRITE_ZEROES", "VIRTIO_BLK_ID_BYTES",
+           "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP", "SECTOR_SIZE", "BlockImage", "BlkDevice", "BLK_DRIVER_FEATURES",
+           "BlkClient", "BlkRequest", "BlkCompletion", "BlkRequestError"]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# linux/virtio_blk.h
+# --------------------------------------------------------------------------------------------
+
+class VirtioBlkFeature(enum.IntFlag):
+    """Block device feature bits (virtio 1.3 §5.2.3), as masks."""
+
+    VIRTIO_BLK_F_BARRIER = 1 << 0         # legacy: request barriers
+    VIRTIO_BLK_F_SIZE_MAX = 1 << 1        # size_max: largest single data segment
+    VIRTIO_BLK_F_SEG_MAX = 1 << 2         # seg_max: most data segments per request
+    VIRTIO_BLK_F_GEOMETRY = 1 << 4        # legacy disk geometry
+    VIRTIO_BLK_F_RO = 1 << 5              # the disk is read-only
+    VIRTIO_BLK_F_BLK_SIZE = 1 << 6        # blk_size: the logical block size
+    VIRTIO_BLK_F_SCSI = 1 << 7            # legacy: SCSI packet commands
+    VIRTIO_BLK_F_FLUSH = 1 << 9           # VIRTIO_BLK_T_FLUSH (legacy name VIRTIO_BLK_F_WCE)
+    VIRTIO_BLK_F_TOPOLOGY = 1 << 10       # physical_block_exp, alignment_offset, min/opt_io_size
+    VIRTIO_BLK_F_CONFIG_WCE = 1 << 11     # wce: the driver toggles writeback / writethrough
+    VIRTIO_BLK_F_MQ = 1 << 12             # num_queues request queues
+    VIRTIO_BLK_F_DISCARD = 1 << 13        # VIRTIO_BLK_T_DISCARD and its limits
+    VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14   # VIRTIO_BLK_T_WRITE_ZEROES and its limits
+    VIRTIO_BLK_F_LIFETIME = 1 << 15       # VIRTIO_BLK_T_GET_LIFETIME (spec only; not in this header)
+    VIRTIO_BLK_F_SECURE_ERASE = 1 << 16   # VIRTIO_BLK_T_SECURE_ERASE and its limits
+    VIRTIO_BLK_F_ZONED = 1 << 17          # zoned block device (spec; newer headers)
+
+
+VIRTIO_BLK_F_SIZE_MAX = VirtioBlkFeature.VIRTIO_BLK_F_SIZE_MAX
+VIRTIO_BLK_F_SEG_MAX = VirtioBlkFeature.VIRTIO_BLK_F_SEG_MAX
+VIRTIO_BLK_F_RO = VirtioBlkFeature.VIRTIO_BLK_F_RO
+VIRTIO_BLK_F_BLK_SIZE = VirtioBlkFeature.VIRTIO_BLK_F_BLK_SIZE
+VIRTIO_BLK_F_FLUSH = VirtioBlkFeature.VIRTIO_BLK_F_FLUSH
+VIRTIO_BLK_F_TOPOLOGY = VirtioBlkFeature.VIRTIO_BLK_F_TOPOLOGY
+VIRTIO_BLK_F_CONFIG_WCE = VirtioBlkFeature.VIRTIO_BLK_F_CONFIG_WCE
+VIRTIO_BLK_F_MQ = VirtioBlkFeature.VIRTIO_BLK_F_MQ
+VIRTIO_BLK_F_DISCARD = VirtioBlkFeature.VIRTIO_BLK_F_DISCARD
+VIRTIO_BLK_F_WRITE_ZEROES = VirtioBlkFeature.VIRTIO_BLK_F_WRITE_ZEROES
+
+
+class VirtioBlkType(enum.IntEnum):
+    """virtio_blk_outhdr.type (virtio 1.3 §5.2.6)."""
+
+    VIRTIO_BLK_T_IN = 0
+    VIRTIO_BLK_T_OUT = 1
+    VIRTIO_BLK_T_SCSI_CMD = 2             # legacy
+    VIRTIO_BLK_T_FLUSH = 4
+    VIRTIO_BLK_T_GET_ID = 8
+    VIRTIO_BLK_T_GET_LIFETIME = 10        # spec only
+    VIRTIO_BLK_T_DISCARD = 11
+    VIRTIO_BLK_T_WRITE_ZEROES = 13
+    VIRTIO_BLK_T_SECURE_ERASE = 14
+
+
+VIRTIO_BLK_T_IN = VirtioBlkType.VIRTIO_BLK_T_IN
+VIRTIO_BLK_T_OUT = VirtioBlkType.VIRTIO_BLK_T_OUT
+VIRTIO_BLK_T_FLUSH = VirtioBlkType.VIRTIO_BLK_T_FLUSH
+VIRTIO_BLK_T_GET_ID = VirtioBlkType.VIRTIO_BLK_T_GET_ID
+VIRTIO_BLK_T_DISCARD = VirtioBlkType.VIRTIO_BLK_T_DISCARD
+VIRTIO_BLK_T_WRITE_ZEROES = VirtioBlkType.VIRTIO_BLK_T_WRITE_ZEROES
+_T_IN, _T_OUT = int(VIRTIO_BLK_T_IN), int(VIRTIO_BLK_T_OUT)    # plain ints for the hot path
+
+
+class VirtioBlkStatus(enum.IntEnum):
+    """The request's final status byte."""
+
+    VIRTIO_BLK_S_OK = 0
+    VIRTIO_BLK_S_IOERR = 1                # device or driver error
+    VIRTIO_BLK_S_UNSUPP = 2               # request type (or flag) not supported
+
+
+VIRTIO_BLK_S_OK = VirtioBlkStatus.VIRTIO_BLK_S_OK
+VIRTIO_BLK_S_IOERR = VirtioBlkStatus.VIRTIO_BLK_S_IOERR
+VIRTIO_BLK_S_UNSUPP = VirtioBlkStatus.VIRTIO_BLK_S_UNSUPP
+
+VIRTIO_BLK_ID_BYTES = 20                        #: GET_ID's NUL-padded ASCII id string
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 0x00000001  #: segment flag: write zeroes may deallocate
+SECTOR_SIZE = 512                               #: the protocol's unit, whatever blk_size says (SECTOR_SHIFT 9)
+
+#: struct virtio_blk_outhdr {le32 type; le32 ioprio (virtio 1.x: reserved); le64 sector}
+VIRTIO_BLK_OUTHDR = struct.Struct("<IIQ")
+#: struct virtio_blk_discard_write_zeroes {le64 sector; le32 num_sectors; le32 flags}
+VIRTIO_BLK_DISCARD_WRITE_ZEROES = struct.Struct("<QII")
+
+# struct virtio_blk_config, field by field (None: padding the device leaves zero).
+_CONFIG_FIELDS = (
+    ("capacity", "Q"),                  # 512-byte sectors, always present
+    ("size_max", "I"),                  # VIRTIO_BLK_F_SIZE_MAX
+    ("seg_max", "I"),                   # VIRTIO_BLK_F_SEG_MAX
+    ("cylinders", "H"),                 # geometry, VIRTIO_BLK_F_GEOMETRY
+    ("heads", "B"),
+    ("sectors", "B"),
+    ("blk_size", "I"),                  # VIRTIO_BLK_F_BLK_SIZE
+    ("physical_block_exp", "B"),        # topology, VIRTIO_BLK_F_TOPOLOGY
+    ("alignment_offset", "B"),
+    ("min_io_size", "H"),
+    ("opt_io_size", "I"),
+    ("wce", "B"),                       # VIRTIO_BLK_F_CONFIG_WCE (the spec's "writeback")
+    (None, "x"),                        # unused
+    ("num_queues", "H"),                # VIRTIO_BLK_F_MQ
+    ("max_discard_sectors", "I"),       # VIRTIO_BLK_F_DISCARD
+    ("max_discard_seg", "I"),
+    ("discard_sector_alignment", "I"),
+    ("max_write_zeroes_sectors", "I"),  # VIRTIO_BLK_F_WRITE_ZEROES
+    ("max_write_zeroes_seg", "I"),
+    ("write_zeroes_may_unmap", "B"),
+    (None, "3x"),                       # unused1[3]
+    ("max_secure_erase_sectors", "I"),  # VIRTIO_BLK_F_SECURE_ERASE
+    ("max_secure_erase_seg", "I"),
+    ("secure_erase_sector_alignment", "I"),
+)
+#: struct virtio_blk_config (72 bytes), little-endian as virtio 1.x says
+VIRTIO_BLK_CONFIG = struct.Struct("<" + "".join(code for _, code in _CONFIG_FIELDS))
+#: offsetof(struct virtio_blk_config, <field>) for every field
+VIRTIO_BLK_CONFIG_OFFSETS = {
+    name: struct.calcsize("<" + "".join(code for _, code in _CONFIG_FIELDS[:i]))
+    for i, (name, _) in enumerate(_CONFIG_FIELDS) if name is not None}
+
+
+class BlkConfig(NamedTuple):
+    """struct virtio_blk_config as values (fields a feature does not cover stay 0)."""
+
+    capacity: int = 0
+    size_max: int = 0
+    seg_max: int = 0
+    cylinders: int = 0
+    heads: int = 0
+    sectors: int = 0
+    blk_size: int = 0
+    physical_block_exp: int = 0
+    alignment_offset: int = 0
+    min_io_size: int = 0
+    opt_io_size: int = 0
+    wce: int = 0
+    num_queues: int = 0
+    max_discard_sectors: int = 0
+    max_discard_seg: int = 0
+    discard_sector_alignment: int = 0
+    max_write_zeroes_sectors: int = 0
+    max_write_zeroes_seg: int = 0
+    write_zeroes_may_unmap: int = 0
+    max_secure_erase_sectors: int = 0
+    max_secure_erase_seg: int = 0
+    secure_erase_sector_alignment: int = 0
+
+    def pack(self) -> bytes:
+        return VIRTIO_BLK_CONFIG.pack(*self)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> BlkConfig:
+        """From a config read that may be shorter than the struct (fields past it read as 0)."""
+        data = bytes(data[:VIRTIO_BLK_CONFIG.size])
+        return cls._make(VIRTIO_BLK_CONFIG.unpack(data.ljust(VIRTIO_BLK_CONFIG.size, b"\0")))
+
+
+assert tuple(VIRTIO_BLK_CONFIG_OFFSETS) == BlkConfig._fields and VIRTIO_BLK_CONFIG.size == 72
+
+
+# --------------------------------------------------------------------------------------------
+# fallocate(2) (linux/falloc.h): the stdlib has only posix_fallocate, which cannot punch holes
+# --------------------------------------------------------------------------------------------
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+# fallocate errnos that mean "this file (system) cannot do that mode here", not "the disk failed"
+_FALLOC_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.ENOTTY})
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2); OSError with the errno on failure."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(mode={mode:#x}): {os.strerror(err)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Scatter-gather helpers (the views are memoryview slices of guest memory)
+# --------------------------------------------------------------------------------------------
+
+#: Most views one preadv / pwritev takes (sysconf(_SC_IOV_MAX), 1024 on Linux); longer lists are split.
+IOV_MAX = (os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 0) or 1024
+if IOV_MAX < 1:
+    IOV_MAX = 1024
+_ZEROS = memoryview(bytes(1 << 20))      # shared source for writing zeros, never copied
+
+
+def _skip(views: list[memoryview], n: int) -> list[memoryview]:
+    """``views`` without their first ``n`` bytes."""
+    for i, v in enumerate(views):
+        if n < len(v):
+            return [v[n:], *views[i + 1:]] if n else views[i:]
+        n -= len(v)
+    return []
+
+
+def _gather(views: list[memoryview], n: int) -> tuple[bytes | None, list[memoryview]]:
+    """The first ``n`` bytes of ``views`` (None if they hold fewer) and the views after them."""
+    buf = bytearray()
+    for i, v in enumerate(views):
+        need = n - len(buf)
+        if len(v) >= need:
+            buf += v[:need]
+            return bytes(buf), _skip(views[i:], need)
+        buf += v
+    return None, []
+
+
+def _split_status(writable: list[memoryview]) -> tuple[list[memoryview], memoryview]:
+    """(data views, status view): the status is the last byte of the device-writable part."""
+    for i in range(len(writable) - 1, -1, -1):
+        v = writable[i]
+        if len(v):
+            data = writable[:i]
+            if len(v) > 1:
+                data.append(v[:-1])
+            return data, v[-1:]
+    raise VirtqueueError("virtio-blk request without a device-writable status byte")
+
+
+def _nbytes(views: list[memoryview]) -> int:
+    return sum(map(len, views))
+
+
+def _readv(fd: int, views: list[memoryview], offset: int, length: int, done: int = 0) -> None:
+    """Finish filling ``views`` from ``fd`` at ``offset`` after a first preadv moved ``done``
+    bytes (short transfers, more than IOV_MAX views); past the end of the file reads as zeros."""
+    views, offset, length = _skip(views, done), offset + done, length - done
+    while length:
+        n = os.preadv(fd, views[:IOV_MAX], offset)
+        if n == 0:                       # end of file (the image shrank under us)
+            for v in views:
+                v[:] = bytes(len(v))
+            return
+        views, offset, length = _skip(views, n), offset + n, length - n
+
+
+def _writev(fd: int, views: list[memoryview], offset: int, length: int, flags: int, done: int = 0) -> None:
+    """Finish writing ``views`` to ``fd`` at ``offset`` after a first pwritev moved ``done``
+    bytes (``flags``: os.RWF_DSYNC for writethrough)."""
+    views, offset, length = _skip(views, done), offset + done, length - done
+    while length:
+        n = os.pwritev(fd, views[:IOV_MAX], offset, flags)
+        if n == 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        views, offset, length = _skip(views, n), offset + n, length - n
+
+
+# --------------------------------------------------------------------------------------------
+# The image and its requests
+# --------------------------------------------------------------------------------------------
+
+class BlockImage:
+    """A raw disk image (regular file or block device) and the virtio-blk requests on it.
+
+    :meth:`handle` executes one request chain given as views; it is all a device needs and
+    can run on any number of queues at once (requests are stateless and positional, so every
+    queue shares the one fd). The discard / write-zeroes limits below are what the config space
+    advertises and what requests are checked against.
+    """
+
+    #: Most sectors one DISCARD segment may name; QEMU's BDRV_REQUEST_MAX_SECTORS. Punching a
+    #: hole costs the same whatever its size.
+    max_discard_sectors = (1 << 31) - 1 >> 9
+    #: Most sectors one WRITE_ZEROES segment may name: 32 MiB bounds how long one request can hold
+    #: the loop when the file system cannot zero a range without writing it.
+    max_write_zeroes_sectors = 1 << 16
+    #: Most segments in one DISCARD / WRITE_ZEROES request.
+    max_discard_seg = 16
+    max_write_zeroes_seg = 16
+
+    def __init__(self, path: str | os.PathLike, *, read_only: bool = False, serial: str | bytes | None = None,
+                 block_size: int = SECTOR_SIZE) -> None:
+        if not (isinstance(block_size, int) and SECTOR_SIZE <= block_size <= 65536
+                and block_size & (block_size - 1) == 0):
+            raise ValueError(f"block_size must be a power of two from 512 to 65536, not {block_size!r}")
+        ident = serial.encode("ascii") if isinstance(serial, str) else bytes(serial or b"")
+        if len(ident) > VIRTIO_BLK_ID_BYTES:
+            raise ValueError(f"serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
+        self.path = os.fspath(path)
+        self.read_only = bool(read_only)
+        self.block_size = block_size
+        self.serial = ident
+        self._id = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+        #: Writeback cache (True: writes may sit in the page cache until FLUSH) or writethrough
+        #: (False: every write and write-zeroes is stable before it completes).
+        self.writeback = True
+        self.fd = -1
+        try:
+            self.fd = os.open(self.path, (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC)
+            st = os.fstat(self.fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise OSError(errno.EINVAL, "not a regular file or block device")
+            size = os.lseek(self.fd, 0, os.SEEK_END)     # st_size is 0 for block devices
+        except OSError as exc:
+            self.close()
+            raise VhostError(f"cannot use disk image {self.path!r}: {exc.strerror}", exc.errno) from None
+        #: The disk's size in 512-byte sectors (a partial last sector is not part of the disk).
+        self.capacity = size // SECTOR_SIZE
+        self._end = self.capacity * SECTOR_SIZE
+        # Discards are most useful in whole file-system blocks (a partial block is only zeroed).
+        granule = st.st_blksize if 0 < st.st_blksize <= 1 << 20 and st.st_blksize & (st.st_blksize - 1) == 0 else 0
+        #: discard_sector_alignment, in sectors
+        self.discard_sector_alignment = max(block_size, granule) // SECTOR_SIZE
+        self._fallocate_ok = {FALLOC_FL_PUNCH_HOLE: True, FALLOC_FL_ZERO_RANGE: True, 0: True}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> BlockImage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __repr__(self) -> str:
+        return (f"BlockImage({self.path!r}, capacity={self.capacity}, block_size={self.block_size}, "
+                f"read_only={self.read_only})")
+
+    # -- requests ------------------------------------------------------------------------------
+    def handle(self, readable: list[memoryview], writable: list[memoryview]) -> int:
+        """Execute one request chain; returns the used length (bytes written to ``writable``,
+        the status byte included: data + 1 on success, 1 on failure).
+
+        A malformed request is answered VIRTIO_BLK_S_IOERR; only a chain with no status byte to
+        answer in raises :class:`VirtqueueError` (the ring's business, not the disk's).
+        """
+        if writable and len(writable[-1]) == 1:         # the status byte in its own descriptor
+            inp, status = writable[:-1], writable[-1]
+        else:
+            inp, status = _split_status(writable)
+        first = readable[0] if readable else b""
+        if len(first) == 16:                            # the header in its own descriptor
+            type_, _, sector = VIRTIO_BLK_OUTHDR.unpack(first)
+            out = readable[1:]
+        else:
+            header, out = _gather(readable, VIRTIO_BLK_OUTHDR.size)
+            if header is None:
+                status[0] = VIRTIO_BLK_S_IOERR
+                return 1
+            type_, _, sector = VIRTIO_BLK_OUTHDR.unpack(header)
+        if type_ == _T_IN:
+            result, written = self._read(sector, out, inp)
+        elif type_ == _T_OUT:
+            result, written = self._write(sector, out, inp)
+        else:
+            handler = self._HANDLERS.get(type_)
+            if handler is None:
+                result, written = VIRTIO_BLK_S_UNSUPP, 0
+            else:
+                result, written = handler(self, sector, out, inp)
+        status[0] = result
+        return written + 1
+
+    def _range_ok(self, sector: int, length: int) -> bool:
+        return not length % SECTOR_SIZE and sector * SECTOR_SIZE + length <= self._end
+
+    def _read(self, sector: int, out: list[memoryview], inp: list[memoryview]) -> tuple[int, int]:
+        """VIRTIO_BLK_T_IN: preadv straight into the writable views."""
+        if out and _nbytes(out):
+            return VIRTIO_BLK_S_IOERR, 0
+        length = sum(map(len, inp))
+        offset = sector * SECTOR_SIZE
+        if length % SECTOR_SIZE or offset + length > self._end:
+            return VIRTIO_BLK_S_IOERR, 0
+        try:
+            done = os.preadv(self.fd, inp, offset) if len(inp) <= IOV_MAX else 0
+            if done != length:
+                _readv(self.fd, inp, offset, length, done)
+        except OSError as exc:
+            log.warning("%s: read of %d bytes at sector %d failed: %s", self.path, length, sector, exc)
+            return VIRTIO_BLK_S_IOERR, 0
+        return VIRTIO_BLK_S_OK, length
+
+    def _write(self, sector: int, out: list[memoryview], inp: list[memoryview]) -> tuple[int, int]:
+        """VIRTIO_BLK_T_OUT: pwritev straight from the readable views."""
+        if self.read_only or (inp and _nbytes(inp)):
+            return VIRTIO_BLK_S_IOERR, 0
+        length = sum(map(len, out))
+        offset = sector * SECTOR_SIZE
+        if length % SECTOR_SIZE or offset + length > self._end:
+            return VIRTIO_BLK_S_IOERR, 0
+        flags = 0 if self.writeback else os.RWF_DSYNC
+        try:
+            done = os.pwritev(self.fd, out, offset, flags) if len(out) <= IOV_MAX else 0
+            if done != length:
+                _writev(self.fd, out, offset, length, flags, done)
+        except OSError as exc:
+            log.warning("%s: write of %d bytes at sector %d failed: %s", self.path, length, sector, exc)
+            return VIRTIO_BLK_S_IOERR, 0
+        return VIRTIO_BLK_S_OK, 0
+
+    def _flush(self, sector: int, out: list[memoryview], inp: list[memoryview]) -> tuple[int, int]:
+        """VIRTIO_BLK_T_FLUSH: every completed write becomes stable (fdatasync)."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            log.warning("%s: flush failed: %s", self.path, exc)
+            return VIRTIO_BLK_S_IOERR, 0
+        return VIRTIO_BLK_S_OK, 0
+
+    def _get_id(self, sector: int, out: list[memoryview], inp: list[memoryview]) -> tuple[int, int]:
+        """VIRTIO_BLK_T_GET_ID: the serial, NUL-padded to 20 bytes (or as much as fits)."""
+        if out and _nbytes(out):
+            return VIRTIO_BLK_S_IOERR, 0
+        ident, done = self._id, 0
+        for v in inp:
+            take = min(len(v), VIRTIO_BLK_ID_BYTES - done)
+            v[:take] = ident[done:done + take]
+            done += take
+            if done == VIRTIO_BLK_ID_BYTES:
+                break
+        return (VIRTIO_BLK_S_OK, done) if done else (VIRTIO_BLK_S_IOERR, 0)
+
+    def _segments(self, out: list[memoryview], inp: list[memoryview], max_seg: int, max_sectors: int,
+                  allowed_flags: int) -> tuple[int, list[tuple[int, int, int]]]:
+        """Parse and check DISCARD / WRITE_ZEROES segments: (status, [(offset, length, flags)])."""
+        if self.read_only or (inp and _nbytes(inp)):
+            return VIRTIO_BLK_S_IOERR, []
+        size = VIRTIO_BLK_DISCARD_WRITE_ZEROES.size
+        length = _nbytes(out)
+        if length % size or length > max_seg * size:
+            return VIRTIO_BLK_S_IOERR, []
+        segments = []
+        for sector, num_sectors, flags in VIRTIO_BLK_DISCARD_WRITE_ZEROES.iter_unpack(b"".join(out)):
+            if flags & ~allowed_flags:                 # the spec's MUST: unknown flags are UNSUPP
+                return VIRTIO_BLK_S_UNSUPP, []
+            if num_sectors > max_sectors or not self._range_ok(sector, num_sectors * SECTOR_SIZE):
+                return VIRTIO_BLK_S_IOERR, []
+            if num_sectors:
+                segments.append((sector * SECTOR_SIZE, num_sectors * SECTOR_SIZE, flags))
+        return VIRTIO_BLK_S_OK, segments
+
+    def _discard(self, sector: int, out: list[memoryview], inp: list[memoryview]) -> tuple[int, int]:
+        """VIRTIO_BLK_T_DISCARD: punch holes where the file system can (a hint; never an error
+        when it cannot). The UNMAP flag is not allowed on discards."""
+        result, segments = self._segments(out, inp, self.max_discard_seg, self.max_discard_sectors, 0)
+        try:
+            for offset, length, _ in segments:
+                self._try_fallocate(FALLOC_FL_PUNCH_HOLE, offset, length)
+        except OSError as exc:
+            log.warning("%s: discard failed: %s", self.path, exc)
+            return VIRTIO_BLK_S_IOERR, 0
+        return result, 0
+
+    def _write_zeroes(self, sector: int, out: list[memoryview], inp: list[memoryview]) -> tuple[int, int]:
+        """VIRTIO_BLK_T_WRITE_ZEROES: the ranges read back as zeros afterwards, whatever the file
+        system supports; with UNMAP the blocks may be deallocated."""
+        result, segments = self._segments(out, inp, self.max_write_zeroes_seg, self.max_write_zeroes_sectors,
+                                          VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+        try:
+            for offset, length, flags in segments:
+                self._zero(offset, length, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+            if segments and not self.writeback:
+                os.fdatasync(self.fd)
+        except OSError as exc:
+            log.warning("%s: write zeroes failed: %s", self.path, exc)
+            return VIRTIO_BLK_S_IOERR, 0
+        return result, 0
+
+    _HANDLERS = {VIRTIO_BLK_T_FLUSH: _flush, VIRTIO_BLK_T_GET_ID: _get_id,
+                 VIRTIO_BLK_T_DISCARD: _discard, VIRTIO_BLK_T_WRITE_ZEROES: _write_zeroes}
+
+    def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
+        """fallocate(mode | KEEP_SIZE); False when this file (system) does not support the mode."""
+        if not self._fallocate_ok[mode]:
+            return False
+        try:
+            fallocate(self.fd, mode | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in _FALLOC_UNSUPPORTED:
+                raise
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):    # EINVAL may be this range's alignment
+                self._fallocate_ok[mode] = False
+            return False
+        return True
+
+    def _zero(self, offset: int, length: int, unmap: bool) -> None:
+        """Make [offset, offset + length) read as zeros: punch (if allowed), else zero the range
+        keeping it allocated, else punch and re-allocate (tmpfs), else write zeros."""
+        if unmap and self._try_fallocate(FALLOC_FL_PUNCH_HOLE, offset, length):
+            return
+        if self._try_fallocate(FALLOC_FL_ZERO_RANGE, offset, length):
+            return
+        if self._try_fallocate(FALLOC_FL_PUNCH_HOLE, offset, length):
+            self._try_fallocate(0, offset, length)      # best effort: keep the blocks provisioned
+            return
+        chunk = len(_ZEROS)
+        while length:
+            n = min(length, 64 * chunk)
+            views = [_ZEROS] * (n // chunk) + ([_ZEROS[:n % chunk]] if n % chunk else [])
+            _writev(self.fd, views, offset, n, 0)
+            offset, length = offset + n, length - n
+
+
+# --------------------------------------------------------------------------------------------
+# The vhost-user device
+# --------------------------------------------------------------------------------------------
+
+class BlkDevice(Device):
+    """A vhost-user-blk device over a raw image: ``serve(BlkDevice("disk.img"), "/tmp/blk.sock")``
+    and QEMU's ``-device vhost-user-blk-pci,chardev=...`` sees a disk of the image's size.
+
+    Features offered (QEMU's vhost-user-blk passes each of these through): SEG_MAX, BLK_SIZE,
+    FLUSH and CONFIG_WCE (writeback cache by default, the guest may switch to writethrough);
+    RO when ``read_only``, else DISCARD and WRITE_ZEROES; MQ when ``num_queues`` > 1.
+    """
+
+    device_id = DeviceId.BLOCK
+
+    def __init__(self, image_path: str | os.PathLike, *, read_only: bool = False, num_queues: int = 1,
+                 serial: str | bytes | None = None, block_size: int = SECTOR_SIZE, seg_max: int = 254) -> None:
+        if not (isinstance(num_queues, int) and 1 <= num_queues <= 0xFFFF):
+            raise ValueError(f"num_queues must be 1..65535, not {num_queues!r}")
+        if not (isinstance(seg_max, int) and 1 <= seg_max <= 0xFFFFFFFF):
+            raise ValueError(f"seg_max must be a positive u32, not {seg_max!r}")
+        super().__init__()
+        self.image = BlockImage(image_path, read_only=read_only, serial=serial, block_size=block_size)
+        self.num_queues = num_queues
+        self.seg_max = seg_max
+        features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_CONFIG_WCE
+        if read_only:
+            features |= VIRTIO_BLK_F_RO
+        else:
+            features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+        if num_queues > 1:
+            features |= VIRTIO_BLK_F_MQ
+        self.features = int(features)
+
+    def close(self) -> None:
+        self.image.close()
+
+    def __enter__(self) -> BlkDevice:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def config(self) -> BlkConfig:
+        """The config space as values."""
+        image = self.image
+        discard = not image.read_only
+        return BlkConfig(
+            capacity=image.capacity, seg_max=self.seg_max, blk_size=image.block_size,
+            wce=int(image.writeback), num_queues=self.num_queues,
+            max_discard_sectors=image.max_discard_sectors if discard else 0,
+            max_discard_seg=image.max_discard_seg if discard else 0,
+            discard_sector_alignment=image.discard_sector_alignment if discard else 0,
+            max_write_zeroes_sectors=image.max_write_zeroes_sectors if discard else 0,
+            max_write_zeroes_seg=image.max_write_zeroes_seg if discard else 0,
+            write_zeroes_may_unmap=int(discard))
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """VHOST_USER_GET_CONFIG: ``size`` bytes of struct virtio_blk_config from ``offset``."""
+        if offset < 0 or size < 0 or offset + size > VIRTIO_BLK_CONFIG.size:
+            raise VhostError(f"virtio-blk config read of {size} bytes at offset {offset} is outside the "
+                             f"{VIRTIO_BLK_CONFIG.size}-byte struct virtio_blk_config", errno.EINVAL)
+        return self.config().pack()[offset:offset + size]
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        """VHOST_USER_SET_CONFIG: the driver may write only ``wce`` (VIRTIO_BLK_F_CONFIG_WCE): 1
+        writeback, 0 writethrough. A migration write (flags VHOST_SET_CONFIG_TYPE_MIGRATION) may
+        cover the read-only fields too; of those bytes only ``wce`` is taken."""
+        wce = VIRTIO_BLK_CONFIG_OFFSETS["wce"]
+        end = offset + len(data)
+        if flags == VHOST_SET_CONFIG_TYPE_MIGRATION and 0 <= offset <= wce < end <= VIRTIO_BLK_CONFIG.size:
+            self.image.writeback = bool(data[wce - offset])
+            return
+        if offset != wce or len(data) != 1:
+            raise NotSupportedError(f"virtio-blk config write of {len(data)} bytes at offset {offset}: "
+                                    f"only wce (1 byte at offset {wce}) is writable")
+        self.image.writeback = bool(data[0])
+
+    def features_set(self, features: int) -> None:
+        """After SET_FEATURES: a driver that did not take FLUSH cannot flush, so every write must be
+        stable on completion (virtio 1.3 §5.2.6.2); one that did starts in writeback mode."""
+        self.image.writeback = bool(features & VIRTIO_BLK_F_FLUSH)
+
+    def reset(self) -> None:
+        """RESET_DEVICE or the front-end went away: writeback again until the next negotiation."""
+        self.image.writeback = True
+
+    def handle(self, queue: int, readable: list[memoryview], writable: list[memoryview]) -> int:
+        """One request chain from any queue (they all share the image)."""
+        return self.image.handle(readable, writable)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver side
+# --------------------------------------------------------------------------------------------
+
+#: Device features BlkClient knows how to use (it takes these when it negotiates).
+BLK_DRIVER_FEATURES = (VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_RO | VIRTIO_BLK_F_BLK_SIZE
+                       | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_CONFIG_WCE | VIRTIO_BLK_F_MQ | VIRTIO_BLK_F_DISCARD
+                       | VIRTIO_BLK_F_WRITE_ZEROES)
+#: How much config space the client reads: everything before the secure-erase fields, which it
+#: does not use and which back-ends written before them do not have (what QEMU reads too).
+BLK_CONFIG_READ_SIZE = VIRTIO_BLK_CONFIG_OFFSETS["max_secure_erase_sectors"]
+
+_STATUS_PENDING = 0xFF                      # in the status byte until the device writes one
+
+
+class BlkRequestError(VhostError):
+    """The device answered a request with VIRTIO_BLK_S_IOERR or VIRTIO_BLK_S_UNSUPP (``status``)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, errno.EOPNOTSUPP if status == VIRTIO_BLK_S_UNSUPP else errno.EIO)
+        self.status = status
+
+
+class BlkRequest(NamedTuple):
+    """One request for :meth:`BlkClient.submit`; build it with the class methods. Offsets and
+    lengths are in bytes (multiples of 512 for the protocol's sectors)."""
+
+    type: int                               # VIRTIO_BLK_T_*
+    offset: int = 0
+    length: int = 0                         # IN: bytes to read; DISCARD / WRITE_ZEROES: bytes of the range
+    data: bytes | memoryview | None = None  # OUT: the bytes to write
+    flags: int = 0                          # WRITE_ZEROES: VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+    tag: object = None                      # comes back in the completion (default: the request itself)
+
+    @classmethod
+    def read(cls, offset: int, length: int, tag: object = None) -> BlkRequest:
+        return cls(VIRTIO_BLK_T_IN, offset, length, tag=tag)
+
+    @classmethod
+    def write(cls, offset: int, data: bytes | memoryview, tag: object = None) -> BlkRequest:
+        return cls(VIRTIO_BLK_T_OUT, offset, len(data), data, tag=tag)
+
+    @classmethod
+    def flush(cls, tag: object = None) -> BlkRequest:
+        return cls(VIRTIO_BLK_T_FLUSH, tag=tag)
+
+    @classmethod
+    def get_id(cls, tag: object = None) -> BlkRequest:
+        return cls(VIRTIO_BLK_T_GET_ID, length=VIRTIO_BLK_ID_BYTES, tag=tag)
+
+    @classmethod
+    def discard(cls, offset: int, length: int, tag: object = None) -> BlkRequest:
+        return cls(VIRTIO_BLK_T_DISCARD, offset, length, tag=tag)
+
+    @classmethod
+    def write_zeroes(cls, offset: int, length: int, unmap: bool = False, tag: object = None) -> BlkRequest:
+        return cls(VIRTIO_BLK_T_WRITE_ZEROES, offset, length,
+                   flags=VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if unmap else 0, tag=tag)
+
+
+class BlkCompletion(NamedTuple):
+    """A finished request: ``data`` is what an IN or GET_ID returned, a view of the request's
+    buffer in guest memory that stays valid until the next :meth:`BlkClient.submit`."""
+
+    tag: object
+    status: int                             # VIRTIO_BLK_S_*, or 0xFF: used without a status written
+    used: int                               # the used length the device reported
+    data: memoryview | None
+
+
+class BlkClient:
+    """The driver side of virtio-blk over a vhost-user :class:`~vhost_min.frontend.Frontend`, with
+    real virtqueues in shared guest memory: ``read`` / ``write`` / ``flush`` / ``get_id`` /
+    ``discard`` / ``write_zeroes`` one at a time, or ``submit`` + ``complete`` with up to
+    ``depth`` requests in flight.
+
+    It brings up what the front-end has not: negotiation (FRONTEND_FEATURES plus
+    :data:`BLK_DRIVER_FEATURES`, and the device status when STATUS is negotiated), guest memory
+    (room for every queue the device has), and the queue ``queue_index``. Each request is laid out
+    as Linux lays it out: header, data and status in separate descriptors (one indirect descriptor
+    with ``indirect=True``). Requests of more than ``max_io`` bytes are split by the sync methods.
+    """
+
+    def __init__(self, frontend, *, queue_index: int = 0, queue_size: int = 128, depth: int | None = None,
+                 max_io: int = 128 << 10, packed: bool | None = None, indirect: bool = False,
+                 timeout: float | None = None) -> None:
+        from .frontend import FRONTEND_FEATURES     # the front-end loads only when a client is made
+        if max_io <= 0 or max_io % SECTOR_SIZE:
+            raise ValueError(f"max_io must be a positive multiple of {SECTOR_SIZE}, not {max_io}")
+        self.frontend = fe = frontend
+        self.queue_index = queue_index
+        self.timeout = timeout
+        bring_up = fe.features is None
+        if bring_up:
+            # VIRTIO_F_RING_PACKED makes every ring packed: taken only when asked for
+            ring = FRONTEND_FEATURES & ~VirtioFeature.VIRTIO_F_RING_PACKED | (
+                VirtioFeature.VIRTIO_F_RING_PACKED if packed else 0)
+            fe.negotiate(ring | BLK_DRIVER_FEATURES)
+            if fe.protocol_features & ProtocolFeature.STATUS:
+                fe.set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK)
+        self.features = fe.features
+        negotiated_packed = bool(self.features & VirtioFeature.VIRTIO_F_RING_PACKED)
+        if packed is not None and bool(packed) != negotiated_packed:
+            raise VhostError(f"packed={packed}, but VIRTIO_F_RING_PACKED was "
+                             f"{'' if negotiated_packed else 'not '}negotiated", errno.EINVAL)
+        #: The device's config space as read after negotiation.
+        self.config = BlkConfig.unpack(fe.get_config(0, BLK_CONFIG_READ_SIZE))
+        config, features = self.config, self.features
+        # Data segments per request: size_max bounds each, seg_max bounds how many.
+        seg_size = config.size_max if features & VIRTIO_BLK_F_SIZE_MAX and config.size_max else max_io
+        seg_max = config.seg_max if features & VIRTIO_BLK_F_SEG_MAX and config.seg_max else 1 << 16
+        self.max_io = min(max_io, seg_size * seg_max) // SECTOR_SIZE * SECTOR_SIZE
+        if not self.max_io:
+            raise VhostError(f"the device's size_max {config.size_max} and seg_max {config.seg_max} leave no "
+                             f"room for a {SECTOR_SIZE}-byte request")
+        self._seg_size = seg_size
+        per_request = 2 + -(-self.max_io // seg_size)       # header + data segments + status
+        if indirect and not features & VirtioFeature.VIRTIO_F_INDIRECT_DESC:
+            raise VhostError("indirect=True needs VIRTIO_F_INDIRECT_DESC, which was not negotiated", errno.EINVAL)
+        self.indirect = bool(indirect)
+        most = queue_size if indirect else queue_size // per_request
+        self.depth = most if depth is None else depth
+        if not 1 <= self.depth <= most:
+            raise ValueError(f"depth {depth} is outside 1..{most} for a queue of {queue_size} with "
+                             f"{per_request} descriptors per request")
+        # Guest memory: one slot per request in flight (header, status byte, data buffer).
+        need = self.depth * (VIRTIO_BLK_OUTHDR.size + 1 + self.max_io) + (64 << 10) + 16 * queue_size * (
+            per_request if indirect else 1) * 2
+        if fe.memory is None:
+            queues = config.num_queues if features & VIRTIO_BLK_F_MQ and config.num_queues else 1
+            fe.setup_memory(need * queues)
+        self.memory = fe.memory
+        self._headers = fe.alloc(self.depth * VIRTIO_BLK_OUTHDR.size, 16)
+        self._statuses = fe.alloc(self.depth, 16)
+        self._buffers = fe.alloc(self.depth * self.max_io, 4096)
+        self.queue = fe.setup_queue(queue_index, queue_size, packed=negotiated_packed,
+                                    indirect_max=per_request if indirect else 0)
+        if bring_up and fe.protocol_features & ProtocolFeature.STATUS:
+            fe.set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+                          | DeviceStatus.DRIVER_OK)
+        self._header_view = self.memory.view(self._headers, self.depth * VIRTIO_BLK_OUTHDR.size)
+        self._status_view = self.memory.view(self._statuses, self.depth)
+        self._buffer_view = self.memory.view(self._buffers, self.depth * self.max_io)
+        self._free = list(range(self.depth - 1, -1, -1))
+        self._inflight: dict[int, BlkRequest] = {}
+        self._done: list[BlkCompletion] = []         # completions a sync call reaped for others
+
+    # -- properties of the disk ------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """The disk's size in 512-byte sectors."""
+        return self.config.capacity
+
+    @property
+    def size(self) -> int:
+        """The disk's size in bytes."""
+        return self.config.capacity * SECTOR_SIZE
+
+    @property
+    def block_size(self) -> int:
+        return self.config.blk_size if self.features & VIRTIO_BLK_F_BLK_SIZE and self.config.blk_size else SECTOR_SIZE
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.features & VIRTIO_BLK_F_RO)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def set_writeback(self, writeback: bool) -> None:
+        """Switch the device's cache mode through the ``wce`` config field (VIRTIO_BLK_F_CONFIG_WCE)."""
+        self._need(VIRTIO_BLK_F_CONFIG_WCE, "switching the cache mode")
+        self.frontend.set_config(VIRTIO_BLK_CONFIG_OFFSETS["wce"], bytes([int(bool(writeback))]))
+        self.config = self.config._replace(wce=int(bool(writeback)))
+
+    def _need(self, feature: int, what: str) -> None:
+        if not self.features & feature:
+            raise NotNegotiatedError(f"{what} needs {VirtioBlkFeature(feature).name}, which was not negotiated")
+
+    # -- asynchronous interface ------------------------------------------------------------------
+    def submit(self, requests) -> int:
+        """Place requests on the queue (each in a free slot), publish them once and kick if the
+        device wants it. Returns how many were placed: fewer than given when the slots ran out."""
+        placed = 0
+        try:
+            for request in requests:
+                if not self._free:
+                    break
+                self._place(request)
+                placed += 1
+        finally:
+            if placed:
+                self.frontend.publish(self.queue_index)
+        return placed
+
+    def _place(self, request: BlkRequest) -> None:
+        type_, offset, length = request.type, request.offset, request.length
+        if offset < 0 or offset % SECTOR_SIZE or length < 0:
+            raise ValueError(f"offset {offset} is not a multiple of {SECTOR_SIZE} (or length {length} < 0)")
+        if type_ in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT) and length > self.max_io:
+            raise ValueError(f"a request moves at most max_io={self.max_io} bytes, not {length}")
+        if type_ in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES) and (
+                length % SECTOR_SIZE or length // SECTOR_SIZE > 0xFFFFFFFF):
+            raise ValueError(f"a {_type_name(type_)} range is a multiple of {SECTOR_SIZE} bytes and at most "
+                             f"2^32 - 1 sectors, not {length} bytes")
+        slot = self._free.pop()
+        try:
+            self._fill(slot, request)
+        except BaseException:
+            self._free.append(slot)
+            raise
+        self._inflight[slot] = request
+
+    def _fill(self, slot: int, request: BlkRequest) -> None:
+        """Write the request into its slot and add the chain: header | data | status."""
+        type_, offset, length = request.type, request.offset, request.length
+        header = self._headers + slot * VIRTIO_BLK_OUTHDR.size
+        buffer = self._buffers + slot * self.max_io
+        sector = offset // SECTOR_SIZE if type_ in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT) else 0
+        VIRTIO_BLK_OUTHDR.pack_into(self._header_view, slot * VIRTIO_BLK_OUTHDR.size, type_, 0, sector)
+        self._status_view[slot] = _STATUS_PENDING
+        readable, writable = [(header, VIRTIO_BLK_OUTHDR.size)], []
+        view = self._buffer_view[slot * self.max_io:(slot + 1) * self.max_io]
+        if type_ == VIRTIO_BLK_T_IN:
+            writable = self._segments(buffer, length)
+        elif type_ == VIRTIO_BLK_T_OUT:
+            view[:length] = request.data
+            readable += self._segments(buffer, length)
+        elif type_ == VIRTIO_BLK_T_GET_ID:
+            writable = [(buffer, VIRTIO_BLK_ID_BYTES)]
+        elif type_ in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            VIRTIO_BLK_DISCARD_WRITE_ZEROES.pack_into(view, 0, offset // SECTOR_SIZE, length // SECTOR_SIZE,
+                                                      request.flags)
+            readable.append((buffer, VIRTIO_BLK_DISCARD_WRITE_ZEROES.size))
+        writable.append((self._statuses + slot, 1))
+        self.queue.add(readable, writable, slot, indirect=self.indirect)
+
+    def _segments(self, gpa: int, length: int) -> list[tuple[int, int]]:
+        step = self._seg_size
+        return [(gpa + at, min(step, length - at)) for at in range(0, length, step)]
+
+    def complete(self, min_count: int = 1, timeout: float | None = None) -> list[BlkCompletion]:
+        """Reap finished requests, waiting (up to ``timeout``, default the front-end's) until at
+        least ``min_count`` are in hand (0: never wait). VhostError(ETIMEDOUT) when they are not."""
+        done, self._done = self._done, []
+        done += self._reap()
+        if len(done) >= min_count or not self._inflight:
+            return done
+        wait = self.frontend.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        while len(done) < min_count and self._inflight:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.frontend.wait_call(self.queue_index, left):
+                self._done = done
+                raise VhostError(f"virtio-blk queue {self.queue_index}: {self.in_flight} requests still in "
+                                 f"flight after {wait} s", errno.ETIMEDOUT)
+            done += self._reap()
+        return done
+
+    def _reap(self) -> list[BlkCompletion]:
+        out = []
+        status_view, buffer_view, max_io = self._status_view, self._buffer_view, self.max_io
+        for slot, used in self.queue.reap():
+            request = self._inflight.pop(slot)
+            self._free.append(slot)
+            status = status_view[slot]
+            data = None
+            if request.type == VIRTIO_BLK_T_IN:
+                data = buffer_view[slot * max_io:slot * max_io + request.length]
+            elif request.type == VIRTIO_BLK_T_GET_ID:
+                data = buffer_view[slot * max_io:slot * max_io + VIRTIO_BLK_ID_BYTES]
+            out.append(BlkCompletion(request if request.tag is None else request.tag, status, used, data))
+        return out
+
+    # -- synchronous interface -------------------------------------------------------------------
+    def _run(self, requests: list[BlkRequest]) -> list[BlkCompletion]:
+        """Submit ``requests`` (tags replaced by their index), wait for all of them; completions of
+        other requests that arrive meanwhile are kept for the next complete(). Raises
+        BlkRequestError for the first that failed."""
+        run = object()
+        mine = [r._replace(tag=_SyncTag(run, i)) for i, r in enumerate(requests)]
+        results: list[BlkCompletion | None] = [None] * len(mine)
+        sent = waiting = 0
+        while sent < len(mine) or waiting:
+            if sent < len(mine) and self._free:
+                n = self.submit(mine[sent:])
+                sent, waiting = sent + n, waiting + n
+                continue
+            others = []
+            for c in self.complete(1, self.timeout):
+                if type(c.tag) is _SyncTag and c.tag.run is run:
+                    # copy out now: the slot's buffer is reused by the next submit
+                    results[c.tag.index] = c._replace(data=None if c.data is None else bytes(c.data))
+                    waiting -= 1
+                else:
+                    others.append(c)
+            self._done += others
+        for request, c in zip(requests, results):
+            if c.status != VIRTIO_BLK_S_OK:
+                what = (f"virtio-blk {_type_name(request.type)} of {request.length} bytes at offset "
+                        f"{request.offset}")
+                if c.status == _STATUS_PENDING:
+                    raise VhostError(f"{what}: the device used the request ({c.used} bytes) without writing a "
+                                     f"status byte", errno.EPROTO)
+                raise BlkRequestError(f"{what}: the device answered {_status_name(c.status)}", c.status)
+        return results
+
+    def _chunks(self, offset: int, length: int) -> list[tuple[int, int]]:
+        if offset < 0 or length < 0 or offset % SECTOR_SIZE or length % SECTOR_SIZE:
+            raise ValueError(f"offset {offset} and length {length} must be non-negative multiples of {SECTOR_SIZE}")
+        return [(offset + at, min(self.max_io, length - at)) for at in range(0, length, self.max_io)] or [(offset, 0)]
+
+    def read(self, offset: int, length: int) -> bytes:
+        """VIRTIO_BLK_T_IN: ``length`` bytes at byte ``offset``."""
+        done = self._run([BlkRequest.read(at, n) for at, n in self._chunks(offset, length)])
+        return b"".join(c.data for c in done)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """VIRTIO_BLK_T_OUT: ``data`` at byte ``offset``."""
+        data = memoryview(data).cast("B")
+        self._run([BlkRequest.write(at, data[at - offset:at - offset + n])
+                   for at, n in self._chunks(offset, len(data))])
+
+    def flush(self) -> None:
+        """VIRTIO_BLK_T_FLUSH: every completed write is stable."""
+        self._need(VIRTIO_BLK_F_FLUSH, "flush")
+        self._run([BlkRequest.flush()])
+
+    def get_id(self) -> str:
+        """VIRTIO_BLK_T_GET_ID: the device's serial ('' when it has none)."""
+        data = self._run([BlkRequest.get_id()])[0].data
+        return data.split(b"\0", 1)[0].decode("ascii", "replace")
+
+    def discard(self, offset: int, length: int) -> None:
+        """VIRTIO_BLK_T_DISCARD of a byte range (split by the device's max_discard_sectors)."""
+        self._need(VIRTIO_BLK_F_DISCARD, "discard")
+        self._run([BlkRequest.discard(at, n) for at, n in
+                   self._ranges(offset, length, self.config.max_discard_sectors)])
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """VIRTIO_BLK_T_WRITE_ZEROES of a byte range: it reads back as zeros (``unmap``: the
+        device may deallocate it)."""
+        self._need(VIRTIO_BLK_F_WRITE_ZEROES, "write zeroes")
+        self._run([BlkRequest.write_zeroes(at, n, unmap) for at, n in
+                   self._ranges(offset, length, self.config.max_write_zeroes_sectors)])
+
+    def _ranges(self, offset: int, length: int, max_sectors: int) -> list[tuple[int, int]]:
+        if offset < 0 or length <= 0 or offset % SECTOR_SIZE or length % SECTOR_SIZE:
+            raise ValueError(f"offset {offset} and length {length} must be multiples of {SECTOR_SIZE}, length > 0")
+        step = max(max_sectors, 1) * SECTOR_SIZE
+        return [(offset + at, min(step, length - at)) for at in range(0, length, step)]
+
+
+class _SyncTag(NamedTuple):
+    run: object                             # one per sync call: a late completion of an abandoned
+    index: int                              # call is never taken for a later call's
+
+
+def _type_name(type_: int) -> str:
+    try:
+        return VirtioBlkType(type_).name
+    except ValueError:
+        return f"request type {type_}"
+
+
+def _status_name(status: int) -> str:
+    try:
+        return VirtioBlkStatus(status).name
+    except ValueError:
+        return f"status {status}"
