@@ -1224,11 +1224,24 @@ class Listener:
             _remove_stale_socket(self.path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.bind(self.path)
-            if not abstract:
+            if abstract:
+                self._sock.bind(self.path)
+                self._sock.listen(backlog)
+            else:
+                # Bind under a temporary name, listen, then rename into place: the socket file
+                # appears only once it accepts, so a peer that waits for the file never meets a
+                # bound-but-not-listening socket (ECONNREFUSED).
+                temporary = f"{self.path}.{os.getpid()}.tmp"
+                _remove_stale_socket(temporary)
+                self._sock.bind(temporary)
+                try:
+                    self._sock.listen(backlog)
+                    os.rename(temporary, self.path)
+                except BaseException:
+                    os.unlink(temporary)
+                    raise
                 st = os.stat(self.path)
                 self._identity = (st.st_dev, st.st_ino)
-            self._sock.listen(backlog)
         except BaseException:
             self.close()
             raise
