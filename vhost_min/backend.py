@@ -105,6 +105,7 @@ RECONNECT_INTERVAL = 1.0
 
 #: GET_VRING_BASE of a packed ring nobody set: indices 0, both wrap counters 1 (virtio 1.3 §2.8.1).
 _PACKED_INITIAL_BASE = 1 << 15 | 1 << 31
+_PACKED_AVAIL_WRAP = 1 << 15        # SET/GET_VRING_BASE of a packed ring: the avail wrap counter
 # Virtio features whose change changes the device queue a ring needs.
 _RING_FEATURES = VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_RING_PACKED | VIRTIO_F_ACCESS_PLATFORM
 
@@ -630,7 +631,10 @@ class Backend:
         what = (f"{msg.name} (flags {msg.flags:#x}, {len(msg.payload)} bytes, {nfds} fds): "
                 f"{type(exc).__name__}: {exc}")
         if isinstance(exc, VhostError):
-            log.warning("%s: rejected %s", self.name, what)
+            # A GET_CONFIG beyond the config space is routine (a probe looks for its size by
+            # asking less and less): not worth a warning.
+            quiet = spec is not None and spec.request == FrontendRequest.GET_CONFIG
+            log.log(logging.INFO if quiet else logging.WARNING, "%s: rejected %s", self.name, what)
         else:
             log.error("%s: rejected %s", self.name, what, exc_info=exc)
         self._error(exc)
@@ -1129,6 +1133,11 @@ class Backend:
     def _on_set_vring_base(self, msg: Message) -> None:
         index, num = VringState.unpack(msg.payload)
         ring = self._ring(index, "VHOST_USER_SET_VRING_BASE")
+        if self.features & VIRTIO_F_RING_PACKED and not num >> 16 and num & _PACKED_AVAIL_WRAP:
+            # DPDK (virtio-user, and lib/vhost's GET_VRING_BASE) sends only the avail half; its
+            # used position is the avail one. Read literally (used 0, wrap 0) the whole ring would
+            # be in flight, and the first chain the driver adds an overrun.
+            num |= num << 16
         self._drop_queue(ring)
         ring.base, ring.broken = num, None
 
