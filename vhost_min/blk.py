@@ -554,6 +554,10 @@ class BlkDevice(Device):
     """
 
     device_id = DeviceId.BLOCK
+    #: Chains per pop / push / signal. Small, so the driver reaps and refills the first requests
+    #: of a deep queue while we read the rest: 256 (Device's default) moves the whole window in
+    #: lockstep and halved IOPS at queue depth 32 (python3 -m bench blk).
+    batch_size = 8
 
     def __init__(self, image_path: str | os.PathLike, *, read_only: bool = False, num_queues: int = 1,
                  serial: str | bytes | None = None, block_size: int = SECTOR_SIZE, seg_max: int = 254) -> None:
@@ -882,18 +886,24 @@ class BlkClient:
         """Reap finished requests, waiting (up to ``timeout``, default the front-end's) until at
         least ``min_count`` are in hand (0: never wait). VhostError(ETIMEDOUT) when they are not."""
         done, self._done = self._done, []
-        done += self._reap()
+        got = self._reap()
+        done += got
         if len(done) >= min_count or not self._inflight:
             return done
         wait = self.frontend.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         while len(done) < min_count and self._inflight:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.frontend.wait_call(self.queue_index, left):
-                self._done = done
-                raise VhostError(f"virtio-blk queue {self.queue_index}: {self.in_flight} requests still in "
-                                 f"flight after {wait} s", errno.ETIMEDOUT)
-            done += self._reap()
+            # Sleep only after a reap that found nothing: that one re-armed used_event and re-read
+            # used.idx behind a full barrier. A reap that found chains moved used_event without
+            # re-reading, so a chain the device used meanwhile may never be signalled (EVENT_IDX).
+            if not got:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.frontend.wait_call(self.queue_index, left):
+                    self._done = done
+                    raise VhostError(f"virtio-blk queue {self.queue_index}: {self.in_flight} requests still in "
+                                     f"flight after {wait} s", errno.ETIMEDOUT)
+            got = self._reap()
+            done += got
         return done
 
     def _reap(self) -> list[BlkCompletion]:
