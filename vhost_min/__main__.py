@@ -1,0 +1,706 @@
+"""The ``vhost-min`` command (also ``python3 -m vhost_min``), one function per subcommand:
+
+* ``blk``   -- a vhost-user-blk back-end over a raw image, following the vhost-user spec's
+  "Backend program conventions" (``--socket-path`` / ``--fd``, ``--print-capabilities``, exit 0 on
+  SIGTERM, never daemonizes). The ``vhost-min-blk`` program is the same command on its own, for
+  the JSON descriptor in QEMU's vhost-user folder (``50-vhost-min-blk.json``, beside this file).
+* ``probe`` -- connect as a front-end and print what a back-end offers, leaving it as it was.
+* ``demo``  -- a blk back-end in a child process, our front-end in this one, every byte checked.
+
+Errors a person can act on (a missing socket, a peer that is not vhost-user, an image that cannot
+be opened) end as one line on stderr, ``vhost-min: what and why``, and exit status 1; Ctrl-C is 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import ctypes
+import enum
+import json
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from .errors import VhostError
+
+PROG = "vhost-min"
+MiB = 1 << 20
+
+#: --print-capabilities (vhost-user.json, VHostUserBackendCapabilities for "block": the two
+#: VHostUserBackendBlockFeature values, both supported).
+BLK_CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
+#: The descriptor for QEMU's vhost-user folders (vhost-user.json, VhostUserBackend), shipped here.
+BLK_DESCRIPTOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "50-vhost-min-blk.json")
+
+_BLK_DESCRIPTION = """\
+Serve a raw disk image (regular file or block device) as a vhost-user-blk device, for QEMU's
+-device vhost-user-blk-pci or any vhost-user front-end. Follows the vhost-user spec's back-end
+program conventions: stays in the foreground; SIGTERM stops it with exit status 0 and removes
+its socket."""
+_BLK_EPILOG = f"""\
+Install for QEMU and libvirt: `pip install .` gives the vhost-min-blk program (this command on its
+own); then copy the descriptor {os.path.basename(BLK_DESCRIPTOR)} (in the vhost_min directory) to
+/usr/share/qemu/vhost-user/ (packages) or /etc/qemu/vhost-user/ (local additions), with "binary" set
+to where vhost-min-blk is (it ships as /usr/local/bin/vhost-min-blk):
+  sed "s|/usr/local/bin/vhost-min-blk|$(command -v vhost-min-blk)|" vhost_min/{os.path.basename(BLK_DESCRIPTOR)} \\
+    | sudo tee /etc/qemu/vhost-user/{os.path.basename(BLK_DESCRIPTOR)}
+Vendored without pip, "binary" can be a script that runs: exec python3 -m vhost_min blk "$@"."""
+
+
+def _row(label: str, value: object) -> None:
+    """One ``label  value`` line of probe's and demo's output; a long value wraps under itself."""
+    indent = " " * 30
+    print(f"  {label:<28}" + textwrap.fill(str(value), 100, initial_indent=indent, subsequent_indent=indent)[30:])
+
+
+def _human(n: int) -> str:
+    """Bytes as a person reads them: 64 MiB, 1.5 GiB, 512 bytes."""
+    for unit, name in ((1 << 40, "TiB"), (1 << 30, "GiB"), (MiB, "MiB"), (1 << 10, "KiB")):
+        if n >= unit:
+            value = n / unit
+            return f"{value:.0f} {name}" if value == int(value) else f"{value:.1f} {name}"
+    return f"{n} bytes"
+
+
+# --------------------------------------------------------------------------------------------
+# blk: a vhost-user-blk back-end (the spec's "Backend program conventions")
+# --------------------------------------------------------------------------------------------
+
+class _PrintCapabilities(argparse.Action):
+    """--print-capabilities: print the JSON and exit 0 at once; nothing else is looked at."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the back-end's capabilities as JSON (vhost-user.json) and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(json.dumps(BLK_CAPABILITIES))
+        parser.exit(0)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _queue_count(text: str) -> int:
+    from .backend import MAX_QUEUES
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_QUEUES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a queue count from 1 to {MAX_QUEUES}")
+    return n
+
+
+def _add_blk_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket (removed on exit)")
+    where.add_argument("--fd", type=int, metavar="N",
+                       help="serve the inherited unix socket N: listening (socket activation) or connected")
+    parser.add_argument("--read-only", action="store_true", help="open the image read-only and offer VIRTIO_BLK_F_RO")
+    parser.add_argument("--num-queues", type=_queue_count, default=1, metavar="N",
+                        help="request queues (default 1; more offers VIRTIO_BLK_F_MQ)")
+    parser.add_argument("--blk-file", metavar="IMAGE", help="the image (the spec's spelling of IMAGE)")
+    parser.add_argument("--print-capabilities", action=_PrintCapabilities)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    parser.add_argument("image", nargs="?", metavar="IMAGE", help="raw disk image: a regular file or block device")
+    parser.set_defaults(func=cmd_blk, parser=parser)
+
+
+def _inherited_socket(fd: int) -> None:
+    """Refuse an --fd that is not an AF_UNIX stream socket, with a reason a person can act on."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise VhostError(f"--fd {fd}: {exc.strerror}", exc.errno) from None
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            kind = "/".join(str(getattr(v, "name", v)) for v in (sock.family, sock.type))
+            raise VhostError(f"--fd {fd} is not a unix stream socket but {kind}")
+    finally:
+        sock.detach()
+
+
+def cmd_blk(args: argparse.Namespace) -> int:
+    """Serve a raw image as a vhost-user-blk device until SIGTERM (exit 0) or Ctrl-C (130)."""
+    from .backend import Server
+    from .blk import SECTOR_SIZE, BlkDevice
+
+    if (args.image is None) == (args.blk_file is None):
+        args.parser.error("give the image once: IMAGE or --blk-file IMAGE")
+    if (args.socket_path is None) == (args.fd is None):
+        args.parser.error("give --socket-path PATH or --fd N")
+    image = args.image or args.blk_file
+
+    stop = threading.Event()
+    server: Server | None = None
+
+    def on_sigterm(signum, frame) -> None:
+        stop.set()              # seen by run() even before it starts
+        if server is not None:
+            server.stop()       # wakes the loop now
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with BlkDevice(image, read_only=args.read_only, num_queues=args.num_queues) as device, Server() as server:
+            if args.fd is not None:
+                _inherited_socket(args.fd)
+                server.add(device, fd=args.fd)
+                where = f"fd {args.fd}"
+            else:
+                try:
+                    server.add(device, args.socket_path)
+                except VhostError:
+                    raise
+                except OSError as exc:
+                    raise VhostError(f"cannot listen on {args.socket_path}: {exc.strerror}", exc.errno) from None
+                where = args.socket_path
+            queues = f"{args.num_queues} queue{'s' if args.num_queues > 1 else ''}"
+            print(f"{PROG}: serving {image} ({_human(device.image.capacity * SECTOR_SIZE)}, "
+                  f"{'read-only' if args.read_only else 'read-write'}, {queues}) on {where}", flush=True)
+            server.run(stop_event=stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# probe: what a back-end offers
+# --------------------------------------------------------------------------------------------
+# The device type is not on the wire. Feature bits and config layouts of the devices probe
+# decodes besides blk (linux/virtio_net.h, virtio_fs.h, virtio_vsock.h); they move to their own
+# modules when those devices land.
+
+class VirtioNetFeature(enum.IntFlag):
+    """virtio-net feature bits (virtio 1.3 §5.1.3), as masks."""
+
+    VIRTIO_NET_F_CSUM = 1 << 0
+    VIRTIO_NET_F_GUEST_CSUM = 1 << 1
+    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS = 1 << 2
+    VIRTIO_NET_F_MTU = 1 << 3
+    VIRTIO_NET_F_MAC = 1 << 5
+    VIRTIO_NET_F_GSO = 1 << 6               # legacy
+    VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
+    VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
+    VIRTIO_NET_F_GUEST_ECN = 1 << 9
+    VIRTIO_NET_F_GUEST_UFO = 1 << 10
+    VIRTIO_NET_F_HOST_TSO4 = 1 << 11
+    VIRTIO_NET_F_HOST_TSO6 = 1 << 12
+    VIRTIO_NET_F_HOST_ECN = 1 << 13
+    VIRTIO_NET_F_HOST_UFO = 1 << 14
+    VIRTIO_NET_F_MRG_RXBUF = 1 << 15
+    VIRTIO_NET_F_STATUS = 1 << 16
+    VIRTIO_NET_F_CTRL_VQ = 1 << 17
+    VIRTIO_NET_F_CTRL_RX = 1 << 18
+    VIRTIO_NET_F_CTRL_VLAN = 1 << 19
+    VIRTIO_NET_F_CTRL_RX_EXTRA = 1 << 20
+    VIRTIO_NET_F_GUEST_ANNOUNCE = 1 << 21
+    VIRTIO_NET_F_MQ = 1 << 22
+    VIRTIO_NET_F_CTRL_MAC_ADDR = 1 << 23
+    VIRTIO_NET_F_NOTF_COAL = 1 << 53
+    VIRTIO_NET_F_HASH_REPORT = 1 << 57
+    VIRTIO_NET_F_RSS = 1 << 60
+    VIRTIO_NET_F_RSC_EXT = 1 << 61
+    VIRTIO_NET_F_STANDBY = 1 << 62
+    VIRTIO_NET_F_SPEED_DUPLEX = 1 << 63
+
+
+class VirtioFsFeature(enum.IntFlag):
+    """virtio-fs feature bits (virtio spec; not in linux/virtio_fs.h yet)."""
+
+    VIRTIO_FS_F_NOTIFICATION = 1 << 0
+
+
+class VirtioVsockFeature(enum.IntFlag):
+    """virtio-vsock feature bits (virtio 1.3 §5.10.3)."""
+
+    VIRTIO_VSOCK_F_STREAM = 1 << 0
+    VIRTIO_VSOCK_F_SEQPACKET = 1 << 1
+    VIRTIO_VSOCK_F_NO_IMPLIED_STREAM = 1 << 2
+
+
+VIRTIO_NET_S_LINK_UP = 1
+VIRTIO_NET_S_ANNOUNCE = 2
+#: struct virtio_net_config up to mtu: {u8 mac[6]; le16 status; le16 max_virtqueue_pairs; le16 mtu}
+VIRTIO_NET_CONFIG = struct.Struct("<6sHHH")
+#: struct virtio_fs_config: {u8 tag[36]; le32 num_request_queues}
+VIRTIO_FS_CONFIG = struct.Struct("<36sI")
+#: struct virtio_vsock_config: {le64 guest_cid}
+VIRTIO_VSOCK_CONFIG = struct.Struct("<Q")
+
+
+def _present(config: bytes, end: int) -> bool:
+    return len(config) >= end
+
+
+def _decode_blk(config: bytes, features: int) -> dict:
+    from .blk import VIRTIO_BLK_CONFIG, VIRTIO_BLK_CONFIG_OFFSETS, BlkConfig, VirtioBlkFeature as F
+    c = BlkConfig.unpack(config)
+    offsets = list(VIRTIO_BLK_CONFIG_OFFSETS.values()) + [VIRTIO_BLK_CONFIG.size]
+    end = dict(zip(VIRTIO_BLK_CONFIG_OFFSETS, offsets[1:]))     # a field is there if the next one starts
+    fields = {"capacity": c.capacity} if _present(config, 8) else {}
+    for feature, names in ((F.VIRTIO_BLK_F_SIZE_MAX, ("size_max",)), (F.VIRTIO_BLK_F_SEG_MAX, ("seg_max",)),
+                           (F.VIRTIO_BLK_F_BLK_SIZE, ("blk_size",)), (F.VIRTIO_BLK_F_CONFIG_WCE, ("wce",)),
+                           (F.VIRTIO_BLK_F_MQ, ("num_queues",)),
+                           (F.VIRTIO_BLK_F_DISCARD, ("max_discard_sectors", "max_discard_seg",
+                                                     "discard_sector_alignment")),
+                           (F.VIRTIO_BLK_F_WRITE_ZEROES, ("max_write_zeroes_sectors", "max_write_zeroes_seg",
+                                                          "write_zeroes_may_unmap"))):
+        if features & feature:
+            fields.update({name: getattr(c, name) for name in names if _present(config, end[name])})
+    fields["read_only"] = bool(features & F.VIRTIO_BLK_F_RO)
+    return fields
+
+
+def _decode_net(config: bytes, features: int) -> dict:
+    mac, status, pairs, mtu = VIRTIO_NET_CONFIG.unpack(config[:VIRTIO_NET_CONFIG.size].ljust(VIRTIO_NET_CONFIG.size,
+                                                                                             b"\0"))
+    F, fields = VirtioNetFeature, {}
+    if features & F.VIRTIO_NET_F_MAC and _present(config, 6):
+        fields["mac"] = ":".join(f"{b:02x}" for b in mac)
+    if features & F.VIRTIO_NET_F_STATUS and _present(config, 8):
+        fields["status"] = status
+        fields["link_up"] = bool(status & VIRTIO_NET_S_LINK_UP)
+    if features & F.VIRTIO_NET_F_MQ and _present(config, 10):
+        fields["max_virtqueue_pairs"] = pairs
+    if features & F.VIRTIO_NET_F_MTU and _present(config, 12):
+        fields["mtu"] = mtu
+    return fields
+
+
+def _decode_fs(config: bytes, features: int) -> dict:
+    tag, queues = VIRTIO_FS_CONFIG.unpack(config[:VIRTIO_FS_CONFIG.size].ljust(VIRTIO_FS_CONFIG.size, b"\0"))
+    fields = {"tag": tag.split(b"\0", 1)[0].decode("utf-8", "replace")} if _present(config, 36) else {}
+    if _present(config, VIRTIO_FS_CONFIG.size):
+        fields["num_request_queues"] = queues
+    return fields
+
+
+def _decode_vsock(config: bytes, features: int) -> dict:
+    return {"guest_cid": VIRTIO_VSOCK_CONFIG.unpack_from(config)[0]} if _present(config, 8) else {}
+
+
+class _DeviceType(NamedTuple):
+    features: type[enum.IntFlag] | None
+    decode: Callable[[bytes, int], dict]
+
+
+def _device_types() -> dict[str, _DeviceType]:
+    from .blk import VirtioBlkFeature
+    return {"blk": _DeviceType(VirtioBlkFeature, _decode_blk), "net": _DeviceType(VirtioNetFeature, _decode_net),
+            "fs": _DeviceType(VirtioFsFeature, _decode_fs), "vsock": _DeviceType(VirtioVsockFeature, _decode_vsock)}
+
+
+# Bits only a net device offers in practice (blk's bits 15..23 are rare or unassigned)...
+_NET_HINTS = (VirtioNetFeature.VIRTIO_NET_F_MRG_RXBUF | VirtioNetFeature.VIRTIO_NET_F_CTRL_VQ
+              | VirtioNetFeature.VIRTIO_NET_F_CTRL_RX | VirtioNetFeature.VIRTIO_NET_F_GUEST_ANNOUNCE
+              | VirtioNetFeature.VIRTIO_NET_F_MQ)
+# ...and blk's SEG_MAX, BLK_SIZE, FLUSH, DISCARD, WRITE_ZEROES.
+_BLK_HINTS = 1 << 2 | 1 << 6 | 1 << 9 | 1 << 13 | 1 << 14
+
+
+def guess_device_type(features: int, config: bytes | None) -> str | None:
+    """blk, net, fs or vsock from the offered features and the config space size, or None."""
+    size = None if config is None else len(config)
+    if size == VIRTIO_VSOCK_CONFIG.size:
+        return "vsock"
+    if size == VIRTIO_FS_CONFIG.size and config[0] and config[:36].rstrip(b"\0").isascii():
+        return "fs"
+    if features & _NET_HINTS:
+        return "net"
+    if features & _BLK_HINTS or (size is not None and size > 24):
+        return "blk"
+    if size is not None and size >= 6:
+        return "net"
+    return None
+
+
+def probe_report(path: str, result, device_type: str | None, guessed: bool) -> dict:
+    """Frontend.probe()'s ProbeResult as one JSON-able dict, config decoded for ``device_type``
+    (what --json prints; the text output is made from it)."""
+    from .frontend import feature_names
+    kind = _device_types().get(device_type)
+    config = result.config
+    return {
+        "socket": path,
+        "device_type": device_type,
+        "device_type_guessed": guessed,
+        "features": result.features,
+        "feature_names": list(feature_names(result.features, kind.features if kind else None)),
+        "protocol_features": None if result.protocol_features is None else int(result.protocol_features),
+        "protocol_feature_names": list(result.protocol_feature_names),
+        "num_queues": result.num_queues,
+        "max_mem_slots": result.max_mem_slots,
+        "config_size": None if config is None else len(config),
+        "config": kind.decode(config, result.features) if kind and config is not None else None,
+        "config_hex": None if config is None else config.hex(),
+    }
+
+
+def _print_probe(report: dict) -> None:
+    def names(value: int | None, names: list[str]) -> str:
+        return "not offered" if value is None else f"{value:#x}: {' '.join(names) or 'none'}"
+
+    kind = report["device_type"]
+    how = ("guessed from its features and config space; --type to say" if report["device_type_guessed"]
+           else "as given")
+    print(f"{report['socket']}: a vhost-user back-end, device type "
+          + (f"{kind} ({how})" if kind else "unknown (pass --type blk|net|fs|vsock to decode its config)"))
+    _row("virtio features", names(report["features"], report["feature_names"]))
+    _row("protocol features", names(report["protocol_features"], report["protocol_feature_names"]))
+    _row("queues", report["num_queues"] if report["num_queues"] is not None else "not said (no MQ)")
+    _row("max memory slots", report["max_mem_slots"] if report["max_mem_slots"] is not None
+         else "not said (no CONFIGURE_MEM_SLOTS)")
+    if report["config_size"] is None:
+        _row("config space", "not readable (no CONFIG)")
+        return
+    _row("config space", f"{report['config_size']} bytes")
+    if report["config"] is None:
+        _row("  raw", report["config_hex"])
+        return
+    for name, value in report["config"].items():
+        if name == "capacity":
+            value = f"{value} sectors ({_human(value * 512)})"
+        elif name == "read_only":
+            value = "yes (VIRTIO_BLK_F_RO)" if value else "no"
+        _row(f"  {name}", value)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Connect, ask (Frontend.probe: nothing is claimed or changed), print, disconnect."""
+    from .frontend import Frontend
+    with Frontend.connect(args.socket, timeout=args.timeout) as fe:
+        result = fe.probe()
+    guessed = args.type is None
+    device_type = guess_device_type(result.features, result.config) if guessed else args.type
+    report = probe_report(args.socket, result, device_type, guessed)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_probe(report)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# demo: a blk back-end in a child process, our front-end here, every byte checked
+# --------------------------------------------------------------------------------------------
+
+DEMO_IMAGE_SIZE = 64 * MiB
+PR_SET_PDEATHSIG = 1        # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """preexec_fn: the child gets SIGTERM if this process dies, even by SIGKILL (prctl)."""
+    def preexec() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:          # died before the prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+@contextlib.contextmanager
+def _blk_child(socket_path: str, image: str, log_path: str) -> Iterator[subprocess.Popen]:
+    """``python -m vhost_min blk`` in a child process, accepting on ``socket_path`` once this
+    yields (its "serving" line is the sign); stopped with SIGTERM (SIGKILL if it lingers) however
+    the block is left. Its log goes to ``log_path``; the last line of it explains a failed start."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (package_parent, os.environ.get("PYTHONPATH")))))
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "vhost_min", "blk", "--socket-path", socket_path, image],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file, env=env,
+                                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+    try:
+        with proc.stdout:
+            ready = select.select([proc.stdout], [], [], 20)[0] and proc.stdout.readline()
+        if not ready:
+            proc.poll()
+            with open(log_path, "rb") as f:
+                said = f.read().decode(errors="replace").strip().splitlines()
+            what = "did not start within 20 s" if proc.returncode is None else f"exited with status {proc.returncode}"
+            raise VhostError(f"the blk back-end {what}" + (f": {said[-1]}" if said else ""))
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class _Progress:
+    """One line updated in place on a terminal; on anything else a plain line every quarter."""
+
+    def __init__(self, total: int, stream=sys.stdout) -> None:
+        self.total, self.stream = total, stream
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+        self.shown_at = 0.0
+        self.quarter = 0
+
+    def update(self, phase: str, done: int, requests: int) -> None:
+        now = time.monotonic()
+        quarter = 4 * done // self.total
+        if self.tty and now - self.shown_at < 0.1 and done < self.total:
+            return
+        if not self.tty and quarter <= self.quarter:
+            return
+        self.shown_at, self.quarter = now, quarter
+        rate = done / MiB / max(now - self.started, 1e-9)
+        line = (f"  {phase:<8} {done / MiB:6.1f} of {self.total / MiB:.1f} MiB, {requests:5d} requests, "
+                f"{rate:6.1f} MiB/s")
+        self.stream.write(f"\r{line:<72}" if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _tiling(rng: random.Random, start: int, length: int) -> list[tuple[int, int]]:
+    """[start, start + length) (4 KiB multiples) cut into requests of 4 KiB..256 KiB, as many
+    small as large ones (log-uniform), in random order."""
+    out, at, end = [], start, start + length
+    while at < end:
+        k = rng.randrange(7)
+        n = min(4096 * min(64, rng.randint(1 << k, (2 << k) - 1)), end - at)
+        out.append((at, n))
+        at += n
+    rng.shuffle(out)
+    return out
+
+
+class _Workload:
+    """Writes random data through the virtqueues, reads it back and checks every byte."""
+
+    def __init__(self, client, data: bytes, base: int, progress: _Progress) -> None:
+        self.client, self.data, self.base, self.progress = client, data, base, progress
+        self.moved = 0
+        self.counts = collections.Counter()
+
+    def _check_read(self, offset: int, got) -> None:
+        want = self.data[offset - self.base:offset - self.base + len(got)]
+        if got != want:
+            at = next(i for i in range(len(want)) if got[i] != want[i])
+            raise VhostError(f"read of {len(got)} bytes at offset {offset}: byte {offset + at} is "
+                             f"{got[at]:#04x}, {want[at]:#04x} was written there")
+
+    def _done(self, kind: str, offset: int, length: int) -> None:
+        self.counts[kind] += 1
+        self.moved += length
+        self.progress.update(kind + "s", self.moved, sum(self.counts.values()))
+
+    def run(self, kind: str, extents: list[tuple[int, int]], depth: int) -> None:
+        """One request per extent: synchronously at depth 1, else submit/complete ``depth`` deep."""
+        from .blk import VIRTIO_BLK_S_OK, BlkRequest
+        client, data, base = self.client, self.data, self.base
+        if depth == 1:
+            for offset, length in extents:
+                if kind == "write":
+                    client.write(offset, data[offset - base:offset - base + length])
+                else:
+                    self._check_read(offset, client.read(offset, length))
+                self._done(kind, offset, length)
+            return
+        pending = collections.deque(extents)
+        in_flight = 0
+        while pending or in_flight:
+            batch = []
+            while pending and in_flight + len(batch) < depth:
+                offset, length = pending.popleft()
+                batch.append(BlkRequest.write(offset, data[offset - base:offset - base + length], tag=(offset, length))
+                             if kind == "write" else BlkRequest.read(offset, length, tag=(offset, length)))
+            placed = client.submit(batch) if batch else 0
+            in_flight += placed
+            pending.extendleft(reversed([r.tag for r in batch[placed:]]))
+            for c in client.complete(1):        # read data is a view valid until the next submit
+                in_flight -= 1
+                offset, length = c.tag
+                if c.status != VIRTIO_BLK_S_OK:
+                    raise VhostError(f"{kind} of {length} bytes at offset {offset}: the device answered status "
+                                     f"{c.status}")
+                if kind == "read":
+                    self._check_read(offset, bytes(c.data))
+                self._done(kind, offset, length)
+
+
+def _check_image(image: str, data: bytes, base: int) -> None:
+    """The bytes the back-end wrote are in the image file: os.pread, 1 MiB at a time."""
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for at in range(0, len(data), MiB):
+            got = os.pread(fd, min(MiB, len(data) - at), base + at)
+            if got != data[at:at + MiB]:
+                raise VhostError(f"the image file does not hold what was written at offset {base + at} "
+                                 f"(os.pread of {image})")
+    finally:
+        os.close(fd)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A vhost-user-blk back-end in a child process and BlkClient here: random writes, read back
+    and checked, then the image file checked with os.pread."""
+    from .blk import BlkClient, VirtioBlkFeature
+    from .frontend import Frontend, feature_names, protocol_feature_names
+    from .virtio import VIRTIO_F_RING_PACKED
+
+    rng = random.Random(args.seed)
+    size = args.mib * MiB
+    if not 1 <= args.mib <= DEMO_IMAGE_SIZE // MiB:
+        args.parser.error(f"--mib must be 1..{DEMO_IMAGE_SIZE // MiB}")
+    base = rng.randrange(0, (DEMO_IMAGE_SIZE - size) // MiB + 1) * MiB
+    data = os.urandom(size)
+    # SIGTERM (a process manager, a CI timeout) unwinds like Ctrl-C: the child is stopped, files removed.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        with tempfile.TemporaryDirectory(prefix="vhost-min-demo-") as tmp:
+            image, sock = os.path.join(tmp, "disk.img"), os.path.join(tmp, "blk.sock")
+            with open(image, "wb") as f:
+                f.truncate(DEMO_IMAGE_SIZE)
+            with _blk_child(sock, image, os.path.join(tmp, "blk.log")) as child:
+                print(f"{PROG} demo: vhost-user-blk back-end in child process {child.pid} on {sock} "
+                      f"({_human(DEMO_IMAGE_SIZE)} image);\n  this process writes {_human(size)} of random data "
+                      f"at offset {_human(base) if base else 0} through the virtqueues and reads it back", flush=True)
+                with Frontend.connect(sock) as fe:
+                    client = BlkClient(fe, queue_size=256, depth=args.depth, max_io=256 << 10, packed=args.packed)
+                    progress = _Progress(2 * size)
+                    work = _Workload(client, data, base, progress)
+                    try:
+                        for kind in ("write", "read"):
+                            extents = _tiling(rng, base, size)
+                            sync = len(extents) // 4          # the first quarter one at a time
+                            work.run(kind, extents[:sync], 1)
+                            work.run(kind, extents[sync:], args.depth)
+                        elapsed = time.monotonic() - progress.started
+                        client.flush()
+                        work.counts["flush"] += 1
+                    finally:
+                        progress.close()
+                    features, protocol = fe.features, fe.protocol_features
+                _check_image(image, data, base)
+                pid = child.pid
+            status = child.returncode
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    ring = "packed" if features & VIRTIO_F_RING_PACKED else "split"
+    counts = work.counts
+    print(f"{PROG} demo: {sum(counts.values())} requests through the virtqueues, every byte checked")
+    _row("virtio features", " ".join(feature_names(features, VirtioBlkFeature)))
+    _row("protocol features", " ".join(protocol_feature_names(protocol)))
+    _row("ring", f"{ring}, 256 entries; requests one at a time, then up to {args.depth} in flight")
+    _row("requests", f"{counts['write']} writes, {counts['read']} reads, {counts['flush']} flush; "
+                     f"4 KiB..256 KiB each")
+    _row("throughput", f"{_human(work.moved)} in {elapsed:.2f} s: {work.moved / MiB / elapsed:.1f} MiB/s")
+    _row("read back", "every byte matches what was written")
+    _row("image file", f"os.pread finds all {_human(size)} at offset {_human(base) if base else 0}")
+    _row("back-end", f"pid {pid}, stopped by SIGTERM: exit status {status}")
+    if status != 0:
+        raise VhostError(f"the blk back-end exited with status {status} on SIGTERM (expected 0)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="vhost-user back-ends and tools in pure Python (vhost_min).",
+        epilog="Run `vhost-min COMMAND --help` for each command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    blk = sub.add_parser(
+        "blk", help="serve a raw disk image as a vhost-user-blk device",
+        description=_BLK_DESCRIPTION, epilog=_BLK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_blk_arguments(blk)
+
+    probe = sub.add_parser(
+        "probe", help="show what a vhost-user back-end offers",
+        description="Connect to a vhost-user back-end as a front-end and print what it offers: virtio and "
+                    "protocol features by name, queue count, memory slots and the decoded config space "
+                    "(blk, net, fs, vsock). Nothing is claimed or changed: no SET_OWNER, no features set, "
+                    "no memory or rings (note that one-shot back-ends exit when any front-end leaves).")
+    probe.add_argument("socket", metavar="SOCKET", help="the back-end's unix socket")
+    probe.add_argument("--type", choices=("blk", "net", "fs", "vsock"),
+                       help="the device type (not on the wire; guessed from features and config size by default)")
+    probe.add_argument("--json", action="store_true", help="print one JSON object")
+    probe.add_argument("--timeout", type=_positive, default=5.0, metavar="SECONDS",
+                       help="how long each answer may take (default 5)")
+    probe.set_defaults(func=cmd_probe, parser=probe)
+
+    demo = sub.add_parser(
+        "demo", help="run a blk back-end and our front-end against each other, checking every byte",
+        description="Start a vhost-user-blk back-end in a child process on a temporary socket and image, "
+                    "write random data through real virtqueues from this process (4 KiB..256 KiB requests, "
+                    "some one at a time, most several in flight), read it back and check every byte, then "
+                    "check the image file with os.pread. Needs nothing prepared; leaves nothing behind.")
+    demo.add_argument("--mib", type=int, default=48, help="MiB to write and read back (default 48)")
+    demo.add_argument("--depth", type=int, default=32, choices=range(1, 65), metavar="N",
+                      help="requests in flight (1..64, default 32)")
+    demo.add_argument("--packed", action="store_true", help="negotiate packed virtqueues (default split)")
+    demo.add_argument("--seed", type=int, help="seed the request sizes and order")
+    demo.set_defaults(func=cmd_demo, parser=demo)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run a command: the library's log lines prefixed like ours, errors as one line, Ctrl-C quiet."""
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format=f"{PROG}: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:      # VhostError and the OS's own: one line, what and why
+        if isinstance(exc, VhostError) or not exc.strerror:
+            what = str(exc)
+        else:
+            what = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+        print(f"{PROG}: {' '.join(what.split())}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``vhost-min COMMAND ...`` (``python3 -m vhost_min``)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        return 130
+    return _run(args)
+
+
+def blk_main(argv: list[str] | None = None) -> int:
+    """``vhost-min-blk``: the blk command as a program of its own, as QEMU's vhost-user
+    descriptors expect (``vhost-min-blk --print-capabilities``, ``--socket-path``, ``--fd``)."""
+    parser = argparse.ArgumentParser(prog="vhost-min-blk", description=_BLK_DESCRIPTION, epilog=_BLK_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_blk_arguments(parser)
+    return _run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
