@@ -10,6 +10,10 @@ the test process dies, so a killed test run leaves nothing behind.
 Peers that are front-ends (QEMU, DPDK virtio-user, DPDK vhost in client mode) connect to a socket
 the test already listens on; their launchers return at once, without waiting for the handshake,
 because the peer blocks until the test answers it.
+
+Also here: ``vhost_min_blk()``, our own blk back-end as a child process (``python3 -m vhost_min
+blk``), and ``WireTap``, a relay between a front-end and a back-end that records every message
+crossing the socket, so a test can assert what was really sent and answered.
 """
 
 from __future__ import annotations
@@ -19,16 +23,21 @@ import ctypes
 import itertools
 import json
 import os
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tests import support
+from vhost_min.errors import VhostError
+from vhost_min.user import VHOST_USER_REPLY_MASK, Connection, Listener, unpack_u64
 
 QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -193,14 +202,15 @@ def _workdir(name: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def _running(name: str, argv: Sequence[str], workdir: str, sock: str, *, ready: Sequence[str] = (),
-             qmp_path: str | None = None, extra_files: Sequence[str] = (), grace: float = 0.0) -> Iterator[Peer]:
+             qmp_path: str | None = None, extra_files: Sequence[str] = (), grace: float = 0.0,
+             env: dict[str, str] | None = None) -> Iterator[Peer]:
     """Start ``argv`` with its output in ``workdir``/``name``.log, wait for the ``ready`` paths,
     yield the Peer, and finally stop that PID (after ``grace`` seconds to exit on its own) and
-    remove ``extra_files``."""
+    remove ``extra_files``. ``env``: the child's environment (default: ours)."""
     log_path = os.path.join(workdir, f"{name}.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=workdir, preexec_fn=_die_with_parent)
+                                cwd=workdir, preexec_fn=_die_with_parent, env=env)
     peer = Peer(name, proc, sock, workdir, log_path, qmp_path, list(extra_files))
     try:
         for path in ready:
@@ -221,6 +231,21 @@ def _running(name: str, argv: Sequence[str], workdir: str, sock: str, *, ready: 
                     os.unlink(path)
 
 
+def child_processes() -> list[int]:
+    """PIDs of this process's children still alive (or unreaped): a peer a test did not stop."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(b")", 1)[1].split()[1]) == os.getpid():     # field 4: ppid
+                pids.append(int(entry))
+    return pids
+
+
 def _unique(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{next(_serial)}-{time.monotonic_ns() % 1000000}"
 
@@ -231,17 +256,20 @@ def _unique(prefix: str) -> str:
 
 @contextlib.contextmanager
 def storage_daemon(image_path: str, num_queues: int = 1, writable: bool = True,
-                   block_size: int = 512) -> Iterator[Peer]:
+                   block_size: int = 512, discard: bool = False) -> Iterator[Peer]:
     """qemu-storage-daemon exporting ``image_path`` (a raw file) as a vhost-user-blk back-end.
 
     It listens on ``.socket``, serves one front-end at a time and survives reconnects; ``.qmp()``
-    talks to its monitor. ``block_size`` must be a power of two (logical-block-size).
+    talks to its monitor. ``block_size`` must be a power of two (logical-block-size). With
+    ``discard`` the file node has discard=unmap: VIRTIO_BLK_T_DISCARD punches holes in the image
+    (by default QEMU ignores discards, and answers them OK).
     """
     support.require_commands(QEMU_STORAGE_DAEMON, install=APT_QEMU_COMMON)
     with _workdir("qsd") as work:
         sock, qmp = os.path.join(work, "vhost-user-blk.sock"), os.path.join(work, "qmp.sock")
         argv = [QEMU_STORAGE_DAEMON,
-                "--blockdev", f"driver=file,node-name=file0,filename={_qemu_path(os.path.abspath(image_path))}",
+                "--blockdev", (f"driver=file,node-name=file0,filename={_qemu_path(os.path.abspath(image_path))}"
+                               + (",discard=unmap" if discard else "")),
                 "--export", (f"type=vhost-user-blk,id=export0,node-name=file0,addr.type=unix,"
                              f"addr.path={_qemu_path(sock)},writable={'on' if writable else 'off'},"
                              f"num-queues={num_queues},logical-block-size={block_size}"),
@@ -364,3 +392,193 @@ def qemu_frontend(socket_path: str, device: str = "vhost-user-blk-pci", extra_de
         # the handshake), so waiting for it does not wait for the test's answers.
         with _running("qemu", argv, work, socket_path, ready=(qmp,), qmp_path=qmp) as peer:
             yield peer
+
+
+@contextlib.contextmanager
+def vhost_min_blk(image_path: str, num_queues: int = 1, extra: Sequence[str] = ()) -> Iterator[Peer]:
+    """Our own back-end as users run it: ``python3 -m vhost_min blk --socket-path SOCK IMAGE`` in a
+    child process, from this checkout. It exits 0 on SIGTERM: ``.proc.returncode`` afterwards."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with _workdir("vhost-min-blk") as work:
+        sock = os.path.join(work, "vhost-user-blk.sock")
+        argv = [sys.executable, "-m", "vhost_min", "blk", "--socket-path", sock, "--num-queues", str(num_queues),
+                *extra, os.path.abspath(image_path)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+        with _running("vhost-min-blk", argv, work, sock, ready=(sock,), env=env) as peer:
+            yield peer
+
+
+# --------------------------------------------------------------------------------------------
+# A wire tap: what really crossed a vhost-user socket, both ways
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tapped:
+    """One message the tap relayed: ``to_backend`` for a front-end's request, False for a
+    back-end's reply; ``session`` counts the front-end's connections (0, then 1 after a reconnect)."""
+
+    session: int
+    to_backend: bool
+    request: int
+    flags: int
+    payload: bytes
+    fd_targets: tuple[str, ...]     # readlink of each fd as it passed: /memfd:..., anon_inode:[eventfd]
+
+    @property
+    def name(self) -> str:
+        return getattr(self.request, "name", str(self.request))
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & VHOST_USER_REPLY_MASK)
+
+    def u64(self) -> int:
+        return unpack_u64(self.payload, self.name)
+
+
+class WireTap:
+    """A relay between front-ends (connecting to ``path``) and the back-end at ``upstream``: every
+    message is forwarded unchanged, flags and fds included, and recorded in ``messages``.
+
+    Each front-end connection gets its own connection to the back-end; when either side hangs up
+    the other is closed too, as if they were connected directly. The back-end channel
+    (SET_BACKEND_REQ_FD) and the eventfds and memory fds pass through as fds, so the data path
+    never touches the tap. :meth:`ask` sends a request of the test's own to the back-end in the
+    middle of a session (the front-end never sees it). Runs in a thread; use it as a context manager.
+    """
+
+    def __init__(self, path: str, upstream: str) -> None:
+        self.path, self.upstream = path, upstream
+        self.messages: list[Tapped] = []
+        self.errors: list[BaseException] = []
+        self.sessions = 0
+        self._listener = Listener(path, backlog=4)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._pairs: dict[int, tuple] = {}          # fd -> (this connection, its other end, session, to_backend)
+        self._asked: list[tuple] = []               # (session, request, payload, event, [reply]) for the thread
+        self._pending: dict[int, tuple] = {}        # back-end fd -> (request, event, [reply]) of an ask()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._thread = threading.Thread(target=self._run, name=f"wire tap {path}", daemon=True)
+        self._thread.start()
+
+    def requests(self, session: int | None = None) -> list[Tapped]:
+        """What the front-end sent (of one session, or all)."""
+        return [m for m in list(self.messages) if m.to_backend and session in (None, m.session)]
+
+    def names(self, session: int | None = None) -> list[str]:
+        return [m.name for m in self.requests(session)]
+
+    def reply_to(self, request: Tapped) -> Tapped | None:
+        """The back-end's reply that followed ``request`` in its session (None: no reply)."""
+        messages = list(self.messages)
+        for m in messages[messages.index(request) + 1:]:
+            if m.session == request.session and not m.to_backend and m.request == request.request:
+                return m
+            if m.session == request.session and m.to_backend:
+                return None
+        return None
+
+    def ask(self, request: int, payload: bytes = b"", session: int | None = None,
+            timeout: float = 10.0) -> Tapped:
+        """Send ``request`` to the back-end of ``session`` (default: the latest) between the
+        front-end's messages, and return the back-end's reply, which is not forwarded. Only for a
+        moment when the front-end is quiet on the socket (its control path idle)."""
+        done = threading.Event()
+        answer: list[Tapped] = []
+        self._asked.append((self.sessions - 1 if session is None else session, request, payload, done, answer))
+        os.write(self._wake_w, b"a")
+        if not done.wait(timeout) or not answer:
+            raise AssertionError(f"the back-end did not answer the tap's {getattr(request, 'name', request)} "
+                                 f"within {timeout} s")
+        return answer[0]
+
+    def _send_asked(self) -> None:
+        while self._asked:
+            session, request, payload, done, answer = self._asked.pop(0)
+            backend = next((conn for conn, _, s, to_backend in self._pairs.values()
+                            if s == session and not to_backend), None)
+            if backend is None:
+                done.set()
+                continue
+            self._pending[backend.fileno()] = (request, done, answer)
+            backend.send(request, payload)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                for key, _ in self._selector.select():
+                    if key.fileobj == self._wake_r:
+                        if os.read(self._wake_r, 1) == b"x":      # close()
+                            return
+                        self._send_asked()
+                        continue
+                    if key.fileobj is self._listener:
+                        frontend = self._listener.accept()
+                        try:
+                            backend = Connection.connect(self.upstream)
+                        except OSError as exc:
+                            self.errors.append(exc)
+                            frontend.close()
+                            continue
+                        session, self.sessions = self.sessions, self.sessions + 1
+                        self._pairs[frontend.fileno()] = (frontend, backend, session, True)
+                        self._pairs[backend.fileno()] = (backend, frontend, session, False)
+                        self._selector.register(frontend, selectors.EVENT_READ)
+                        self._selector.register(backend, selectors.EVENT_READ)
+                        continue
+                    self._relay(key.fd)
+        except BaseException as exc:   # noqa: BLE001 (reported to the test through .errors)
+            self.errors.append(exc)
+
+    def _relay(self, fd: int) -> None:
+        source, sink, session, to_backend = self._pairs[fd]
+        try:
+            msg = source.recv()
+        except VhostError:                          # that side hung up (or broke the framing)
+            self._hang_up(source, sink)
+            return
+        pending = self._pending.get(fd)
+        if pending is not None and msg.is_reply and msg.request == pending[0]:
+            del self._pending[fd]                   # the answer to ask(): the test's, not the front-end's
+            with msg:
+                pending[2].append(Tapped(session, False, msg.request, msg.flags, msg.payload, ()))
+            pending[1].set()
+            return
+        with msg:
+            targets = tuple(os.readlink(f"/proc/self/fd/{f}") for f in msg.fds)
+            self.messages.append(Tapped(session, to_backend, msg.request, msg.flags, msg.payload, targets))
+            try:
+                sink.send(msg.request, msg.payload, msg.fds, flags=msg.flags)
+            except VhostError:
+                self._hang_up(source, sink)
+
+    def _hang_up(self, *connections) -> None:
+        for conn in connections:
+            if not conn.closed:
+                self._pairs.pop(conn.fileno(), None)
+                pending = self._pending.pop(conn.fileno(), None)
+                if pending is not None:             # ask() gets no answer: it fails at once
+                    pending[1].set()
+                self._selector.unregister(conn)
+                conn.close()
+
+    def close(self) -> None:
+        """Stop relaying and close every connection and the listener (removing its socket)."""
+        if self._thread.is_alive():
+            os.write(self._wake_w, b"x")
+            self._thread.join(10)
+        for conn, *_ in list(self._pairs.values()):
+            conn.close()
+        self._pairs.clear()
+        self._selector.close()
+        self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> WireTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

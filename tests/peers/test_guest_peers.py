@@ -1,0 +1,359 @@
+"""Our back-ends under QEMU 7.2 with a real Linux guest (tests/guest.py: Debian's 6.12 kernel,
+TCG, guest RAM in a shared memfd): the guest's own drivers use devices that vhost_min serves from a
+separate process, and each test checks what a user would -- the bytes in the image file, the
+disk size the guest sees, random bytes in /dev/hwrng -- and measures the back-end's memory.
+
+- BlkGuestTest: vhost_min.blk.BlkDevice behind ``-device vhost-user-blk-pci``. The guest writes
+  1 MiB of seeded random bytes at 1 MiB with dd (O_DIRECT, fsync), drops its caches, reads them
+  back and compares; the test finds them in the image with os.pread. While the guest then keeps
+  the disk busy, the back-end's resident memory is sampled: the project promises < 30 MB apart
+  from guest memory (the guest's memfd, mapped MAP_SHARED, is subtracted mapping by mapping).
+- ReadmeRngGuestTest: README.md's complete custom device, run as the script it is (argv[1] is the
+  socket) behind ``-device vhost-user-rng-pci`` as README's QEMU line gives it. The guest unbinds
+  every other virtio-rng (the harness always has one) so that /dev/hwrng can only be ours, then
+  reads 1 KiB from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from tests import guest, support
+from tests.peers import launch
+from tests.unit.test_readme import RNG_HEADING, block_after, rng_example
+
+ROOT = guest.PROJECT_ROOT
+MiB = 1 << 20
+GUEST_TIMEOUT = 45          # the guest script's own bound (s); each run takes 10-25 s under TCG
+BOOT_TIMEOUT = 30           # QEMU is killed this long after GUEST_TIMEOUT
+#: The resident memory apart from guest memory the project promises a back-end stays under (30 MB).
+RSS_LIMIT = 30_000_000
+#: QEMU 7.2 names the memfd of memory-backend-memfd after the object type (backends/hostmem-memfd.c).
+GUEST_MEMFD = "/memfd:memory-backend-memfd"
+
+#: Our vhost-user-blk back-end as a program: serve one front-end, exit when it disconnects.
+BLK_BACKEND = """\
+import logging
+import signal
+import sys
+
+from vhost_min.backend import serve
+from vhost_min.blk import BlkDevice
+
+
+def stop(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, stop)
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+with BlkDevice(sys.argv[1]) as device:
+    serve(device, sys.argv[2], once=True)
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# A back-end in its own process, and its resident memory
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def backend_process(name: str, argv: Sequence[str], socket_path: str, workdir: str) -> Iterator[launch.Peer]:
+    """Run ``argv`` (a Python back-end; the project is on its PYTHONPATH) with its output in
+    ``workdir``/``name``.log, wait for it to listen on ``socket_path``, and stop that PID at the end."""
+    log_path = os.path.join(workdir, f"{name}.log")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=workdir, env=env, preexec_fn=launch._die_with_parent)
+    peer = launch.Peer(name, proc, socket_path, workdir, log_path)
+    try:
+        try:
+            support.wait_for_path(socket_path, proc, launch.READY_TIMEOUT)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{name} output:\n{peer.log()}") from None
+        yield peer
+    finally:
+        support.stop_process(proc)
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A process's resident memory at one moment, in bytes."""
+
+    vm_rss: int         #: /proc/PID/status VmRSS
+    total: int          #: the sum of Rss over /proc/PID/smaps (VmRSS, read at the same moment)
+    guest: int          #: Rss of the mappings of the guest's memory (QEMU's memfd)
+    io_bytes: int       #: rchar + wchar of /proc/PID/io: grows while the process does I/O
+
+    @property
+    def other(self) -> int:
+        """Everything but guest memory: the interpreter, the library, buffers, other mappings."""
+        return self.total - self.guest
+
+
+def resident(pid: int) -> Resident:
+    """Read /proc/PID/{status,smaps,io}; mappings of GUEST_MEMFD count as guest memory."""
+    with open(f"/proc/{pid}/status") as f:
+        vm_rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+    total = guest_rss = 0
+    in_guest = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            field = line.split(None, 1)[0]
+            if not field.endswith(":"):                 # a mapping: "start-end perms offset dev inode [path]"
+                parts = line.split(None, 5)
+                path = parts[5].strip() if len(parts) > 5 else ""
+                in_guest = path.startswith(GUEST_MEMFD) and parts[1][3] == "s"
+            elif field == "Rss:":
+                kib = int(line.split()[1]) * 1024
+                total += kib
+                if in_guest:
+                    guest_rss += kib
+    with open(f"/proc/{pid}/io") as f:
+        io = {k: int(v) for k, v in (line.split(": ") for line in f)}
+    return Resident(vm_rss, total, guest_rss, io["rchar"] + io["wchar"])
+
+
+class ResidentSampler:
+    """Samples a process's :func:`resident` memory every ``interval`` s in a thread until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[Resident] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"rss-{pid}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append(resident(self.pid))
+            except (OSError, StopIteration):      # the process has exited
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> ResidentSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def during_io(self) -> list[Resident]:
+        """The samples taken while the process was doing I/O (its byte counters had moved)."""
+        return [s for prev, s in zip(self.samples, self.samples[1:]) if s.io_bytes != prev.io_bytes]
+
+
+def report(test: unittest.TestCase, text: str) -> None:
+    print(f"\n[{type(test).__name__}] {text}", flush=True)
+
+
+def facts(stdout: str) -> dict[str, str]:
+    """``key=value`` lines of a guest script's output."""
+    return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+
+
+# --------------------------------------------------------------------------------------------
+# vhost-user-blk: our BlkDevice, QEMU, the guest's virtio_blk and dd
+# --------------------------------------------------------------------------------------------
+
+IMAGE_SIZE = 64 * MiB
+PATTERN_OFFSET = 1 * MiB
+PATTERN_SIZE = 1 * MiB
+DD_BLOCK = 64 * 1024
+#: Direct I/O the guest does after the pattern (MiB read and written per round, rounds) while the
+#: test samples the back-end's memory: a few seconds of steady traffic under TCG.
+LOAD_MIB, LOAD_ROUNDS = 16, 4
+
+BLK_SCRIPT = f"""\
+set -e
+echo "sectors=$(cat /sys/block/vda/size)"
+echo "pci_device=$(cat /sys/block/vda/device/../device)"
+at={PATTERN_OFFSET // DD_BLOCK} blocks={PATTERN_SIZE // DD_BLOCK}
+dd if=/mnt/data/pattern of=/dev/vda bs={DD_BLOCK} seek=$at oflag=direct conv=fsync
+echo 3 >/proc/sys/vm/drop_caches
+dd if=/dev/vda of=/tmp/readback bs={DD_BLOCK} skip=$at count=$blocks iflag=direct
+cmp /mnt/data/pattern /tmp/readback
+echo "readback=ok"
+# Steady traffic past the pattern while the host samples the back-end's memory.
+i=0
+while [ $i -lt {LOAD_ROUNDS} ]; do
+    dd if=/dev/vda of=/dev/null bs=1M skip=8 count={LOAD_MIB} iflag=direct 2>/dev/null
+    dd if=/dev/urandom of=/dev/vda bs=1M seek=32 count={LOAD_MIB} oflag=direct 2>/dev/null
+    i=$((i + 1))
+done
+sync
+echo "load=done"
+"""
+
+
+class BlkGuestTest(unittest.TestCase):
+    """One guest run (setUpClass); the tests look at its outcome from every side."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        guest.require_guest()
+        rng = support.seeded_random(cls("test_the_pattern_is_in_the_image_file"))
+        cls.pattern = rng.randbytes(PATTERN_SIZE)
+        work = tempfile.TemporaryDirectory(prefix="vhost_min-guest-blk-")
+        cls.addClassCleanup(work.cleanup)
+        data = os.path.join(work.name, "data")
+        os.mkdir(data)
+        with open(os.path.join(data, "pattern"), "wb") as f:
+            f.write(cls.pattern)
+        cls.image = os.path.join(work.name, "disk.img")
+        with open(cls.image, "wb") as f:
+            f.truncate(IMAGE_SIZE)
+        sock = os.path.join(work.name, "blk.sock")
+        script = os.path.join(work.name, "blk_backend.py")
+        with open(script, "w") as f:
+            f.write(BLK_BACKEND)
+        qemu_args = ["-chardev", f"socket,id=blk0,path={sock}",
+                     "-device", "vhost-user-blk-pci,chardev=blk0,num-queues=1"]
+        with backend_process("vhost_min-blk", [sys.executable, script, cls.image, sock], sock, work.name) as peer:
+            cls.backend_pid = peer.pid
+            with guest.Guest(qemu_args, memfd_memory=True, modules=["virtio_blk"], shares={"data": data},
+                             boot_timeout=BOOT_TIMEOUT) as vm, ResidentSampler(peer.pid) as sampler:
+                vm.start(BLK_SCRIPT, timeout=GUEST_TIMEOUT)
+                try:
+                    cls.result = vm.wait()
+                except guest.GuestError as exc:
+                    raise AssertionError(f"{exc}\n--- back-end output:\n{peer.log()}") from None
+            cls.samples, cls.io_samples = sampler.samples, sampler.during_io()
+            # QEMU has gone: serve(once=True) returns and the back-end exits by itself.
+            cls.backend_exit = peer.wait_exit(10)
+            cls.backend_log = peer.log(20000)
+        cls.facts = facts(cls.result.stdout)
+
+    def test_the_guest_read_back_what_it_wrote(self) -> None:
+        self.assertEqual(self.result.status, 0, f"{self.result.output}\n--- back-end:\n{self.backend_log}")
+        self.assertFalse(self.result.timed_out)
+        self.assertEqual(self.facts.get("readback"), "ok")
+        self.assertEqual(self.facts.get("load"), "done")
+
+    def test_the_pattern_is_in_the_image_file(self) -> None:
+        fd = os.open(self.image, os.O_RDONLY)
+        try:
+            on_disk = os.pread(fd, PATTERN_SIZE, PATTERN_OFFSET)
+            before = os.pread(fd, PATTERN_OFFSET, 0)
+        finally:
+            os.close(fd)
+        self.assertTrue(on_disk == self.pattern, "the image does not hold the guest's 1 MiB at offset 1 MiB")
+        self.assertEqual(before, bytes(PATTERN_OFFSET), "the guest wrote before the offset it was given")
+
+    def test_the_guest_sees_the_image_size(self) -> None:
+        self.assertEqual(self.facts.get("sectors"), str(IMAGE_SIZE // 512), self.result.output)
+        # vda is a virtio-blk PCI function (1af4:1001 transitional, as vhost-user-blk-pci is, or
+        # 1af4:1042): the guest has no other disk.
+        self.assertIn(self.facts.get("pci_device"), ("0x1001", "0x1042"), self.result.output)
+
+    def test_the_backend_ran_cleanly_and_exited_with_its_front_end(self) -> None:
+        self.assertEqual(self.backend_exit, 0, self.backend_log)
+        self.assertIn("serving a front-end", self.backend_log)
+        for level in ("ERROR", "WARNING", "Traceback"):
+            self.assertNotIn(level, self.backend_log)
+
+    def test_backend_resident_memory_apart_from_guest_memory(self) -> None:
+        self.assertGreaterEqual(len(self.io_samples), 5, "too few memory samples while the guest did I/O")
+        peak = max(self.samples, key=lambda s: s.other)
+        report(self, f"back-end pid {self.backend_pid}, {len(self.samples)} samples ({len(self.io_samples)} during "
+                     f"I/O): VmRSS peak {max(s.vm_rss for s in self.samples) / MiB:.1f} MiB; guest memory "
+                     f"(memfd) peak {max(s.guest for s in self.samples) / MiB:.1f} MiB; apart from guest memory "
+                     f"peak {peak.other / MiB:.1f} MiB (during I/O {max(s.other for s in self.io_samples) / MiB:.1f}"
+                     f" MiB = {peak.other / 1e6:.1f} MB; limit {RSS_LIMIT / 1e6:.0f} MB)")
+        self.assertTrue(any(s.guest for s in self.io_samples), f"no resident mapping of {GUEST_MEMFD} seen")
+        self.assertLess(peak.other, RSS_LIMIT)
+
+
+# --------------------------------------------------------------------------------------------
+# README's virtio-rng device, QEMU's vhost-user-rng-pci, the guest's virtio_rng and /dev/hwrng
+# --------------------------------------------------------------------------------------------
+
+RNG_BYTES = 1024
+#: vhost-user-rng-pci is modern-only (PCI 1af4:1044); the harness's own virtio-rng-pci is
+#: transitional (1af4:1005). Every virtio_rng device that is not ours is unbound.
+RNG_SCRIPT = f"""\
+set -e
+for dev in /sys/bus/virtio/drivers/virtio_rng/virtio*; do
+    if [ "$(cat "$dev/../device")" = 0x1044 ]; then ours=${{dev##*/}}
+    else echo "${{dev##*/}}" >/sys/bus/virtio/drivers/virtio_rng/unbind; fi
+done
+echo "ours=$ours"
+echo "rng_available=$(cat /sys/class/misc/hw_random/rng_available)"
+echo "rng_current=$(cat /sys/class/misc/hw_random/rng_current)"
+dd if=/dev/hwrng of=/tmp/random bs=64 count={RNG_BYTES // 64} iflag=fullblock
+python3 -c 'print("random=" + open("/tmp/random", "rb").read().hex())'
+"""
+
+
+def readme_rng_qemu_args(socket_path: str) -> list[str]:
+    """README's ``-chardev ... -device vhost-user-rng-pci,...`` with our socket path in place of
+    the example's default one (the other options are what the harness's memfd_memory sets)."""
+    argv = shlex.split(block_after(RNG_HEADING, "sh").code.replace("\\\n", " "))
+    args: list[str] = []
+    for option in ("-chardev", "-device"):
+        value = argv[argv.index(option) + 1]
+        args += [option, ",".join(f"path={socket_path}" if part.startswith("path=") else part
+                                  for part in value.split(","))]
+    return args
+
+
+class ReadmeRngGuestTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        guest.require_guest()
+        work = tempfile.TemporaryDirectory(prefix="vhost_min-guest-rng-")
+        cls.addClassCleanup(work.cleanup)
+        script = os.path.join(work.name, "readme_rng.py")
+        with open(script, "w") as f:
+            f.write(rng_example().code)
+        sock = os.path.join(work.name, "rng.sock")
+        cls.qemu_args = readme_rng_qemu_args(sock)
+        with backend_process("readme-rng", [sys.executable, script, sock], sock, work.name) as peer, \
+                ResidentSampler(peer.pid) as sampler:
+            try:
+                cls.result = guest.Guest(cls.qemu_args, memfd_memory=True, modules=["virtio_rng"],
+                                         boot_timeout=BOOT_TIMEOUT).run(RNG_SCRIPT, timeout=GUEST_TIMEOUT)
+            except guest.GuestError as exc:
+                raise AssertionError(f"{exc}\n--- back-end output:\n{peer.log()}") from None
+            peer.check_alive()
+            cls.backend_log = peer.log()
+            cls.samples = sampler.samples
+        cls.facts = facts(cls.result.stdout)
+
+    def test_qemu_got_readmes_device(self) -> None:
+        self.assertIn("vhost-user-rng-pci", self.qemu_args[3])
+
+    def test_the_only_hwrng_left_is_ours(self) -> None:
+        self.assertEqual(self.result.status, 0, f"{self.result.output}\n--- back-end:\n{self.backend_log}")
+        ours = self.facts.get("ours", "")
+        self.assertRegex(ours, r"^virtio\d+$", self.result.output)
+        available = [name for name in self.facts.get("rng_available", "").split() if name != "none"]
+        self.assertEqual(len(available), 1, self.result.output)
+        self.assertRegex(available[0], r"^virtio_rng\.\d+$")
+        self.assertEqual(self.facts.get("rng_current"), available[0])
+
+    def test_the_guest_read_random_bytes_from_our_backend(self) -> None:
+        data = bytes.fromhex(self.facts.get("random", ""))
+        self.assertEqual(len(data), RNG_BYTES, self.result.output)
+        self.assertTrue(any(data), "all zeros")
+        self.assertGreater(len(set(data)), 1, "constant bytes")
+        # 1 KiB from os.urandom hits ~251 of the 256 byte values; a pattern or a short fill does not.
+        self.assertGreater(len(set(data)), 200)
+        report(self, f"/dev/hwrng gave {len(data)} bytes, {len(set(data))} distinct values; back-end "
+                     f"peak VmRSS {max(s.vm_rss for s in self.samples) / MiB:.1f} MiB, "
+                     f"{max(s.other for s in self.samples) / MiB:.1f} MiB apart from guest memory")
+
+
+if __name__ == "__main__":
+    unittest.main()
