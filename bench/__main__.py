@@ -1,0 +1,46 @@
+"""Run one benchmark: ``python3 -m bench NAME [--json] [options]``."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+BENCHMARKS = {
+    "vring": "virtqueue engine: device and driver side, split and packed, against a yardstick loop",
+    "handshake": "connect to first 4 KiB read done, our frontend against our back-end and qemu-storage-daemon",
+    "blk": "4k random read/write at qd 1 and 32, 64k sequential read: ours against qemu-storage-daemon",
+}
+
+
+def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    """A plain aligned table on stdout."""
+    cells = [[str(c) for c in columns]] + [[f"{v:,.0f}" if isinstance(v, float) and v >= 100 else
+                                             f"{v:.2f}" if isinstance(v, float) else str(v) for v in row]
+                                            for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    print(title)
+    for n, row in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHMARKS:
+        print("usage: python3 -m bench NAME [--json]\n\nbenchmarks:")
+        for name, what in BENCHMARKS.items():
+            print(f"  {name:10} {what}")
+        return 2
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    module = importlib.import_module(f"bench.{argv[0]}")
+    want_json = "--json" in argv
+    result = module.run([a for a in argv[1:] if a != "--json"])
+    if want_json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
