@@ -11,6 +11,7 @@ BENCHMARKS = {
     "vring": "virtqueue engine: device and driver side, split and packed, against a yardstick loop",
     "handshake": "connect to first 4 KiB read done, our frontend against our back-end and qemu-storage-daemon",
     "blk": "4k random read/write at qd 1 and 32, 64k sequential read: ours against qemu-storage-daemon",
+    "startup": "import time of vhost_min and resident memory of a blk backend under I/O",
 }
 
 

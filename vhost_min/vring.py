@@ -888,7 +888,10 @@ class SplitDriverQueue:
     def reap(self, max: int | None = None) -> list[tuple[object, int]]:   # noqa: A002 (the API's name)
         """Used chains in completion order as (token, written_len); their descriptors are freed.
         An id that is not an in-flight head, or a length beyond the chain's writable bytes, is
-        a lying device: VirtqueueError, queue broken."""
+        a lying device: VirtqueueError, queue broken.
+
+        Sleeping on the call eventfd is safe after an EMPTY reap (it re-armed used_event and
+        re-read used.idx behind a full barrier), not after one that returned chains: reap again."""
         self._check()
         last = self._last_used
         n = (self._used16[_IDX] - last) & 0xFFFF
