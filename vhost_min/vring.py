@@ -360,7 +360,7 @@ class SplitDeviceQueue:
             # Fast path: a lone descriptor (flags exactly WRITE or 0: no NEXT, no INDIRECT, no
             # unknown bits) inside the region last hit; anything else takes the general path.
             # A head >= Q makes unpack_from run off the table (struct.error).
-            unpack, desc = _DESC_HEAD.unpack_from, self._desc
+            unpack, unpack4, desc, size = _DESC_HEAD.unpack_from, _DESC.unpack_from, self._desc, self.size
             rstart, rview = self._rstart, self._rview
             rsize = self._rend - rstart
             chains = []
@@ -377,11 +377,34 @@ class SplitDeviceQueue:
                         if flags == 0:
                             append((head, [rview[off:end]], []))
                             continue
-                        if flags & 1:                           # NEXT: try a direct chain
-                            chain = self._direct(head)
-                            if chain is not None:
-                                append(chain)
+                        if flags & 1 and not flags & ~3:        # NEXT: walk a direct chain inline
+                            readable, writable = ([], [rview[off:end]]) if flags & 2 else ([rview[off:end]], [])
+                            total, count = length, 1
+                            nxt = unpack4(desc, head << 4)[3]
+                            while True:
+                                if count >= size or nxt >= size:   # a loop, or next out of range
+                                    break
+                                addr, length, flags, nxt = unpack4(desc, nxt << 4)
+                                off = addr - rstart
+                                end = off + length
+                                if flags & ~3 or off < 0 or end > rsize:
+                                    break
+                                total += length
+                                if flags & 2:
+                                    writable.append(rview[off:end])
+                                elif writable:                   # readable after writable
+                                    break
+                                else:
+                                    readable.append(rview[off:end])
+                                count += 1
+                                if not flags & 1:
+                                    if total <= _U32_MAX:
+                                        append((head, readable, writable))
+                                        flags = -1
+                                    break
+                            if flags == -1:
                                 continue
+                    # Anything else, including every broken rule, which _chain reports precisely.
                     append(self._chain(head))
                     rstart, rview = self._rstart, self._rview
                     rsize = self._rend - rstart
@@ -391,36 +414,6 @@ class SplitDeviceQueue:
                     f"head {bad} in the available ring is out of range for queue size {self.size}")) from None
         self._commit(heads, next_avail)
         return chains
-
-    def _direct(self, head: int) -> tuple[int, list[memoryview], list[memoryview]] | None:
-        """A chain of direct descriptors all inside the cached region, walked without a call per
-        descriptor; None for anything else (INDIRECT, unknown flags, another region, any broken
-        rule), which :meth:`_chain` then handles or reports precisely."""
-        unpack, desc, size = _DESC.unpack_from, self._desc, self.size
-        rstart, rview = self._rstart, self._rview
-        rsize = self._rend - rstart
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        idx, count, total = head, 1, 0
-        while True:
-            addr, length, flags, nxt = unpack(desc, idx << 4)
-            off = addr - rstart
-            end = off + length
-            if flags & ~3 or off < 0 or end > rsize:
-                return None
-            total += length
-            if flags & 2:
-                writable.append(rview[off:end])
-            elif writable:
-                return None
-            else:
-                readable.append(rview[off:end])
-            if not flags & 1:
-                return (head, readable, writable) if total <= _U32_MAX else None
-            if count >= size or nxt >= size:        # a loop, or next out of range
-                return None
-            count += 1
-            idx = nxt
 
     def pop(self) -> tuple[int, list[memoryview], list[memoryview]] | None:
         """One available chain, or None."""
