@@ -21,15 +21,16 @@ import socket
 import stat
 import struct
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple, Union
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 from .errors import DisconnectedError, NotNegotiatedError, ProtocolError, VhostError
 from .virtio import VHOST_USER_F_PROTOCOL_FEATURES  # noqa: F401 (re-exported)
 from .memory import VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO  # noqa: F401 (vhost_iotlb_msg perm)
+
+if TYPE_CHECKING:
+    import uuid                 # imported where a UUID is built: SharedObject.unpack
 
 # --------------------------------------------------------------------------------------------
 # Constants
@@ -333,6 +334,30 @@ def _unpack(layout: struct.Struct, payload: bytes, what: str) -> tuple:
     return layout.unpack(payload)
 
 
+def _wire(layout: struct.Struct, what: str) -> Callable[[type], type]:
+    """Class decorator for a NamedTuple whose fields are ``layout``'s values, in order: it adds
+    ``pack()`` and ``unpack(payload, what=what)``, the latter raising ProtocolError on a wrong size.
+
+    Payloads that are not one flat struct (a u64 with flag bits, a header plus an array or bytes)
+    write their own pack/unpack instead.
+    """
+    def decorate(cls):
+        assert len(cls._fields) == len(layout.unpack(bytes(layout.size))), f"{cls.__name__} vs its layout"
+
+        def pack(self) -> bytes:
+            return layout.pack(*self)
+
+        def unpack(cls, payload: bytes, what: str = what):
+            return cls._make(_unpack(layout, payload, what))
+
+        pack.__qualname__, unpack.__qualname__ = f"{cls.__qualname__}.pack", f"{cls.__qualname__}.unpack"
+        pack.__doc__ = f"The {layout.size} wire bytes of this {cls.__name__}."
+        unpack.__doc__ = f"A {cls.__name__} from exactly {layout.size} payload bytes."
+        cls.pack, cls.unpack = pack, classmethod(unpack)
+        return cls
+    return decorate
+
+
 def pack_u64(value: int) -> bytes:
     """A u64 payload (SET_FEATURES, SET_STATUS, every REPLY_ACK answer...)."""
     return U64.pack(value)
@@ -342,20 +367,15 @@ def unpack_u64(payload: bytes, what: str = "u64 payload") -> int:
     return _unpack(U64, payload, what)[0]
 
 
+@_wire(VRING_STATE, "vring state")
 class VringState(NamedTuple):
     """struct vhost_vring_state: SET_VRING_NUM/BASE/ENABLE/ENDIAN, GET_VRING_BASE, VRING_KICK."""
 
     index: int
     num: int
 
-    def pack(self) -> bytes:
-        return VRING_STATE.pack(*self)
 
-    @classmethod
-    def unpack(cls, payload: bytes, what: str = "vring state") -> VringState:
-        return cls._make(_unpack(VRING_STATE, payload, what))
-
-
+@_wire(VRING_ADDR, "vring address")
 class VringAddr(NamedTuple):
     """struct vhost_vring_addr for SET_VRING_ADDR: user addresses (IOVAs with ACCESS_PLATFORM)."""
 
@@ -365,13 +385,6 @@ class VringAddr(NamedTuple):
     used_user_addr: int
     avail_user_addr: int
     log_guest_addr: int
-
-    def pack(self) -> bytes:
-        return VRING_ADDR.pack(*self)
-
-    @classmethod
-    def unpack(cls, payload: bytes, what: str = "vring address") -> VringAddr:
-        return cls._make(_unpack(VRING_ADDR, payload, what))
 
 
 class VringFd(NamedTuple):
@@ -401,6 +414,7 @@ def decode_vring_fd(value: int, what: str = "vring fd index") -> tuple[int, bool
     return value & VHOST_USER_VRING_IDX_MASK, bool(value & VHOST_USER_VRING_NOFD_MASK)
 
 
+@_wire(MEMORY_REGION, "memory region")
 class MemoryRegion(NamedTuple):
     """VhostUserMemoryRegion: one fd-backed region of guest memory (SET_MEM_TABLE, ADD/REM_MEM_REG)."""
 
@@ -408,13 +422,6 @@ class MemoryRegion(NamedTuple):
     memory_size: int
     userspace_addr: int
     mmap_offset: int
-
-    def pack(self) -> bytes:
-        return MEMORY_REGION.pack(*self)
-
-    @classmethod
-    def unpack(cls, payload: bytes, what: str = "memory region") -> MemoryRegion:
-        return cls._make(_unpack(MEMORY_REGION, payload, what))
 
     def pack_single(self) -> bytes:
         """The "single memory region description" of ADD_MEM_REG / REM_MEM_REG (u64 padding first)."""
@@ -455,18 +462,12 @@ def _memory_table_count(payload: bytes, what: str) -> int:
     return count
 
 
+@_wire(LOG, "log description")
 class Log(NamedTuple):
     """VhostUserLog for SET_LOG_BASE: the dirty bitmap is [mmap_offset, +mmap_size) of the fd."""
 
     mmap_size: int
     mmap_offset: int
-
-    def pack(self) -> bytes:
-        return LOG.pack(*self)
-
-    @classmethod
-    def unpack(cls, payload: bytes, what: str = "log description") -> Log:
-        return cls._make(_unpack(LOG, payload, what))
 
 
 class Config(NamedTuple):
@@ -502,6 +503,7 @@ def _config_header(payload: bytes, what: str) -> tuple[int, int, int]:
     return offset, size, flags
 
 
+@_wire(VRING_AREA, "vring area")
 class VringArea(NamedTuple):
     """VhostUserVringArea for BACKEND_VRING_HOST_NOTIFIER_MSG: u64 = index | NOFD, mmap size/offset."""
 
@@ -517,14 +519,8 @@ class VringArea(NamedTuple):
     def nofd(self) -> bool:
         return bool(self.u64 & VHOST_USER_VRING_NOFD_MASK)
 
-    def pack(self) -> bytes:
-        return VRING_AREA.pack(*self)
 
-    @classmethod
-    def unpack(cls, payload: bytes, what: str = "vring area") -> VringArea:
-        return cls._make(_unpack(VRING_AREA, payload, what))
-
-
+@_wire(INFLIGHT, "inflight description")
 class Inflight(NamedTuple):
     """VhostUserInflight for GET/SET_INFLIGHT_FD; 24 bytes on the wire (4 bytes of tail padding)."""
 
@@ -532,13 +528,6 @@ class Inflight(NamedTuple):
     mmap_offset: int
     num_queues: int
     queue_size: int
-
-    def pack(self) -> bytes:
-        return INFLIGHT.pack(*self)
-
-    @classmethod
-    def unpack(cls, payload: bytes, what: str = "inflight description") -> Inflight:
-        return cls._make(_unpack(INFLIGHT, payload, what))
 
 
 class SharedObject(NamedTuple):
@@ -551,21 +540,16 @@ class SharedObject(NamedTuple):
 
     @classmethod
     def unpack(cls, payload: bytes, what: str = "shared object") -> SharedObject:
+        import uuid                     # here, not at the top: few devices share objects, uuid costs ~1 ms
         return cls(uuid.UUID(bytes=_unpack(SHARED, payload, what)[0]))
 
 
+@_wire(DEVICE_STATE, "device state transfer parameters")
 class DeviceState(NamedTuple):
     """VhostUserTransferDeviceState for SET_DEVICE_STATE_FD: VHOST_TRANSFER_STATE_* values."""
 
     direction: int
     phase: int
-
-    def pack(self) -> bytes:
-        return DEVICE_STATE.pack(*self)
-
-    @classmethod
-    def unpack(cls, payload: bytes, what: str = "device state transfer parameters") -> DeviceState:
-        return cls._make(_unpack(DEVICE_STATE, payload, what))
 
 
 class ShmemConfig(NamedTuple):
@@ -589,6 +573,7 @@ class ShmemConfig(NamedTuple):
         return cls(fields[0], fields[1:])
 
 
+@_wire(SHMEM_MAP, "shared memory mapping")
 class ShmemMap(NamedTuple):
     """VhostUserMMap for BACKEND_SHMEM_MAP / SHMEM_UNMAP: map [fd_offset, +len) at shm_offset of shmid."""
 
@@ -598,14 +583,8 @@ class ShmemMap(NamedTuple):
     len: int
     flags: int          # VHOST_USER_FLAG_MAP_RW
 
-    def pack(self) -> bytes:
-        return SHMEM_MAP.pack(*self)
 
-    @classmethod
-    def unpack(cls, payload: bytes, what: str = "shared memory mapping") -> ShmemMap:
-        return cls._make(_unpack(SHMEM_MAP, payload, what))
-
-
+@_wire(IOTLB_MSG, "IOTLB message")
 class IotlbMsg(NamedTuple):
     """struct vhost_iotlb_msg (IOTLB_MSG, BACKEND_IOTLB_MSG): VHOST_IOTLB_* type, VHOST_ACCESS_* perm."""
 
@@ -614,13 +593,6 @@ class IotlbMsg(NamedTuple):
     uaddr: int
     perm: int
     type: int
-
-    def pack(self) -> bytes:
-        return IOTLB_MSG.pack(*self)
-
-    @classmethod
-    def unpack(cls, payload: bytes, what: str = "IOTLB message") -> IotlbMsg:
-        return cls._make(_unpack(IOTLB_MSG, payload, what))
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,8 +611,7 @@ class VirtioGate(enum.Enum):
 PayloadCheck = Callable[["RequestSpec", bytes, int], None]
 
 
-@dataclass(frozen=True)
-class RequestSpec:
+class RequestSpec(NamedTuple):
     """What the spec says about one request: the one place the front-end and back-end look it up.
 
     ``size`` is the exact request payload size, or None when ``check`` (or nothing, for
@@ -662,8 +633,8 @@ class RequestSpec:
     reply: bool = False
     reply_size: int | None = U64.size
     reply_fds: tuple[int, int] = (0, 0)
-    check: PayloadCheck | None = field(default=None, repr=False)
-    reply_check: PayloadCheck | None = field(default=None, repr=False)
+    check: PayloadCheck | None = None
+    reply_check: PayloadCheck | None = None
 
     @property
     def name(self) -> str:
@@ -856,14 +827,16 @@ def lookup(code: int, table: Mapping[Request, RequestSpec] = FRONTEND_REQUESTS) 
 # Messages
 # --------------------------------------------------------------------------------------------
 
-@dataclass(eq=False)
 class Message:
     """One received message. It owns ``fds`` until they are taken: close() closes what is left."""
 
-    request: int                # a FrontendRequest / BackendRequest when the code is known
-    flags: int
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
+    __slots__ = ("request", "flags", "payload", "fds")
+
+    def __init__(self, request: int, flags: int, payload: bytes, fds: list[int] | None = None) -> None:
+        self.request = request          # a FrontendRequest / BackendRequest when the code is known
+        self.flags = flags
+        self.payload = payload
+        self.fds: list[int] = [] if fds is None else fds
 
     @property
     def is_reply(self) -> bool:
@@ -1061,15 +1034,10 @@ class Connection:
         while view:
             try:
                 if ancillary:
-                    sent = self._sock.sendmsg([view], ancillary, socket.MSG_NOSIGNAL)
+                    sent = self._retry(select.POLLOUT, self._sock.sendmsg, [view], ancillary, socket.MSG_NOSIGNAL)
                     ancillary = []                  # delivered with the first byte sent
                 else:
-                    sent = self._sock.send(view, socket.MSG_NOSIGNAL)
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                self._wait(select.POLLOUT)
-                continue
+                    sent = self._retry(select.POLLOUT, self._sock.send, view, socket.MSG_NOSIGNAL)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise DisconnectedError(f"peer closed the connection while we were sending: {exc.strerror}",
                                         exc.errno) from exc
@@ -1139,13 +1107,8 @@ class Connection:
         got = 0
         while got < VHOST_USER_HDR_SIZE:
             try:
-                n, ancdata, msg_flags, _addr = self._sock.recvmsg_into(
-                    [view[got:]], self._cmsg_space, socket.MSG_CMSG_CLOEXEC)
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                self._wait(select.POLLIN)
-                continue
+                n, ancdata, msg_flags, _addr = self._retry(select.POLLIN, self._sock.recvmsg_into, [view[got:]],
+                                                           self._cmsg_space, socket.MSG_CMSG_CLOEXEC)
             except ConnectionResetError as exc:
                 raise DisconnectedError(f"peer reset the connection: {exc.strerror}", exc.errno) from exc
             _collect_fds(ancdata, fds)
@@ -1164,12 +1127,7 @@ class Connection:
         got = 0
         while got < size:
             try:
-                n = self._sock.recv_into(view[got:])
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                self._wait(select.POLLIN)
-                continue
+                n = self._retry(select.POLLIN, self._sock.recv_into, view[got:])
             except ConnectionResetError as exc:
                 raise DisconnectedError(f"peer reset the connection inside {request_name(request)}: "
                                         f"{exc.strerror}", exc.errno) from exc
@@ -1185,11 +1143,18 @@ class Connection:
         except ValueError:
             return code                          # unknown codes are the dispatcher's to reject
 
-    def _wait(self, events: int) -> None:
-        """Block until the (non-blocking) socket is ready; partial messages are finished, not dropped."""
-        poller = select.poll()
-        poller.register(self._sock.fileno(), events)
-        poller.poll()
+    def _retry(self, events: int, call: Callable, *args):
+        """``call(*args)`` on our socket, retried after EINTR and, on a non-blocking socket, after
+        polling for ``events`` on EAGAIN: a message once started is finished, not dropped."""
+        while True:
+            try:
+                return call(*args)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                poller = select.poll()
+                poller.register(self._sock.fileno(), events)
+                poller.poll()
 
     def _check_usable(self) -> None:
         failure = self._failure
