@@ -14,10 +14,15 @@ from .errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, No
 
 __version__ = "0.1.0"
 
+#: name -> submodule it lives in, imported on first access (``from vhost_min import Device, serve``).
 _LAZY = {
     "GuestMemory": "memory", "IOTLB": "memory", "DirtyLog": "memory",
     "SplitDeviceQueue": "vring", "SplitDriverQueue": "vring",
     "PackedDeviceQueue": "packed", "PackedDriverQueue": "packed",
+    "Connection": "user", "Listener": "user",
+    "Device": "backend", "Backend": "backend", "Server": "backend", "serve": "backend",
+    "Frontend": "frontend",
+    "BlkDevice": "blk", "BlkClient": "blk",
 }
 
 __all__ = ["VhostError", "GuestMemoryError", "VirtqueueError", "ProtocolError", "NotNegotiatedError",
@@ -31,3 +36,7 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
