@@ -21,11 +21,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _median_ms(argv: list[str], env: dict, runs: int) -> float:
+def _median_ms(argv: list[str], env: dict, runs: int, cwd: str) -> float:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(argv, env=env, check=True)
+        subprocess.run(argv, env=env, cwd=cwd, check=True)   # cwd: not the checkout, which -c would put first
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
 
@@ -36,9 +36,9 @@ def _import_costs(runs: int) -> dict:
         subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(tmp, "vhost_min")], check=True)
         env = dict(os.environ, PYTHONPATH=tmp)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        base = _median_ms([sys.executable, "-c", "pass"], env, runs)
-        package = _median_ms([sys.executable, "-c", "import vhost_min"], env, runs)
-        backend = _median_ms([sys.executable, "-c", "import vhost_min.backend, vhost_min.blk"], env, runs)
+        base = _median_ms([sys.executable, "-c", "pass"], env, runs, tmp)
+        package = _median_ms([sys.executable, "-c", "import vhost_min"], env, runs, tmp)
+        backend = _median_ms([sys.executable, "-c", "import vhost_min.backend, vhost_min.blk"], env, runs, tmp)
     return {"interpreter_ms": round(base, 1), "import_vhost_min_ms": round(package - base, 1),
             "import_blk_backend_ms": round(backend - base, 1)}
 

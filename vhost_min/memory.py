@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import ctypes.util
 import mmap
 import os
-import platform
 from typing import Callable, NamedTuple
 
 from .errors import GuestMemoryError, VhostError
@@ -40,7 +38,7 @@ VHOST_LOG_PAGE = 0x1000
 # membarrier(2) system call, whose kernel side is a full barrier.
 # --------------------------------------------------------------------------------------------
 
-_MACHINE = platform.machine()
+_MACHINE = os.uname().machine
 _X86_64 = _MACHINE in ("x86_64", "AMD64")
 _AARCH64 = _MACHINE in ("aarch64", "arm64")
 
@@ -92,8 +90,9 @@ def _machine_code_barriers() -> Barriers | None:
             funcs[name] = ctypes.CFUNCTYPE(None)(base + offset)
         offset += 32
     if _AARCH64:   # make the new instructions visible to instruction fetch (libgcc's __clear_cache)
+        from ctypes.util import find_library   # only here: it imports subprocess
         try:
-            libgcc = ctypes.CDLL(ctypes.util.find_library("gcc_s") or "libgcc_s.so.1")
+            libgcc = ctypes.CDLL(find_library("gcc_s") or "libgcc_s.so.1")
             libgcc.__clear_cache(ctypes.c_void_p(base), ctypes.c_void_p(base + offset))
         except (OSError, AttributeError):
             page.close()
@@ -104,7 +103,8 @@ def _machine_code_barriers() -> Barriers | None:
 
 
 def _libatomic_barriers() -> Barriers | None:
-    name = ctypes.util.find_library("atomic")
+    from ctypes.util import find_library   # only here: it imports subprocess
+    name = find_library("atomic")
     if not name:
         return None
     try:
