@@ -327,6 +327,7 @@ class BlockImage:
         #: Writeback cache (True: writes may sit in the page cache until FLUSH) or writethrough
         #: (False: every write and write-zeroes is stable before it completes).
         self.writeback = True
+        self._no_rwf = False     # set when pwritev2 flags (RWF_DSYNC) turn out unsupported
         self.fd = -1
         try:
             self.fd = os.open(self.path, (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC)
@@ -427,11 +428,20 @@ class BlockImage:
         offset = sector * SECTOR_SIZE
         if length % SECTOR_SIZE or offset + length > self._end:
             return VIRTIO_BLK_S_IOERR, 0
-        flags = 0 if self.writeback else os.RWF_DSYNC
+        flags = 0 if self.writeback or self._no_rwf else os.RWF_DSYNC
         try:
-            done = os.pwritev(self.fd, out, offset, flags) if len(out) <= IOV_MAX else 0
+            try:
+                done = os.pwritev(self.fd, out, offset, flags) if len(out) <= IOV_MAX else 0
+            except OSError as exc:
+                if not flags or exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                # No pwritev2 flags here (old kernels, gVisor, qemu-user): writethrough becomes
+                # a plain write followed by fdatasync, from now on.
+                self._no_rwf, flags, done = True, 0, 0
             if done != length:
                 _writev(self.fd, out, offset, length, flags, done)
+            if self._no_rwf and not self.writeback:
+                os.fdatasync(self.fd)
         except OSError as exc:
             log.warning("%s: write of %d bytes at sector %d failed: %s", self.path, length, sector, exc)
             return VIRTIO_BLK_S_IOERR, 0

@@ -42,6 +42,15 @@ GOLDEN_OFFSETS = {
 C_NAMES = {"cylinders": "geometry.cylinders", "heads": "geometry.heads", "sectors": "geometry.sectors"}
 
 
+
+def assert_writethrough(test, flags: list, fdatasync) -> None:
+    """A writethrough write asked for RWF_DSYNC; where pwritev2 flags are unsupported (old kernels,
+    qemu-user) it was retried without them and followed by fdatasync."""
+    test.assertEqual(flags[0], os.RWF_DSYNC)
+    if flags[1:]:
+        test.assertEqual(flags[1:], [0])
+        test.assertTrue(fdatasync.called)
+
 class HeaderFactsTest(unittest.TestCase):
     def test_config_layout_golden(self):
         self.assertEqual(VIRTIO_BLK_CONFIG.size, 72)
@@ -223,9 +232,24 @@ class RequestTest(ImageTestCase):
 
     def test_writethrough_writes_are_dsync(self):
         self.image.writeback = False
-        with pwritev_flags() as flags:
+        with pwritev_flags() as flags, mock.patch("os.fdatasync", wraps=os.fdatasync) as fdatasync:
             self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_OUT, 2) + views(512), views(1))[0], VIRTIO_BLK_S_OK)
-        self.assertEqual(flags, [os.RWF_DSYNC])
+        assert_writethrough(self, flags, fdatasync)
+
+    def test_writethrough_without_pwritev2_flags_falls_back_to_fdatasync(self):
+        self.image.writeback = False
+        real = os.pwritev
+
+        def no_flags(fd, buffers, offset, flags=0):
+            if flags:
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+            return real(fd, buffers, offset)
+
+        with mock.patch("os.pwritev", no_flags), mock.patch("os.fdatasync", wraps=os.fdatasync) as fdatasync:
+            for _ in range(2):
+                self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_OUT, 2) + views(512), views(1))[0],
+                                 VIRTIO_BLK_S_OK)
+        self.assertEqual(fdatasync.call_count, 2)
 
     def test_short_read_at_end_of_file_is_zero_filled(self):
         os.truncate(self.path, 10 * 512 + 100)      # the image shrank after it was opened
@@ -610,9 +634,9 @@ class EndToEndTest(ImageTestCase):
         client.discard(0, 4096)
         self.assertEqual(self.disk(16384, len(big) - 12288), big[12288:])
         client.set_writeback(False)
-        with pwritev_flags() as flags:
+        with pwritev_flags() as flags, mock.patch("os.fdatasync", wraps=os.fdatasync) as fdatasync:
             client.write(0, bytes(512))
-        self.assertEqual(flags, [os.RWF_DSYNC])
+        assert_writethrough(self, flags, fdatasync)
 
     def test_queue_depth(self):
         self.serve(blk.BlkDevice(self.path, num_queues=2))
