@@ -41,6 +41,13 @@ def require_root(what: str) -> None:
     require(os.geteuid() == 0, f"root (for {what})", "run the tests as root")
 
 
+def memfd(size: int, name: str = "vhost-min-test") -> int:
+    """A close-on-exec memfd of ``size`` zero bytes: guest memory for tests."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
 def open_fds() -> set[int]:
     """The fds this process has open now (for leak checks)."""
     return {int(n) for n in os.listdir("/proc/self/fd")}

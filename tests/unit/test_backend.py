@@ -20,7 +20,7 @@ import time
 import unittest
 import uuid
 
-from tests.support import open_fds
+from tests.support import memfd, open_fds
 from vhost_min.backend import POLL_INTERVAL, Backend, Device, Server, serve
 from vhost_min.errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, NotSupportedError, ProtocolError,
                               VhostError, VirtqueueError)
@@ -68,12 +68,6 @@ def setUpModule() -> None:
 
 def tearDownModule() -> None:
     logging.getLogger("vhost_min.backend").removeHandler(_QUIET)
-
-
-def memfd(size: int, name: str = "test-backend") -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
 
 
 def eventfd() -> int:

@@ -9,16 +9,10 @@ import struct
 import time
 import unittest
 
-from tests.support import open_fds, seeded_random
+from tests.support import memfd, open_fds, seeded_random
 from vhost_min.errors import GuestMemoryError, VhostError
 from vhost_min.memory import (IOTLB, MAX_MEM_SLOTS, VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO,
                               DirtyLog, GuestMemory, IOTLBMiss, barriers)
-
-
-def memfd(size: int) -> int:
-    fd = os.memfd_create("test-memory", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
 
 
 class RegionTest(unittest.TestCase):

@@ -10,7 +10,7 @@ import struct
 import unittest
 from unittest import mock
 
-from tests.support import seeded_random
+from tests.support import memfd, seeded_random
 from vhost_min import packed
 from vhost_min.errors import GuestMemoryError, VirtqueueError
 from vhost_min.inflight import InflightPacked, queue_region_size
@@ -29,12 +29,6 @@ EVENT = struct.Struct("<HH")
 MEM_SIZE = 1 << 20
 RING_BASE = 0x1000
 BUF = 0x40000                          # data buffers start here
-
-
-def memfd(size: int) -> int:
-    fd = os.memfd_create("test-packed", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
 
 
 def avail_bits(wrap: int) -> int:

@@ -8,6 +8,7 @@ import os
 import struct
 import unittest
 
+from tests.support import memfd
 from vhost_min.errors import GuestMemoryError, VirtqueueError
 from vhost_min.memory import IOTLB, VHOST_ACCESS_RO, VHOST_ACCESS_RW, DirtyLog, GuestMemory, IOTLBMiss
 from vhost_min.virtio import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
@@ -21,12 +22,6 @@ ELEM = struct.Struct("<II")
 MEM_SIZE = 1 << 20
 RING_BASE = 0x1000
 BUF = 0x40000          # data buffers start here
-
-
-def memfd(size: int) -> int:
-    fd = os.memfd_create("test-vring", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
 
 
 class RingCase(unittest.TestCase):
