@@ -151,6 +151,14 @@ class CommandLineTest(unittest.TestCase):
         # ... and as its last command, so its status is CI's status.
         self.assertEqual([c for c in ci if c][-1], test_commands[0])
 
+    def test_the_readme_apt_line_installs_what_the_tiers_need(self) -> None:
+        from tests.support import PEER_PACKAGES
+        lines = [" ".join(shlex.split(block.code.replace("\\\n", " "))) for block in readme_blocks()
+                 if block.language == "sh" and "apt-get install" in block.code]
+        self.assertEqual(len(lines), 1, "one apt-get line in README.md")
+        listed = [w for w in lines[0].split() if w not in ("apt-get", "install", "-y", "--no-install-recommends")]
+        self.assertEqual(sorted(listed), sorted(PEER_PACKAGES.split()))
+
     def test_the_rng_qemu_command_names_the_socket_the_example_serves_by_default(self) -> None:
         code = rng_example().code
         qemu = shlex.split(block_after(RNG_HEADING, "sh").code.replace("\\\n", " "))
