@@ -419,8 +419,11 @@ class DemoTest(AssertCli):
     def _interrupt_demo(self) -> int:
         """Run the demo, freeze its back-end so it is stuck mid-way, Ctrl-C it; on exit 130 check
         that nothing is left behind. Returns the demo's exit status."""
+        # Ctrl-C as a terminal would deliver it: a shell's background job (or a CI runner) may have
+        # started us with SIGINT ignored, which the demo would inherit and honour.
         proc = subprocess.Popen([sys.executable, "-m", "vhost_min", "demo"], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         child = None
         try:
             match = _INTRO.search(proc.stdout.readline())
