@@ -928,7 +928,9 @@ class TestBackendChannel(FrontendTestCase):
         os.close(dup)
         self.assertTrue(table.remove(obj))
         self.assertIsNone(table.lookup(obj))
-        table.add_fd(obj, 0)
+        fd = os.memfd_create("dmabuf-2", os.MFD_CLOEXEC)     # not fd 0: CI may run with no stdin
+        table.add_fd(obj, fd)
+        os.close(fd)
         table.close()
 
     def test_iotlb_miss_identity_mapping(self) -> None:
