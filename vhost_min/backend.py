@@ -103,9 +103,6 @@ STATE_TRANSFER_TIMEOUT = 30.0
 #: How long a client-mode endpoint waits between connection attempts.
 RECONNECT_INTERVAL = 1.0
 
-#: GET_VRING_BASE of a packed ring nobody set: indices 0, both wrap counters 1 (virtio 1.3 §2.8.1).
-_PACKED_INITIAL_BASE = 1 << 15 | 1 << 31
-_PACKED_AVAIL_WRAP = 1 << 15        # SET/GET_VRING_BASE of a packed ring: the avail wrap counter
 # Virtio features whose change changes the device queue a ring needs.
 _RING_FEATURES = VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_RING_PACKED | VIRTIO_F_ACCESS_PLATFORM
 
@@ -1133,11 +1130,14 @@ class Backend:
     def _on_set_vring_base(self, msg: Message) -> None:
         index, num = VringState.unpack(msg.payload)
         ring = self._ring(index, "VHOST_USER_SET_VRING_BASE")
-        if self.features & VIRTIO_F_RING_PACKED and not num >> 16 and num & _PACKED_AVAIL_WRAP:
-            # DPDK (virtio-user, and lib/vhost's GET_VRING_BASE) sends only the avail half; its
-            # used position is the avail one. Read literally (used 0, wrap 0) the whole ring would
-            # be in flight, and the first chain the driver adds an overrun.
-            num |= num << 16
+        if self.features & VIRTIO_F_RING_PACKED:
+            from .packed import decode_base, encode_base
+            avail, avail_wrap, used, used_wrap = decode_base(num)
+            if avail_wrap and not num >> 16:
+                # DPDK (virtio-user, and lib/vhost's GET_VRING_BASE) sends only the avail half;
+                # its used position is the avail one. Read literally (used 0, wrap 0) the whole
+                # ring would be in flight, and the first chain the driver adds an overrun.
+                num = encode_base(avail, avail_wrap, avail, avail_wrap)
         self._drop_queue(ring)
         ring.base, ring.broken = num, None
 
@@ -1151,7 +1151,11 @@ class Backend:
         elif ring.base is not None:
             base = ring.base
         else:                                       # never set: where a fresh ring starts
-            base = _PACKED_INITIAL_BASE if self.features & VIRTIO_F_RING_PACKED else 0
+            if self.features & VIRTIO_F_RING_PACKED:   # indices 0, both wrap counters 1 (virtio §2.8.1)
+                from .packed import encode_base
+                base = encode_base(0, 1, 0, 1)
+            else:
+                base = 0
         return VringState(index, base).pack()
 
     def _vring_fd(self, msg: Message) -> tuple[Ring, int | None, bool]:

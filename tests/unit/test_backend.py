@@ -499,6 +499,21 @@ class HandshakeTests(BackendCase):
         self.assertTrue(self.backend.suspended)
         self.assertFalse(fired(rings[0].err))
 
+    def test_packed_base_with_only_the_avail_half(self) -> None:
+        """DPDK sends a packed ring's SET_VRING_BASE as 0x8000 (avail half only; used = avail);
+        QEMU sends all 32 bits. Both come back from GET_VRING_BASE as full positions."""
+        fe = self.fe
+        offered = fe.u64(F.GET_FEATURES)
+        if not offered & VIRTIO_F_RING_PACKED:
+            self.skipTest("packed rings are not offered")   # only where vhost_min.packed is absent
+        fe.send(F.SET_OWNER)
+        self.assertEqual(fe.ack(F.SET_FEATURES, pack_u64((DRIVER_FEATURES | VIRTIO_F_RING_PACKED) & offered)), 0)
+        for sent, kept in ((0x8005, 0x8005_8005), (0x8003_8005, 0x8003_8005), (0x0005, 0x0005)):
+            with self.subTest(sent=hex(sent)):
+                self.assertEqual(fe.ack(F.SET_VRING_BASE, VringState(0, sent).pack()), 0)
+                with fe.request(F.GET_VRING_BASE, VringState(0, 0).pack()) as reply:
+                    self.assertEqual(VringState.unpack(reply.payload), (0, kept))
+
     def test_dpdk_order(self) -> None:
         """DPDK virtio-user: SET_OWNER first, SET_VRING_CALL before SET_FEATURES, STATUS, and the
         ring addresses before the memory table (the queue is built lazily)."""
