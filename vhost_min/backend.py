@@ -86,6 +86,8 @@ from .virtio import (PACKED_DESC_ALIGN, PACKED_EVENT_ALIGN, SPLIT_AVAIL_ALIGN, S
                      VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG, VIRTIO_F_ACCESS_PLATFORM,
                      VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
                      VIRTQ_MAX_SIZE, DeviceStatus, packed_ring_sizes, split_ring_sizes)
+from . import inflight as _inflight
+from .packed import PackedDeviceQueue, decode_base, encode_base
 from .vring import SplitDeviceQueue
 
 __all__ = ["Device", "Backend", "Ring", "Server", "serve", "POLL_INTERVAL", "REGION_ALIGN", "MAX_QUEUES"]
@@ -105,26 +107,6 @@ RECONNECT_INTERVAL = 1.0
 
 # Virtio features whose change changes the device queue a ring needs.
 _RING_FEATURES = VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_RING_PACKED | VIRTIO_F_ACCESS_PLATFORM
-
-
-def _packed_queue_class():
-    """packed.PackedDeviceQueue, or None when packed rings are unavailable (then not offered)."""
-    try:
-        from .packed import PackedDeviceQueue
-    except Exception as exc:   # noqa: BLE001 (a missing or broken module just means "not offered")
-        log.debug("packed rings unavailable: %r", exc)
-        return None
-    return PackedDeviceQueue
-
-
-def _inflight_module():
-    """vhost_min.inflight, or None (then INFLIGHT_SHMFD is not offered)."""
-    try:
-        from . import inflight
-    except Exception as exc:   # noqa: BLE001
-        log.debug("inflight tracking unavailable: %r", exc)
-        return None
-    return inflight
 
 
 def _close(fd: int | None) -> None:
@@ -421,8 +403,6 @@ class Backend:
         #: Called (with no argument) whenever :meth:`watched` changes.
         self.on_watch_change: Callable[[], None] | None = None
 
-        self._packed_class = _packed_queue_class()
-        self._inflight = _inflight_module()
         self.offered_features = self._offer_features()
         self.offered_protocol_features = self._offer_protocol_features()
 
@@ -451,16 +431,12 @@ class Backend:
 
     # -- what is offered ---------------------------------------------------------------------------
     def _offer_features(self) -> int:
-        features = (int(self.device.features) | VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
-                    | VHOST_F_LOG_ALL | VHOST_USER_F_PROTOCOL_FEATURES)
-        if self._packed_class is not None:
-            features |= VIRTIO_F_RING_PACKED
-        return int(features)
+        return int(int(self.device.features) | VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
+                   | VIRTIO_F_RING_PACKED | VHOST_F_LOG_ALL | VHOST_USER_F_PROTOCOL_FEATURES)
 
     def _offer_protocol_features(self) -> ProtocolFeature:
-        features = _BASE_PROTOCOL_FEATURES | ProtocolFeature(int(self.device.protocol_features))
-        if self._inflight is not None:
-            features |= ProtocolFeature.INFLIGHT_SHMFD
+        features = (_BASE_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD
+                    | ProtocolFeature(int(self.device.protocol_features)))
         for hook, feature in _HOOK_FEATURES:
             if _overrides(self.device, hook):
                 features |= feature
@@ -834,7 +810,7 @@ class Backend:
                 ring.unmapped = True
                 return None
             ring.unmapped = False
-        cls = self._packed_class if packed else SplitDeviceQueue
+        cls = PackedDeviceQueue if packed else SplitDeviceQueue
         tracker = self._inflight_tracker(ring)
         vq = cls(memory, ring.size, desc, driver_area, device_area, event_idx=event_idx,
                  indirect=bool(features & VIRTIO_F_INDIRECT_DESC), inflight=tracker)
@@ -1131,7 +1107,6 @@ class Backend:
         index, num = VringState.unpack(msg.payload)
         ring = self._ring(index, "VHOST_USER_SET_VRING_BASE")
         if self.features & VIRTIO_F_RING_PACKED:
-            from .packed import decode_base, encode_base
             avail, avail_wrap, used, used_wrap = decode_base(num)
             if avail_wrap and not num >> 16:
                 # DPDK (virtio-user, and lib/vhost's GET_VRING_BASE) sends only the avail half;
@@ -1152,7 +1127,6 @@ class Backend:
             base = ring.base
         else:                                       # never set: where a fresh ring starts
             if self.features & VIRTIO_F_RING_PACKED:   # indices 0, both wrap counters 1 (virtio §2.8.1)
-                from .packed import encode_base
                 base = encode_base(0, 1, 0, 1)
             else:
                 base = 0
@@ -1292,12 +1266,10 @@ class Backend:
 
     def _on_get_inflight_fd(self, msg: Message) -> tuple[bytes, list[int]]:
         request = Inflight.unpack(msg.payload)
-        if self._inflight is None:
-            raise NotSupportedError("VHOST_USER_GET_INFLIGHT_FD: inflight tracking is not available")
         packed = bool(self.features & VIRTIO_F_RING_PACKED)
-        fd, size = self._inflight.allocate(request.num_queues, request.queue_size, packed)
+        fd, size = _inflight.allocate(request.num_queues, request.queue_size, packed)
         try:
-            region = self._inflight.InflightRegion(fd, size, 0, request.num_queues, request.queue_size, packed)
+            region = _inflight.InflightRegion(fd, size, 0, request.num_queues, request.queue_size, packed)
         except BaseException:
             _close(fd)
             raise
@@ -1313,10 +1285,8 @@ class Backend:
         spec = Inflight.unpack(msg.payload)
         fd = msg.take_fd()
         try:
-            if self._inflight is None:
-                raise NotSupportedError("VHOST_USER_SET_INFLIGHT_FD: inflight tracking is not available")
-            region = self._inflight.InflightRegion(fd, spec.mmap_size, spec.mmap_offset, spec.num_queues,
-                                                   spec.queue_size, bool(self.features & VIRTIO_F_RING_PACKED))
+            region = _inflight.InflightRegion(fd, spec.mmap_size, spec.mmap_offset, spec.num_queues,
+                                              spec.queue_size, bool(self.features & VIRTIO_F_RING_PACKED))
         finally:
             _close(fd)
         self._set_inflight(region)

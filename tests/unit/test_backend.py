@@ -34,10 +34,7 @@ from vhost_min.virtio import (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, V
                               VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, DeviceId, DeviceStatus)
 from vhost_min.vring import SplitDriverQueue
 
-try:
-    from vhost_min.packed import PackedDriverQueue, encode_base
-except ImportError:                     # pragma: no cover (packed.py is optional for the backend)
-    PackedDriverQueue = None
+from vhost_min.packed import PackedDriverQueue, encode_base
 
 F, P = FrontendRequest, ProtocolFeature
 #: The front-end's user addresses are not its guest addresses: uva = UVA_BASE + gpa.
@@ -424,7 +421,7 @@ class OfferTests(BackendCase):
         for bit in (VIRTIO_F_VERSION_1, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_EVENT_IDX, VHOST_F_LOG_ALL,
                     VHOST_USER_F_PROTOCOL_FEATURES, Echo.features):
             self.assertTrue(offered & bit, hex(bit))
-        self.assertEqual(bool(offered & VIRTIO_F_RING_PACKED), PackedDriverQueue is not None)
+        self.assertTrue(offered & VIRTIO_F_RING_PACKED)
         self.assertFalse(offered & VIRTIO_F_ACCESS_PLATFORM)
 
     def test_protocol_features_follow_the_hooks(self) -> None:
@@ -504,8 +501,6 @@ class HandshakeTests(BackendCase):
         QEMU sends all 32 bits. Both come back from GET_VRING_BASE as full positions."""
         fe = self.fe
         offered = fe.u64(F.GET_FEATURES)
-        if not offered & VIRTIO_F_RING_PACKED:
-            self.skipTest("packed rings are not offered")   # only where vhost_min.packed is absent
         fe.send(F.SET_OWNER)
         self.assertEqual(fe.ack(F.SET_FEATURES, pack_u64((DRIVER_FEATURES | VIRTIO_F_RING_PACKED) & offered)), 0)
         for sent, kept in ((0x8005, 0x8005_8005), (0x8003_8005, 0x8003_8005), (0x0005, 0x0005)):
@@ -1085,7 +1080,6 @@ class LogAndStateTests(BackendCase):
         os.close(r)
 
 
-@unittest.skipIf(PackedDriverQueue is None, "vhost_min.packed is not available")
 class PackedTests(BackendCase):
     def test_packed_ring_end_to_end(self) -> None:
         ring = self.ring(0, packed=True)

@@ -17,7 +17,7 @@ import threading
 import unittest
 from unittest import mock
 
-from tests.support import open_fds
+from tests.support import open_fds, require
 from vhost_min import blk
 from vhost_min.blk import (SECTOR_SIZE, VIRTIO_BLK_CONFIG, VIRTIO_BLK_CONFIG_OFFSETS, VIRTIO_BLK_DISCARD_WRITE_ZEROES,
                            VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_OUTHDR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
@@ -25,7 +25,9 @@ from vhost_min.blk import (SECTOR_SIZE, VIRTIO_BLK_CONFIG, VIRTIO_BLK_CONFIG_OFF
                            VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
                            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkConfig, BlockImage, VirtioBlkFeature,
                            VirtioBlkStatus, VirtioBlkType)
+from vhost_min.backend import Server
 from vhost_min.errors import NotNegotiatedError, NotSupportedError, VhostError, VirtqueueError
+from vhost_min.frontend import Frontend
 from vhost_min.virtio import VIRTIO_F_RING_PACKED
 
 HEADER = "/usr/include/linux/virtio_blk.h"
@@ -68,8 +70,7 @@ class HeaderFactsTest(unittest.TestCase):
                          BlkConfig(capacity=7, seg_max=3))
 
     def test_constants_match_the_header(self):
-        if not os.path.exists(HEADER):
-            self.skipTest(f"{HEADER} is missing (apt-get install linux-libc-dev)")
+        require(os.path.exists(HEADER), HEADER, "apt-get install -y linux-libc-dev")
         with open(HEADER) as f:
             defines = dict(re.findall(r"^#define\s+(VIRTIO_BLK_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", f.read(), re.M))
         features = {k: int(v, 0) for k, v in defines.items() if k.startswith("VIRTIO_BLK_F_")}
@@ -86,8 +87,8 @@ class HeaderFactsTest(unittest.TestCase):
 
     def test_layouts_match_the_compiler(self):
         cc = shutil.which("cc") or shutil.which("gcc")
-        if not cc or not os.path.exists(HEADER):
-            self.skipTest("needs a C compiler and linux/virtio_blk.h (apt-get install gcc linux-libc-dev)")
+        require(bool(cc) and os.path.exists(HEADER), f"a C compiler and {HEADER}",
+                "apt-get install -y gcc linux-libc-dev")
         fields = [(name, C_NAMES.get(name, name)) for name in GOLDEN_OFFSETS]
         program = "#include <stddef.h>\n#include <stdio.h>\n#include <linux/virtio_blk.h>\nint main(void) {\n"
         for name, cname in fields:
@@ -563,11 +564,6 @@ class EndToEndTest(ImageTestCase):
 
     def setUp(self):
         super().setUp()
-        try:
-            from vhost_min.backend import Server
-            from vhost_min.frontend import Frontend
-        except ImportError as exc:
-            self.skipTest(f"the vhost-user back-end or front-end is not available: {exc}")
         self.Frontend = Frontend
         self.work = tempfile.mkdtemp(prefix="vhost-min-blk-")
         self.addCleanup(shutil.rmtree, self.work, True)
@@ -575,7 +571,6 @@ class EndToEndTest(ImageTestCase):
         self.stop = threading.Event()
 
     def serve(self, device):
-        from vhost_min.backend import Server
         server = Server()
         server.add(device, self.socket)
         thread = threading.Thread(target=server.run, kwargs={"stop_event": self.stop}, daemon=True)
@@ -690,8 +685,7 @@ class EndToEndTest(ImageTestCase):
         self.serve(blk.BlkDevice(self.path))
         fe = self.Frontend.connect(self.socket)
         self.addCleanup(fe.close)
-        if not fe.get_features() & VIRTIO_F_RING_PACKED:
-            self.skipTest("the back-end does not offer VIRTIO_F_RING_PACKED (vhost_min.packed unavailable)")
+        self.assertTrue(fe.get_features() & VIRTIO_F_RING_PACKED)
         client = blk.BlkClient(fe, packed=True)
         client.write(512, b"P" * 1024)
         self.assertEqual(self.disk(512, 1024), b"P" * 1024)
