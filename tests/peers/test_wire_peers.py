@@ -567,12 +567,10 @@ class LauncherTest(PeerTestCase):
         image = os.path.join(self.tmp, "disk.img")
         with open(image, "wb") as f:
             f.truncate(1 << 20)
-        start = time.monotonic()
         with self.assertRaises(AssertionError) as caught:
             with launch.storage_daemon(image, block_size=1000):
                 pass
-        self.assertLess(time.monotonic() - start, launch.READY_TIMEOUT / 2)
-        self.assertIn("not a power of 2", str(caught.exception))
+        self.assertIn("not a power of 2", str(caught.exception))     # its own words, not a timeout
         self.assertNoFdLeak()
 
 

@@ -6,7 +6,6 @@ import ctypes
 import mmap
 import os
 import struct
-import time
 import unittest
 
 from tests.support import memfd, open_fds, seeded_random
@@ -110,10 +109,6 @@ class RegionTest(unittest.TestCase):
             self.assertEqual(self.memory.region_at(i * 0x2000 + 5).gpa, i * 0x2000)
             with self.assertRaises(GuestMemoryError):
                 self.memory.region_at(i * 0x2000 + 0x1000)
-        start = time.perf_counter()
-        for _ in range(10000):
-            self.memory.view(0x1000 * 2 * 400 + 8, 8)
-        self.assertLess(time.perf_counter() - start, 5.0)   # a hang guard, not a timing test
         for i in order[:300]:
             self.memory.remove_region(i * 0x2000, 0x1000)
         self.assertEqual(len(self.memory.regions), MAX_MEM_SLOTS - 300)
