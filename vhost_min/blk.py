@@ -903,9 +903,8 @@ class BlkClient:
         wait = self.frontend.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         while len(done) < min_count and self._inflight:
-            # Sleep only after a reap that found nothing: that one re-armed used_event and re-read
-            # used.idx behind a full barrier. A reap that found chains moved used_event without
-            # re-reading, so a chain the device used meanwhile may never be signalled (EVENT_IDX).
+            # Sleep only after a reap that found nothing (the rings' reap re-arms used_event and
+            # re-reads used.idx behind a full barrier, so nothing used meanwhile goes unsignalled).
             if not got:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.frontend.wait_call(self.queue_index, left):

@@ -883,8 +883,19 @@ class SplitDriverQueue:
         An id that is not an in-flight head, or a length beyond the chain's writable bytes, is
         a lying device: VirtqueueError, queue broken.
 
-        Sleeping on the call eventfd is safe after an EMPTY reap (it re-armed used_event and
-        re-read used.idx behind a full barrier), not after one that returned chains: reap again."""
+        With interrupts enabled, sleeping on the call eventfd is safe after any reap: it ends by
+        re-arming used_event and re-reading used.idx behind a full barrier (taking what arrived
+        meanwhile, up to ``max``), as the packed ring does."""
+        out = self._reap_once(max)
+        while out and self.event_idx and self._interrupts and (max is None or len(out) < max):
+            more = self._reap_once(None if max is None else max - len(out))   # the empty case re-checks
+            if not more:
+                break
+            out += more
+        return out
+
+    def _reap_once(self, max: int | None) -> list[tuple[object, int]]:   # noqa: A002
+        """One pass of :meth:`reap`: what used.idx covers now."""
         self._check()
         last = self._last_used
         n = (self._used16[_IDX] - last) & 0xFFFF

@@ -502,6 +502,28 @@ class NotificationTest(RingCase):
         self.assertTrue(self.driver.enable_interrupts())
         self.assertEqual(self.used_event(), 3)
 
+    def test_a_chain_used_while_the_driver_reaps_is_not_left_unsignalled(self):
+        """The device publishes chain B after the driver read used.idx but before it moved
+        used_event past A: the device sends no interrupt for B, so reap itself must take B."""
+        self.setup_ring(event_idx=True)
+        self.driver.enable_interrupts()
+        self.driver.add([], [(BUF, 8)], "A")
+        self.driver.add([], [(BUF + 8, 8)], "B")
+        self.driver.publish()
+        (a, _, _), (b, _, _) = self.device.pop_batch()
+        self.device.push(a, 8)
+        interrupts = []
+        set_used_event = self.driver._set_used_event
+
+        def device_pushes_b_first(value):
+            if not interrupts:
+                interrupts.append(self.device.push(b, 8))
+            set_used_event(value)
+
+        self.driver._set_used_event = device_pushes_b_first
+        self.assertEqual(self.driver.reap(), [("A", 8), ("B", 8)])
+        self.assertEqual(interrupts, [False])        # the race: B got no interrupt
+
 
 # ----------------------------------------------------------------------------------------------
 class HostileDriverTest(RingCase):
