@@ -54,3 +54,12 @@ class DisconnectedError(VhostError):
     """The peer closed the connection (possibly in the middle of a message)."""
 
     default_errno = _errno.ECONNRESET
+
+
+class IoctlError(VhostError):
+    """An ioctl on a vhost, vhost-vdpa or VDUSE device node failed: ``ioctl`` names it, errno kept.
+    ENOTTY (a kernel older than the ioctl) reads "not supported by this kernel"."""
+
+    def __init__(self, message: str, errno: int | None = None, ioctl: str = "") -> None:
+        super().__init__(message, errno)
+        self.ioctl = ioctl

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .dataplane import Dataplane
 from .errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, NotSupportedError, ProtocolError,
                      VhostError)
 from .memory import VHOST_LOG_PAGE, DirtyLog, GuestMemory
@@ -372,7 +373,7 @@ def _connect_socket(path: str, timeout: float) -> socket.socket:
     return sock
 
 
-class Frontend:
+class Frontend(Dataplane):
     """A vhost-user front-end on one back-end socket; it owns every fd it creates (the socket,
     the back-end channel, memfds, eventfds, the inflight and log fds): close() closes them all.
 
