@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
 import enum
 import json
 import logging
@@ -412,8 +411,10 @@ PR_SET_PDEATHSIG = 1        # linux/prctl.h
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
     """preexec_fn: the child gets SIGTERM if this process dies, even by SIGKILL (prctl)."""
+    from .memory import libc
+
     def preexec() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:          # died before the prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
     return preexec

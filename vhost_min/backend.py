@@ -82,10 +82,9 @@ from .user import (FRONTEND_REQUESTS, VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_MISS, 
                    DeviceState, FrontendRequest, Inflight, IotlbMsg, Listener, Log, MemoryRegion, MemoryTable,
                    Message, ProtocolFeature, RequestSpec, SharedObject, ShmemConfig, VirtioGate, VringAddr, VringFd,
                    VringState, check_message, pack_u64)
-from .virtio import (PACKED_DESC_ALIGN, PACKED_EVENT_ALIGN, SPLIT_AVAIL_ALIGN, SPLIT_DESC_ALIGN, SPLIT_USED_ALIGN,
-                     VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG, VIRTIO_F_ACCESS_PLATFORM,
+from .virtio import (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG, VIRTIO_F_ACCESS_PLATFORM,
                      VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
-                     VIRTQ_MAX_SIZE, DeviceStatus, packed_ring_sizes, split_ring_sizes)
+                     VIRTQ_MAX_SIZE, DeviceStatus, misaligned_ring_part, ring_sizes)
 from . import inflight as _inflight
 from .packed import PackedDeviceQueue, decode_base, encode_base
 from .vring import SplitDeviceQueue
@@ -786,9 +785,7 @@ class Backend:
         features = self.features
         packed = bool(features & VIRTIO_F_RING_PACKED)
         event_idx = bool(features & VIRTIO_F_EVENT_IDX)
-        sizes = packed_ring_sizes(ring.size) if packed else split_ring_sizes(ring.size)
-        if not packed and not event_idx:
-            sizes = (sizes[0], sizes[1] - 2, sizes[2] - 2)     # no used_event / avail_event words
+        sizes = ring_sizes(ring.size, packed=packed, event_idx=event_idx)
         uvas = (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
         if features & VIRTIO_F_ACCESS_PLATFORM:
             memory = self.iotlb
@@ -1079,21 +1076,12 @@ class Backend:
         if addr.flags & ~VHOST_VRING_F_LOG:
             raise ProtocolError(f"VHOST_USER_SET_VRING_ADDR: vring {addr.index} flags {addr.flags:#x} has bits "
                                 f"other than VHOST_VRING_F_LOG")
-        packed = self.features & VIRTIO_F_RING_PACKED
-        aligns = ((PACKED_DESC_ALIGN, PACKED_EVENT_ALIGN, PACKED_EVENT_ALIGN) if packed
-                  else (SPLIT_DESC_ALIGN, SPLIT_AVAIL_ALIGN, SPLIT_USED_ALIGN))
-        for what, value, align in zip(("descriptor", "available/driver", "used/device"),
-                                      (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr), aligns):
-            if value % align:
-                raise ProtocolError(f"VHOST_USER_SET_VRING_ADDR: vring {addr.index} {what} address {value:#x} is "
-                                    f"not {align}-byte aligned")
+        packed = bool(self.features & VIRTIO_F_RING_PACKED)
+        problem = misaligned_ring_part(addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr, packed=packed)
+        if problem:
+            raise ProtocolError(f"VHOST_USER_SET_VRING_ADDR: vring {addr.index}: {problem}")
         if self.memory.regions and not self.features & VIRTIO_F_ACCESS_PLATFORM:
-            length = ring.size or 1
-            if packed:
-                sizes = packed_ring_sizes(length)
-            else:
-                desc, avail, used = split_ring_sizes(length)
-                sizes = (desc, avail - 2, used - 2) if not self.features & VIRTIO_F_EVENT_IDX else (desc, avail, used)
+            sizes = ring_sizes(ring.size or 1, packed=packed, event_idx=bool(self.features & VIRTIO_F_EVENT_IDX))
             self._translate_ring(addr, sizes)       # GuestMemoryError: outside memory
         old = ring.addr
         ring.addr = addr

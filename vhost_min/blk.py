@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from .backend import Device
 from .user import VHOST_SET_CONFIG_TYPE_MIGRATION, ProtocolFeature
+from .memory import libc
 from .errors import NotNegotiatedError, NotSupportedError, VhostError, VirtqueueError
 from .virtio import DeviceId, DeviceStatus, VirtioFeature
 
@@ -200,8 +201,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate = getattr(libc, "fallocate64", None) or libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
 

@@ -16,7 +16,6 @@ Spec: QEMU docs/interop/vhost-user.rst; shared-object and SHMEM messages as in P
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
 import fcntl
@@ -35,7 +34,7 @@ from typing import NamedTuple
 from .dataplane import Dataplane
 from .errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, NotSupportedError, ProtocolError,
                      VhostError)
-from .memory import VHOST_LOG_PAGE, DirtyLog, GuestMemory
+from .memory import VHOST_LOG_PAGE, DirtyLog, GuestMemory, address_of, map_fd
 from .user import (BACKEND_REQUESTS, FRONTEND_REQUESTS, HEADER, U64, VHOST_ACCESS_RW, VHOST_IOTLB_ACCESS_FAIL,
                    VHOST_IOTLB_MISS, VHOST_IOTLB_UPDATE, VHOST_MEMORY_BASELINE_NREGIONS,
                    VHOST_TRANSFER_STATE_DIRECTION_LOAD, VHOST_TRANSFER_STATE_DIRECTION_SAVE,
@@ -132,29 +131,6 @@ def protocol_feature_names(features: int) -> tuple[str, ...]:
 # Guest memory the front-end owns
 # --------------------------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _map_shared(fd: int, size: int):
-    """mmap(2) ``size`` bytes of ``fd`` MAP_SHARED as a ctypes array that munmaps itself when the
-    last view of it is gone. Unlike mmap.mmap it keeps no duplicate of the fd, so closing the
-    memfd really closes it even while a caller still holds a view of guest memory."""
-    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
-    if addr is None or addr == _MAP_FAILED:
-        err = ctypes.get_errno()
-        raise GuestMemoryError(f"cannot map {size:#x} bytes of guest memory: {os.strerror(err)}", err)
-
-    class _Mapping(ctypes.c_ubyte * size):
-        def __del__(self, munmap=_libc.munmap, addr=addr, size=size) -> None:
-            munmap(addr, size)
-
-    return _Mapping.from_address(addr), addr
-
-
 class GuestRegion:
     """One region of guest memory: a sealed memfd, mapped here; ``uva`` is our mapping's address,
     sent as userspace_addr the way QEMU sends its own virtual address."""
@@ -168,7 +144,8 @@ class GuestRegion:
             os.ftruncate(self.fd, size)
             # A back-end maps it too: sealed so nobody can shrink it under a mapping (SIGBUS).
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-            self.mapping, self.uva = _map_shared(self.fd, size)
+            self.mapping = map_fd(self.fd, size)    # keeps no duplicate of the memfd
+            self.uva = address_of(self.mapping)
         except BaseException:
             self.close()
             raise

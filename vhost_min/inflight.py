@@ -35,7 +35,7 @@ import os
 from typing import Callable, Sequence
 
 from .errors import VhostError, VirtqueueError
-from .memory import _map_fd
+from .memory import map_fd
 from .virtio import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, VIRTQ_MAX_SIZE
 
 __all__ = [
@@ -182,12 +182,11 @@ class InflightRegion:
                                 f"({need:#x} bytes)")
         self.mmap_size, self.mmap_offset = mmap_size, mmap_offset
         self.num_queues, self.queue_size, self.packed = num_queues, queue_size, packed
-        self._view, self._mapping = _map_fd(fd, mmap_size, mmap_offset)
+        self._view = map_fd(fd, mmap_size, mmap_offset)
         try:
             self._fd = os.dup(fd)
         except OSError as exc:
             self._view.release()
-            self._mapping.close()
             raise InflightError(f"cannot keep the inflight region fd {fd}: {exc.strerror}", exc.errno) from None
         self._queues: list[InflightSplit | InflightPacked | None] = [None] * num_queues
 
@@ -219,11 +218,7 @@ class InflightRegion:
         for tracker in self._queues:
             if tracker is not None:
                 tracker._release()
-        self._view.release()
-        try:
-            self._mapping.close()
-        except BufferError:     # a view someone else took is still alive: unmapped when freed
-            pass
+        self._view.release()     # unmapped once no view someone else took is alive
         os.close(self._fd)
         self._fd = -1
 

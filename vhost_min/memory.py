@@ -127,7 +127,6 @@ def _libatomic_barriers() -> Barriers | None:
 
 
 def _membarrier_barriers() -> Barriers:
-    libc = ctypes.CDLL(None, use_errno=True)
     nr = {"x86_64": 324, "aarch64": 283}.get("x86_64" if _X86_64 else "aarch64" if _AARCH64 else "")
     if nr is None:
         raise VhostError(f"no memory barrier available on {_MACHINE}")
@@ -167,47 +166,63 @@ class MemoryRegion:
     ``view`` is a writable memoryview of exactly the region, whatever backs it.
     """
 
-    __slots__ = ("gpa", "size", "uva", "mmap_offset", "end", "view", "_mapping")
+    __slots__ = ("gpa", "size", "uva", "mmap_offset", "end", "view")
 
-    def __init__(self, gpa: int, size: int, uva: int, mmap_offset: int,
-                 view: memoryview, mapping: mmap.mmap | None) -> None:
+    def __init__(self, gpa: int, size: int, uva: int, mmap_offset: int, view: memoryview) -> None:
         self.gpa, self.size, self.uva, self.mmap_offset = gpa, size, uva, mmap_offset
         self.end = gpa + size
         self.view = view
-        self._mapping = mapping
 
     def __repr__(self) -> str:
         return (f"MemoryRegion(gpa={self.gpa:#x}, size={self.size:#x}, uva={self.uva:#x}, "
                 f"mmap_offset={self.mmap_offset:#x})")
 
     def close(self) -> None:
+        """Forget the region; a mapping is unmapped once no view handed out earlier is alive."""
         self.view.release()
-        if self._mapping is not None:
-            try:
-                self._mapping.close()
-            except BufferError:   # a view handed out earlier is still alive: unmapped when freed
-                pass
-            self._mapping = None
 
 
-def _map_fd(fd: int, size: int, mmap_offset: int) -> tuple[memoryview, mmap.mmap]:
-    """mmap(MAP_SHARED) ``size`` bytes of ``fd`` at ``mmap_offset`` (any alignment)."""
-    start = mmap_offset - mmap_offset % mmap.ALLOCATIONGRANULARITY
-    skip = mmap_offset - start
+#: The package's one handle on the C library (mmap, fallocate, prctl...): functions the stdlib lacks.
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_fd(fd: int, size: int, offset: int = 0) -> memoryview:
+    """mmap(2) ``size`` bytes of ``fd`` from ``offset`` (any alignment) MAP_SHARED and read-write,
+    as a writable memoryview. The mapping lives as long as any view of it and is unmapped with
+    the last one. Unlike ``mmap.mmap`` it keeps no duplicate of ``fd``: the caller may close it at
+    once, and closing it really closes it (a memfd, a front-end's socket fd...)."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    skip = offset - start
     try:
         file_size = os.fstat(fd).st_size
     except OSError as exc:
-        raise GuestMemoryError(f"region fd {fd} cannot be used: {exc.strerror}", exc.errno) from None
-    if file_size and mmap_offset + size > file_size:
-        raise GuestMemoryError(f"region of {size:#x} bytes at fd offset {mmap_offset:#x} "
-                               f"runs past the end of its file ({file_size:#x} bytes)")
-    try:
-        mapping = mmap.mmap(fd, skip + size, flags=mmap.MAP_SHARED,
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-    except (OSError, ValueError, OverflowError) as exc:
-        raise GuestMemoryError(f"cannot map region of {size:#x} bytes at fd offset {mmap_offset:#x}: {exc}",
-                               getattr(exc, "errno", None)) from None
-    return memoryview(mapping)[skip:skip + size], mapping
+        raise GuestMemoryError(f"fd {fd} cannot be mapped: {exc.strerror}", exc.errno) from None
+    if size <= 0 or offset < 0 or offset + size > 1 << 63:
+        raise GuestMemoryError(f"cannot map {size:#x} bytes at fd offset {offset:#x}")
+    if file_size and offset + size > file_size:
+        raise GuestMemoryError(f"mapping of {size:#x} bytes at fd offset {offset:#x} runs past the end of its "
+                               f"file ({file_size:#x} bytes)")
+    length = skip + size
+    address = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, start)
+    if address is None or address == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise GuestMemoryError(f"cannot map {size:#x} bytes at fd offset {offset:#x}: {os.strerror(err)}", err)
+
+    class _Mapping(ctypes.c_ubyte * length):
+        def __del__(self, munmap=libc.munmap, address=address, length=length) -> None:
+            munmap(address, length)
+
+    return memoryview(_Mapping.from_address(address)).cast("B")[skip:]
+
+
+def address_of(view: memoryview) -> int:
+    """The address of a writable buffer's first byte in this process (what the kernel's vhost and
+    vDPA ioctls, and vhost-user's userspace_addr, call a user address)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 class GuestMemory:
@@ -249,13 +264,13 @@ class GuestMemory:
         if (fd is None) == (buffer is None):
             raise GuestMemoryError("a region needs exactly one of fd and buffer")
         if fd is not None:
-            view, mapping = _map_fd(fd, size, mmap_offset)
+            view = map_fd(fd, size, mmap_offset)
         else:
-            view, mapping = memoryview(buffer).cast("B"), None
+            view = memoryview(buffer).cast("B")
             if view.readonly or len(view) < size:
                 raise GuestMemoryError(f"buffer for region gpa={gpa:#x} is read-only or smaller than {size:#x}")
             view = view[:size]
-        region = MemoryRegion(gpa, size, uva, mmap_offset, view, mapping)
+        region = MemoryRegion(gpa, size, uva, mmap_offset, view)
         self._regions.insert(i, region)
         self._starts.insert(i, gpa)
         self._by_uva.insert(j, region)
@@ -297,6 +312,15 @@ class GuestMemory:
         return tuple(self._regions)
 
     # -- lookups ------------------------------------------------------------------------------
+    def find(self, gpa: int) -> MemoryRegion | None:
+        """The region containing guest-physical ``gpa``, or None (for hot paths that try first)."""
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0:
+            region = self._regions[i]
+            if gpa < region.end:
+                return region
+        return None
+
     def region_at(self, gpa: int) -> MemoryRegion:
         """The region containing guest-physical ``gpa``."""
         i = bisect.bisect_right(self._starts, gpa) - 1
@@ -451,15 +475,13 @@ class DirtyLog:
         self.view = memoryview(view).cast("B")
         if self.view.readonly:
             raise GuestMemoryError("the dirty log must be writable")
-        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self.view))
+        self._address = address_of(self.view)
         self._or = barriers().atomic_or8
 
     @classmethod
     def from_fd(cls, fd: int, size: int, offset: int = 0) -> DirtyLog:
-        view, mapping = _map_fd(fd, size, offset)
-        log = cls(view)
-        log._mapping = mapping
-        return log
+        """The log in ``size`` bytes of ``fd`` from ``offset`` (the fd stays the caller's)."""
+        return cls(map_fd(fd, size, offset))
 
     def mark(self, gpa: int, length: int) -> None:
         """Mark every page of ``[gpa, gpa + length)`` dirty."""
@@ -488,6 +510,3 @@ class DirtyLog:
 
     def close(self) -> None:
         self.view.release()
-        mapping = getattr(self, "_mapping", None)
-        if mapping is not None:
-            mapping.close()

@@ -32,8 +32,8 @@ from .memory import IOTLBMiss, GuestMemory, barriers
 from .virtio import (PACKED_DESC_ALIGN, PACKED_EVENT_ALIGN, RING_EVENT_FLAGS_DESC,
                      RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, VIRTQ_DESC_F_AVAIL,
                      VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_USED, VIRTQ_DESC_F_WRITE,
-                     VIRTQ_DESC_SIZE, VIRTQ_MAX_SIZE, VRING_PACKED_EVENT_F_WRAP_CTR, packed_ring_sizes,
-                     vring_need_event)
+                     VIRTQ_DESC_SIZE, VIRTQ_MAX_SIZE, VRING_PACKED_EVENT_F_WRAP_CTR, misaligned_ring_part,
+                     packed_ring_sizes, vring_need_event)
 from .vring import MAX_INDIRECT_ENTRIES
 
 __all__ = ["PackedDeviceQueue", "PackedDriverQueue", "PVIRTQ_DESC", "PVIRTQ_EVENT_SUPPRESS", "encode_base",
@@ -97,11 +97,9 @@ class _PackedRing:
     def __init__(self, memory, size: int, desc_addr: int, driver_area: int, device_area: int) -> None:
         if not isinstance(size, int) or not 1 <= size <= VIRTQ_MAX_SIZE:
             raise VirtqueueError(f"packed queue size {size!r} is not in 1..{VIRTQ_MAX_SIZE}")
-        for what, addr, align in (("descriptor ring", desc_addr, PACKED_DESC_ALIGN),
-                                  ("driver area", driver_area, PACKED_EVENT_ALIGN),
-                                  ("device area", device_area, PACKED_EVENT_ALIGN)):
-            if addr % align:
-                raise VirtqueueError(f"packed {what} at {addr:#x} is not {align}-byte aligned")
+        problem = misaligned_ring_part(desc_addr, driver_area, device_area, packed=True)
+        if problem:
+            raise VirtqueueError(problem)
         self.memory, self.size = memory, size
         self.desc_addr, self.driver_area, self.device_area = desc_addr, driver_area, device_area
         self._fast = isinstance(memory, GuestMemory)   # else an IOTLB: always the slow path

@@ -100,14 +100,39 @@ SPLIT_DESC_ALIGN, SPLIT_AVAIL_ALIGN, SPLIT_USED_ALIGN = 16, 2, 4
 PACKED_DESC_ALIGN, PACKED_EVENT_ALIGN = 16, 4
 
 
-def split_ring_sizes(queue_size: int) -> tuple[int, int, int]:
-    """Bytes of the split ring's descriptor table, avail ring and used ring (with the event words)."""
-    return 16 * queue_size, 6 + 2 * queue_size, 6 + 8 * queue_size
+def split_ring_sizes(queue_size: int, event_idx: bool = True) -> tuple[int, int, int]:
+    """Bytes of the split ring's descriptor table, avail ring and used ring. Without
+    VIRTIO_F_EVENT_IDX the rings end before their used_event / avail_event words, 2 bytes shorter,
+    and only those bytes need to lie inside guest memory."""
+    tail = 0 if event_idx else 2
+    return 16 * queue_size, 6 + 2 * queue_size - tail, 6 + 8 * queue_size - tail
 
 
 def packed_ring_sizes(queue_size: int) -> tuple[int, int, int]:
     """Bytes of the packed ring's descriptor ring, driver and device event suppression areas."""
     return 16 * queue_size, 4, 4
+
+
+def ring_sizes(queue_size: int, *, packed: bool, event_idx: bool) -> tuple[int, int, int]:
+    """Bytes of the three ring parts (descriptors, driver area, device area) of either format."""
+    return packed_ring_sizes(queue_size) if packed else split_ring_sizes(queue_size, event_idx)
+
+
+#: The ring parts' names, in (descriptors, driver area, device area) order, for messages.
+SPLIT_PART_NAMES = ("descriptor table", "available ring", "used ring")
+PACKED_PART_NAMES = ("descriptor ring", "driver area", "device area")
+
+
+def misaligned_ring_part(desc: int, driver: int, device: int, *, packed: bool) -> str | None:
+    """Why the ring parts' addresses break the spec's alignment (virtio 1.3 §2.7 and §2.8), or
+    None: the one check every ring user makes, each raising its own error type with this text."""
+    aligns = ((PACKED_DESC_ALIGN, PACKED_EVENT_ALIGN, PACKED_EVENT_ALIGN) if packed
+              else (SPLIT_DESC_ALIGN, SPLIT_AVAIL_ALIGN, SPLIT_USED_ALIGN))
+    for what, addr, align in zip(PACKED_PART_NAMES if packed else SPLIT_PART_NAMES, (desc, driver, device), aligns):
+        if not isinstance(addr, int) or addr < 0 or addr % align:
+            shown = f"{addr:#x}" if isinstance(addr, int) else repr(addr)
+            return f"{'packed ' if packed else ''}{what} address {shown} is not {align}-byte aligned"
+    return None
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:

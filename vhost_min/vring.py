@@ -27,7 +27,6 @@ little-endian; native words are used only on a little-endian host (x86-64 and aa
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import struct
 import sys
@@ -38,7 +37,8 @@ from .errors import GuestMemoryError, VirtqueueError
 from .memory import GuestMemory, IOTLBMiss, barriers
 from .virtio import (SPLIT_AVAIL_ALIGN, SPLIT_DESC_ALIGN, SPLIT_USED_ALIGN, VIRTQ_AVAIL_F_NO_INTERRUPT,
                      VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_SIZE,
-                     VIRTQ_MAX_SIZE, VIRTQ_USED_F_NO_NOTIFY, split_ring_sizes, vring_need_event)
+                     VIRTQ_MAX_SIZE, VIRTQ_USED_F_NO_NOTIFY, misaligned_ring_part, split_ring_sizes,
+                     vring_need_event)
 
 __all__ = ["SplitDeviceQueue", "SplitDriverQueue", "MAX_INDIRECT_ENTRIES", "check_split_size"]
 
@@ -72,17 +72,10 @@ def check_split_size(size: int) -> None:
         raise VirtqueueError(f"split queue size {size!r} is not a power of two from 1 to {VIRTQ_MAX_SIZE}")
 
 
-def _ring_parts(size: int, event_idx: bool) -> tuple[int, int, int]:
-    desc, avail, used = split_ring_sizes(size)
-    return (desc, avail, used) if event_idx else (desc, avail - 2, used - 2)
-
-
 def _check_alignment(desc_addr: int, avail_addr: int, used_addr: int) -> None:
-    for what, addr, align in (("descriptor table", desc_addr, SPLIT_DESC_ALIGN),
-                              ("available ring", avail_addr, SPLIT_AVAIL_ALIGN),
-                              ("used ring", used_addr, SPLIT_USED_ALIGN)):
-        if not isinstance(addr, int) or addr < 0 or addr % align:
-            raise VirtqueueError(f"{what} address {addr!r} is not {align}-byte aligned")
+    problem = misaligned_ring_part(desc_addr, avail_addr, used_addr, packed=False)
+    if problem:
+        raise VirtqueueError(problem)
 
 
 def _words(view: memoryview, what: str, align: int) -> memoryview:
@@ -159,7 +152,7 @@ class SplitDeviceQueue:
     # -- setup ---------------------------------------------------------------------------------
     def _map(self) -> None:
         """(Re)resolve the ring parts and forget the cached region (memory changed)."""
-        desc_len, avail_len, used_len = _ring_parts(self.size, self.event_idx)
+        desc_len, avail_len, used_len = split_ring_sizes(self.size, self.event_idx)
         memory = self._memory
         self._generation = memory.generation
         self._desc = _ring_view(memory, "descriptor table", self.desc_addr, desc_len, False)
@@ -560,12 +553,10 @@ class SplitDeviceQueue:
         try:
             if not self._guest_memory:
                 return memory.segments(addr, length, write)
-            i = bisect.bisect_right(memory._starts, addr) - 1
-            if i >= 0:
-                region = memory._regions[i]
-                if addr + length <= region.end:
-                    self._rstart, self._rend, self._rview = region.gpa, region.end, region.view
-                    return [region.view[addr - region.gpa:addr + length - region.gpa]]
+            region = memory.find(addr)
+            if region is not None and addr + length <= region.end:
+                self._rstart, self._rend, self._rview = region.gpa, region.end, region.view
+                return [region.view[addr - region.gpa:addr + length - region.gpa]]
             return memory.segments(addr, length)
         except IOTLBMiss:
             raise                  # not the driver's fault: nothing was committed, pop again later
@@ -703,7 +694,7 @@ class SplitDriverQueue:
         self.size = size
         self.event_idx = bool(event_idx)
         self.desc_addr, self.avail_addr, self.used_addr = desc_addr, driver_area, device_area
-        desc_len, avail_len, used_len = _ring_parts(size, self.event_idx)
+        desc_len, avail_len, used_len = split_ring_sizes(size, self.event_idx)
         self._desc = _ring_view(memory, "descriptor table", desc_addr, desc_len, True)
         self._avail = _ring_view(memory, "available ring", driver_area, avail_len, True)
         self._used = _ring_view(memory, "used ring", device_area, used_len, False)

@@ -372,9 +372,9 @@ class BadInputTests(unittest.TestCase):
     def test_misaligned_ring_addresses(self) -> None:
         fe = self.connect()
         good = VringAddr(0, 0, UVA_BASE + 0x10000, UVA_BASE + 0x10100, UVA_BASE + 0x10080, 0)
-        for bad, text in ((good._replace(desc_user_addr=UVA_BASE + 0x10008), "descriptor address"),
-                          (good._replace(used_user_addr=UVA_BASE + 0x10102), "used/device address"),
-                          (good._replace(avail_user_addr=UVA_BASE + 0x10081), "available/driver address")):
+        for bad, text in ((good._replace(desc_user_addr=UVA_BASE + 0x10008), "descriptor table address"),
+                          (good._replace(used_user_addr=UVA_BASE + 0x10102), "used ring address"),
+                          (good._replace(avail_user_addr=UVA_BASE + 0x10081), "available ring address")):
             self.server.errors.clear()
             self.assertEqual(fe.ack(F.SET_VRING_ADDR, bad.pack()), errno.EPROTO)
             self.error(ProtocolError, text)

@@ -162,9 +162,9 @@ class LayoutTest(RingCase):
 
     def test_ring_addresses_must_be_aligned(self):
         memory = self.memory_with((0, MEM_SIZE))
-        for desc, driver, device, what in ((0x1008, 0x2000, 0x2004, "descriptor ring at 0x1008 is not 16-byte"),
-                                           (0x1000, 0x2002, 0x2004, "driver area at 0x2002 is not 4-byte"),
-                                           (0x1000, 0x2000, 0x2006, "device area at 0x2006 is not 4-byte")):
+        for desc, driver, device, what in ((0x1008, 0x2000, 0x2004, "descriptor ring address 0x1008 is not 16-byte"),
+                                           (0x1000, 0x2002, 0x2004, "driver area address 0x2002 is not 4-byte"),
+                                           (0x1000, 0x2000, 0x2006, "device area address 0x2006 is not 4-byte")):
             with self.assertRaisesRegex(VirtqueueError, what):
                 PackedDeviceQueue(memory, 8, desc, driver, device)
 
