@@ -20,7 +20,7 @@ _LAZY = {
     "SplitDeviceQueue": "vring", "SplitDriverQueue": "vring",
     "PackedDeviceQueue": "packed", "PackedDriverQueue": "packed",
     "Connection": "user", "Listener": "user",
-    "Device": "backend", "Backend": "backend", "Server": "backend", "serve": "backend",
+    "Device": "device", "Backend": "backend", "Server": "backend", "serve": "backend",
     "Frontend": "frontend",
     "BlkDevice": "blk", "BlkClient": "blk",
 }

@@ -24,7 +24,6 @@ import random
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,9 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from .errors import VhostError
+from .fs import VIRTIO_FS_CONFIG, VirtioFsFeature
+from .net import VIRTIO_NET_CONFIG, VIRTIO_NET_S_LINK_UP, VirtioNetFeature
+from .vsock import VIRTIO_VSOCK_CONFIG, VirtioVsockFeature
 
 PROG = "vhost-min"
 MiB = 1 << 20
@@ -187,67 +189,8 @@ def cmd_blk(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # probe: what a back-end offers
 # --------------------------------------------------------------------------------------------
-# The device type is not on the wire. Feature bits and config layouts of the devices probe
-# decodes besides blk (linux/virtio_net.h, virtio_fs.h, virtio_vsock.h); they move to their own
-# modules when those devices land.
-
-class VirtioNetFeature(enum.IntFlag):
-    """virtio-net feature bits (virtio 1.3 §5.1.3), as masks."""
-
-    VIRTIO_NET_F_CSUM = 1 << 0
-    VIRTIO_NET_F_GUEST_CSUM = 1 << 1
-    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS = 1 << 2
-    VIRTIO_NET_F_MTU = 1 << 3
-    VIRTIO_NET_F_MAC = 1 << 5
-    VIRTIO_NET_F_GSO = 1 << 6               # legacy
-    VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
-    VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
-    VIRTIO_NET_F_GUEST_ECN = 1 << 9
-    VIRTIO_NET_F_GUEST_UFO = 1 << 10
-    VIRTIO_NET_F_HOST_TSO4 = 1 << 11
-    VIRTIO_NET_F_HOST_TSO6 = 1 << 12
-    VIRTIO_NET_F_HOST_ECN = 1 << 13
-    VIRTIO_NET_F_HOST_UFO = 1 << 14
-    VIRTIO_NET_F_MRG_RXBUF = 1 << 15
-    VIRTIO_NET_F_STATUS = 1 << 16
-    VIRTIO_NET_F_CTRL_VQ = 1 << 17
-    VIRTIO_NET_F_CTRL_RX = 1 << 18
-    VIRTIO_NET_F_CTRL_VLAN = 1 << 19
-    VIRTIO_NET_F_CTRL_RX_EXTRA = 1 << 20
-    VIRTIO_NET_F_GUEST_ANNOUNCE = 1 << 21
-    VIRTIO_NET_F_MQ = 1 << 22
-    VIRTIO_NET_F_CTRL_MAC_ADDR = 1 << 23
-    VIRTIO_NET_F_NOTF_COAL = 1 << 53
-    VIRTIO_NET_F_HASH_REPORT = 1 << 57
-    VIRTIO_NET_F_RSS = 1 << 60
-    VIRTIO_NET_F_RSC_EXT = 1 << 61
-    VIRTIO_NET_F_STANDBY = 1 << 62
-    VIRTIO_NET_F_SPEED_DUPLEX = 1 << 63
-
-
-class VirtioFsFeature(enum.IntFlag):
-    """virtio-fs feature bits (virtio spec; not in linux/virtio_fs.h yet)."""
-
-    VIRTIO_FS_F_NOTIFICATION = 1 << 0
-
-
-class VirtioVsockFeature(enum.IntFlag):
-    """virtio-vsock feature bits (virtio 1.3 §5.10.3)."""
-
-    VIRTIO_VSOCK_F_STREAM = 1 << 0
-    VIRTIO_VSOCK_F_SEQPACKET = 1 << 1
-    VIRTIO_VSOCK_F_NO_IMPLIED_STREAM = 1 << 2
-
-
-VIRTIO_NET_S_LINK_UP = 1
-VIRTIO_NET_S_ANNOUNCE = 2
-#: struct virtio_net_config up to mtu: {u8 mac[6]; le16 status; le16 max_virtqueue_pairs; le16 mtu}
-VIRTIO_NET_CONFIG = struct.Struct("<6sHHH")
-#: struct virtio_fs_config: {u8 tag[36]; le32 num_request_queues}
-VIRTIO_FS_CONFIG = struct.Struct("<36sI")
-#: struct virtio_vsock_config: {le64 guest_cid}
-VIRTIO_VSOCK_CONFIG = struct.Struct("<Q")
-
+# The device type is not on the wire: probe guesses it from the features and the config size,
+# and decodes the config of blk, net, fs and vsock with the layouts of their modules.
 
 def _present(config: bytes, end: int) -> bool:
     return len(config) >= end

@@ -3,9 +3,9 @@ serves them, and a ready-made selectors loop.
 
 Read top to bottom:
 
-* :class:`Device` -- what a device author writes: feature bits, config space, what to do with one
-  request chain. Every hook it leaves alone answers "not supported" (and the protocol feature
-  that would lead to it is not offered). A device never sees a message header.
+* :class:`~vhost_min.device.Device` (device.py, re-exported here) -- what a device author writes:
+  feature bits, config space, what to do with one request chain. Every hook it leaves alone
+  answers "not supported" (and the protocol feature that would lead to it is not offered).
 * :class:`Backend` -- one front-end connection. It checks every message against user.py's request
   table (header version and flags, exact payload size, the fd whitelist, the protocol-feature gate
   of each request), answers REPLY_ACK centrally, and owns the protocol state: virtio and protocol
@@ -68,8 +68,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from typing import BinaryIO
+from collections.abc import Callable, Sequence
 
 from .errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, NotSupportedError, ProtocolError,
                      VhostError)
@@ -86,6 +85,7 @@ from .virtio import (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRIN
                      VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
                      VIRTQ_MAX_SIZE, DeviceStatus, misaligned_ring_part, ring_sizes)
 from . import inflight as _inflight
+from .device import Device
 from .packed import PackedDeviceQueue, decode_base, encode_base
 from .vring import SplitDeviceQueue
 
@@ -129,160 +129,6 @@ def _forget_frames(exc: BaseException | None) -> None:
 
 def _errno_of(exc: BaseException) -> int:
     return exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-
-
-# --------------------------------------------------------------------------------------------
-# Device
-# --------------------------------------------------------------------------------------------
-
-class Device:
-    """A vhost-user device: subclass it, set the class attributes, implement what you need.
-
-    The classic example::
-
-        class Rng(Device):
-            device_id = DeviceId.RNG
-            def handle(self, queue, readable, writable):
-                for buf in writable:
-                    buf[:] = os.urandom(len(buf))
-                return sum(len(b) for b in writable)
-
-        serve(Rng, "/tmp/rng.sock")   # -device vhost-user-rng-pci,chardev=... on the QEMU side
-
-    ``serve`` takes a Device instance (one front-end at a time) or a factory such as the class
-    itself (a fresh device per connection). While a connection serves it, ``self.backend`` is its
-    :class:`Backend` (``self.backend.notify_config_change()``, ``self.backend.signal_used(q)``).
-    """
-
-    device_id: int = 0              #: virtio.DeviceId
-    num_queues: int = 1             #: GET_QUEUE_NUM; ring indexes 0 .. num_queues - 1
-    max_queue_size: int = 1024      #: SET_VRING_NUM above this is refused
-    #: Device-specific virtio feature masks. The framework adds VIRTIO_F_VERSION_1, INDIRECT_DESC,
-    #: EVENT_IDX, RING_PACKED (when packed rings are available), VHOST_F_LOG_ALL and
-    #: VHOST_USER_F_PROTOCOL_FEATURES; add VIRTIO_F_ACCESS_PLATFORM here to get an IOTLB.
-    features: int = 0
-    #: Extra ProtocolFeature bits. CONFIG, DEVICE_STATE, RARP, NET_MTU, SHARED_OBJECT and SHMEM are
-    #: added by themselves when the matching hooks are overridden.
-    protocol_features: int = 0
-    batch_size: int = 256           #: chains per pop_batch in the default process()
-    max_batches: int = 64           #: batches per process() call before other rings get a turn
-    backend: Backend | None = None  #: the Backend serving this device now, if any
-
-    def __init__(self) -> None:
-        self.backend = None
-
-    # -- config space (VHOST_USER_GET_CONFIG / SET_CONFIG) ----------------------------------------
-    def get_config(self, offset: int, size: int) -> bytes:
-        """``size`` bytes of the device config space from ``offset``."""
-        raise NotSupportedError(f"{type(self).__name__} has no config space")
-
-    def set_config(self, offset: int, data: bytes, flags: int) -> None:
-        """A config write; ``flags`` VHOST_SET_CONFIG_TYPE_MIGRATION allows read-only fields."""
-        raise NotSupportedError(f"{type(self).__name__} has no writable config space")
-
-    # -- data path ---------------------------------------------------------------------------------
-    def handle(self, queue: int, readable: list[memoryview], writable: list[memoryview]) -> int:
-        """One request chain: read ``readable``, fill ``writable``; return the bytes written
-        (the used length; None counts as 0). Exceptions complete the chain with 0 bytes."""
-        raise NotSupportedError(f"{type(self).__name__} does not handle requests")
-
-    def process(self, queue: int, vq) -> bool | None:
-        """Queue ``queue`` (started and enabled) was kicked: pop batches of chains from ``vq``
-        (a split or packed device queue), :meth:`complete` them. Return True to be called again
-        soon (work left over). Override for asynchronous I/O; exceptions from ``vq`` (driver bugs)
-        break the ring, anything else is logged and breaks it too."""
-        pop_batch, size = vq.pop_batch, self.batch_size
-        for _ in range(self.max_batches):
-            chains = pop_batch(size)
-            if not chains:
-                return False
-            self.complete(queue, vq, chains)
-        return True
-
-    def process_disabled(self, queue: int, vq) -> bool | None:
-        """Queue ``queue`` is started but disabled: the spec asks for processing "without side
-        effects". The default leaves every chain in the ring until the queue is enabled; a net
-        device discards TX here (``self.discard(queue, vq)``) and supplies no RX."""
-        return None
-
-    def complete(self, queue: int, vq, chains: Iterable[tuple[int, list[memoryview], list[memoryview]]]) -> None:
-        """Run :meth:`handle` on each chain, push them as one batch and signal the driver if it
-        wants to be. A chain whose handle() raises, or returns a bad length, is used with 0 bytes."""
-        handle = self.handle
-        done = []
-        for head, readable, writable in chains:
-            try:
-                n = handle(queue, readable, writable)
-                if n is None:
-                    n = 0
-                elif n.__class__ is not int or n < 0 or (n and n > sum(map(len, writable))):
-                    raise VhostError(f"handle() returned {n!r}, not a length within the "
-                                     f"{sum(map(len, writable))} writable bytes", errno.EINVAL)
-            except Exception as exc:   # noqa: BLE001 (a device bug must not kill the backend)
-                n = 0
-                self._chain_failed(queue, head, exc)
-            done.append((head, n))
-        if done and vq.push_batch(done) and self.backend is not None:
-            self.backend.signal_used(queue)
-
-    def discard(self, queue: int, vq) -> None:
-        """Use every available chain with 0 bytes written, without looking at it."""
-        while True:
-            chains = vq.pop_batch(self.batch_size)
-            if not chains:
-                return
-            if vq.push_batch([(chain[0], 0) for chain in chains]) and self.backend is not None:
-                self.backend.signal_used(queue)
-
-    def _chain_failed(self, queue: int, head: int, exc: BaseException) -> None:
-        if isinstance(exc, VhostError):
-            log.warning("%s: queue %d chain %d failed, used with 0 bytes: %s: %s",
-                        type(self).__name__, queue, head, type(exc).__name__, exc)
-        else:
-            log.error("%s: queue %d chain %d: handle() raised, used with 0 bytes", type(self).__name__, queue,
-                      head, exc_info=exc)
-
-    # -- lifecycle -------------------------------------------------------------------------------
-    def started(self, queue: int) -> None:
-        """Queue ``queue`` was started (first kick, or poll mode)."""
-
-    def stopped(self, queue: int) -> None:
-        """Queue ``queue`` was stopped (GET_VRING_BASE, reset, disconnect): finish or cancel its
-        in-flight requests before returning; the ring's indices are read right after."""
-
-    def reset(self) -> None:
-        """Back to the initial state (RESET_DEVICE, or the front-end went away)."""
-
-    def features_set(self, features: int) -> None:
-        """SET_FEATURES with these virtio features; raise to refuse them."""
-
-    def set_status(self, status: int) -> None:
-        """SET_STATUS: the driver's device status byte (virtio.DeviceStatus)."""
-
-    # -- optional extensions: overriding one offers its protocol feature -------------------------
-    def save_state(self, file: BinaryIO) -> None:
-        """DEVICE_STATE, source side: write the device's state to ``file`` (closed afterwards)."""
-        raise NotSupportedError(f"{type(self).__name__} cannot save its state")
-
-    def load_state(self, file: BinaryIO) -> None:
-        """DEVICE_STATE, destination side: read the state :meth:`save_state` wrote, up to EOF."""
-        raise NotSupportedError(f"{type(self).__name__} cannot load a state")
-
-    def send_rarp(self, mac: bytes) -> None:
-        """VHOST_USER_SEND_RARP: broadcast a RARP for this 6-byte MAC (net devices)."""
-        raise NotSupportedError(f"{type(self).__name__} cannot send a RARP")
-
-    def set_mtu(self, mtu: int) -> None:
-        """VHOST_USER_NET_SET_MTU (net devices); raise for an MTU that is not valid."""
-        raise NotSupportedError(f"{type(self).__name__} has no MTU")
-
-    def get_shared_object(self, uuid) -> int:
-        """VHOST_USER_GET_SHARED_OBJECT: the dma-buf fd exported under ``uuid`` (still the device's)."""
-        raise NotSupportedError(f"{type(self).__name__} exports no shared objects")
-
-    def get_shmem_config(self) -> Sequence[int]:
-        """VHOST_USER_GET_SHMEM_CONFIG: shared memory region sizes, indexed by shmid (0 = unused)."""
-        raise NotSupportedError(f"{type(self).__name__} has no shared memory regions")
 
 
 def _overrides(device: Device, name: str) -> bool:

@@ -24,7 +24,7 @@ import struct
 import time
 from typing import NamedTuple
 
-from .backend import Device
+from .device import Device
 from .user import VHOST_SET_CONFIG_TYPE_MIGRATION, ProtocolFeature
 from .memory import libc
 from .errors import NotNegotiatedError, NotSupportedError, VhostError, VirtqueueError

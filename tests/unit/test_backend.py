@@ -951,7 +951,7 @@ class DataPathErrorTests(BackendCase):
     def test_handle_errors_use_the_chain_with_zero_bytes(self) -> None:
         ring = self.ring(0)
         self.ready(ring)
-        with self.assertLogs("vhost_min.backend", "WARNING") as logs:
+        with self.assertLogs("vhost_min.device", "WARNING") as logs:
             replies = self.roundtrip(ring, b"raise-vhost", b"raise-bug", b"ok")
         self.assertEqual(replies, [b"", b"", b"ko\x00"])
         self.assertFalse(self.backend.rings[0].broken)
@@ -972,7 +972,7 @@ class DataPathErrorTests(BackendCase):
         self.addCleanup(self.fe.close)
         ring = self.ring(0)
         self.ready(ring)
-        with self.assertLogs("vhost_min.backend", "WARNING"):
+        with self.assertLogs("vhost_min.device", "WARNING"):
             self.assertEqual(self.roundtrip(ring, b"x"), [b""])
 
     def test_driver_bug_breaks_the_ring_and_signals_err(self) -> None:

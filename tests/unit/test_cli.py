@@ -276,7 +276,7 @@ class ProbeDecodeTest(AssertCli):
         return path
 
     def test_net(self) -> None:
-        from vhost_min.__main__ import VirtioNetFeature as F
+        from vhost_min.net import VirtioNetFeature as F
         mac = bytes.fromhex("525400123456")
         sock = self.serve(config_device(1, F.VIRTIO_NET_F_MAC | F.VIRTIO_NET_F_STATUS | F.VIRTIO_NET_F_MQ
                                         | F.VIRTIO_NET_F_MTU | F.VIRTIO_NET_F_MRG_RXBUF,
