@@ -4,10 +4,21 @@ The image is Debian's own: the bookworm-backports 6.12 kernel (vhost-net, vhost-
 vhost-scsi, vDPA and VDUSE as modules) and a busybox + python3.11 userland, fetched with
 ``apt-get download`` through a private sources list (the host's apt state is not touched),
 unpacked with ``dpkg-deb -x`` and packed into an initramfs here (modules decompressed, their
-dependencies taken from each module's .modinfo: the package ships no modules.dep). Images are
-cached outside the clone in ``support.cache_dir("guest")``, keyed by the package versions,
-:data:`HARNESS_VERSION` and the text of this file and of /init; a cached boot reads the cache and
-nothing else (no apt, no network).
+dependencies taken from each module's .modinfo: the package ships no modules.dep). The vDPA
+simulators Debian's kernel lacks (:data:`SIM_MODULES`) are compiled here, with the host's gcc-12
+and make, from the kernel's own version of ``linux-source`` against its headers packages, which
+are unpacked, never installed.
+
+Everything is cached outside the clone, in ``support.cache_dir("guest")``:
+
+- ``images/KEY/``: ``vmlinuz``, ``initrd.img`` and ``manifest.json`` (the module table), KEY
+  from the package versions, :data:`HARNESS_VERSION` and the text of this file and of /init;
+  ``current-HARNESSKEY.json`` names the image this harness uses. A cached boot reads these and
+  nothing else (no apt, no network, no compiler).
+- ``modules/KEY/*.ko``: the built SIM_MODULES, KEY from the versions of the packages they were
+  built from, the recipe and HARNESS_VERSION (editing this file rebuilds the image, not them).
+- ``debs/``: the image's packages (those the modules were built from are dropped once built);
+  ``apt/``: the private apt's sources, lists and cache.
 
 How a run travels (see tests/guest_init.sh, the guest's /init):
 
@@ -28,7 +39,8 @@ How a run travels (see tests/guest_init.sh, the guest's /init):
 
 Use::
 
-    with Guest(extra_qemu_args=[...], memfd_memory=True, modules=["vhost_net"]) as guest:
+    with Guest(extra_qemu_args=[...], memfd_memory=True, modules=["vhost_net", "vdpa_sim_blk"],
+               machine="q35,kernel-irqchip=split", append=["intel_iommu=on"]) as guest:
         guest.start("ls /dev/vhost-net", timeout=60)
         ...                         # serve a vhost-user socket from this process meanwhile
         result = guest.wait()       # GuestResult: .status .stdout .stderr .output .console
@@ -57,6 +69,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -65,14 +78,18 @@ from typing import BinaryIO
 
 from tests import support
 
-#: Bump when the image layout changes in a way the package versions do not show.
-HARNESS_VERSION = 1
+#: Bump when the image layout or the module build changes in a way the package versions do not
+#: show (it keys the built vdpa_sim modules too, which the text of this file does not).
+HARNESS_VERSION = 2
 
-#: The command that provides what running a guest needs on the host (apt-get and dpkg-deb are
-#: part of every Debian system).
-INSTALL = "apt-get install -y qemu-system-x86 cpio busybox-static"
+#: The command that provides what building and running a guest needs on the host (apt-get and
+#: dpkg-deb are part of every Debian system; gcc-12 is the compiler Debian built the kernel with).
+INSTALL = "apt-get install -y qemu-system-x86 cpio busybox-static gcc-12 make"
 QEMU = "qemu-system-x86_64"
+#: What booting a guest (and fetching its packages) needs.
 HOST_COMMANDS = (QEMU, "apt-get", "dpkg-deb")
+#: What building the out-of-tree modules needs besides (strip comes with gcc-12's binutils).
+BUILD_COMMANDS = ("gcc-12", "make", "strip")
 
 #: Where the kernel comes from: the metapackage in this suite names the versioned image package.
 KERNEL_SUITE_SUFFIX = "-backports"
@@ -124,7 +141,25 @@ IMAGE_MODULES = (
     "virtiofs", "vmw_vsock_virtio_transport", "vsock_loopback", "9p", "9pnet_virtio",
     "vhost", "vhost_iotlb", "vhost_net", "vhost_vsock", "vhost_scsi", "vhost_vdpa",
     "vdpa", "vduse", "virtio_vdpa", "tun", "tap", "veth", "loop", "sd_mod",
+    # vDPA devices without hardware (built here, see SIM_MODULES): `vdpa dev add mgmtdev
+    # vdpasim_blk|vdpasim_net` gives /dev/vhost-vdpa-N.
+    "vdpa_sim_blk", "vdpa_sim_net",
+    # LIO, the SCSI target vhost-scsi serves (configfs comes with it; /init mounts it).
+    "target_core_mod", "target_core_file", "target_core_iblock", "tcm_loop",
 )
+
+#: Modules Debian's kernel lacks (CONFIG_VDPA_SIM is not set), built out of tree from its
+#: ``linux-source-<major.minor>`` against ``linux-headers-<release>``, its ``-common`` and
+#: ``linux-kbuild`` packages of the very version the image carries, with gcc-12. vringh is what
+#: the simulators need (CONFIG_VHOST_RING is not set either).
+SIM_MODULES = ("vringh", "vdpa_sim", "vdpa_sim_net", "vdpa_sim_blk")
+#: Their sources in the kernel tree: everything they include is in the headers packages.
+SIM_SOURCES = ("drivers/vhost/vringh.c", "drivers/vdpa/vdpa_sim/vdpa_sim.h",
+               "drivers/vdpa/vdpa_sim/vdpa_sim.c", "drivers/vdpa/vdpa_sim/vdpa_sim_net.c",
+               "drivers/vdpa/vdpa_sim/vdpa_sim_blk.c")
+#: make's variables for the build: no BTF for these modules (that needs pahole, and nothing in
+#: a test guest reads it), so the result does not depend on whether the host has pahole.
+SIM_MAKE_VARIABLES = ("CONFIG_DEBUG_INFO_BTF_MODULES=",)
 
 #: Loaded by /init before anything else: the 9p shares need them.
 BOOT_MODULES = ("9pnet_virtio", "9p")
@@ -151,19 +186,22 @@ def console_tail(text: str, lines: int = 40) -> str:
 
 # --- host prerequisites -----------------------------------------------------------------------
 
-def missing_prerequisites() -> list[str]:
-    """The host commands a guest needs that are not installed (empty when all are there)."""
-    return [c for c in HOST_COMMANDS if shutil.which(c) is None]
+def missing_prerequisites(build: bool = True) -> list[str]:
+    """The host commands a guest needs that are not installed (empty when all are there);
+    ``build``: those that building the image needs too."""
+    return [c for c in HOST_COMMANDS + (BUILD_COMMANDS if build else ()) if shutil.which(c) is None]
 
 
 def have_prerequisites() -> bool:
-    """Whether this host can build and boot the guest (QEMU, apt-get, dpkg-deb)."""
+    """Whether this host can build and boot the guest (QEMU, apt-get, dpkg-deb, gcc-12, make)."""
     return not missing_prerequisites()
 
 
 def require_guest() -> None:
-    """Skip (locally) or fail (CI=true) a test when the host cannot run a guest."""
-    support.require_commands(*HOST_COMMANDS, install=INSTALL)
+    """Skip (locally) or fail (CI=true) a test when the host cannot run a guest (or, when no
+    image is cached, cannot build one)."""
+    cached = _current_image(_current_path()) is not None
+    support.require_commands(*HOST_COMMANDS, *(() if cached else BUILD_COMMANDS), install=INSTALL)
 
 
 # --- apt, privately ---------------------------------------------------------------------------
@@ -246,17 +284,36 @@ class _Apt:
         self.write_sources()
         self._run("apt-get", "update")
 
-    def kernel_package(self) -> str:
-        """The versioned image package (linux-image-6.12.N+debN-amd64) the backports metapackage names."""
+    def kernel_package(self) -> tuple[str, str]:
+        """(name, version) of the versioned image package (linux-image-6.12.N+debN-amd64) the
+        backports metapackage depends on."""
         suite = self.codename + KERNEL_SUITE_SUFFIX
         out = self._run("apt-cache", "show", f"{KERNEL_META_PACKAGE}/{suite}")
-        m = re.search(r"^Depends:\s*(linux-image-[^\s,(]+)", out, re.M)
+        m = re.search(r"^Depends:\s*(linux-image-[^\s,(]+)\s*\(=\s*([^)\s]+)\)", out, re.M)
         if not m:
-            raise GuestError(f"apt-cache show {KERNEL_META_PACKAGE}/{suite} names no linux-image package")
-        return m.group(1)
+            raise GuestError(f"apt-cache show {KERNEL_META_PACKAGE}/{suite} names no linux-image "
+                             "package of an exact version")
+        return m.group(1), m.group(2)
+
+    def module_build_packages(self, release: str, version: str) -> list[str]:
+        """``name=version`` of what building SIM_MODULES for kernel ``release`` needs: its headers,
+        the -common headers and linux-kbuild they depend on, and linux-source, all of the image's
+        own ``version`` (the same upstream version and ABI, or apt fails to find them)."""
+        headers = f"linux-headers-{release}"
+        out = self._run("apt-cache", "show", f"{headers}={version}")
+        depends = re.search(r"^Depends:(.*)$", out, re.M)
+        names = [alt.split()[0] for alt in re.split(r"[,|]", depends.group(1) if depends else "") if alt.strip()]
+        common = [n for n in names if n.startswith("linux-headers-") and n.endswith("-common")]
+        kbuild = [n for n in names if n.startswith("linux-kbuild-")]
+        upstream = re.match(r"\d+\.\d+", version)
+        if len(common) != 1 or len(kbuild) != 1 or not upstream:
+            raise GuestError(f"cannot tell the -common headers and linux-kbuild packages from "
+                             f"{headers} {version}: Depends: {names}")
+        return [f"{p}={version}" for p in (headers, common[0], kbuild[0], f"linux-source-{upstream.group()}")]
 
     def resolve(self, packages: Iterable[str]) -> dict[str, str]:
-        """package -> the .deb file name ``apt-get download`` would fetch (it carries the version)."""
+        """package -> the .deb file name ``apt-get download`` would fetch (it carries the version).
+        A package may be given as ``name=version``; the key is then the name."""
         packages = list(packages)
         out = self._run("apt-get", "download", "--print-uris", *packages)
         files = {}
@@ -264,7 +321,7 @@ class _Apt:
             m = re.match(r"'[^']*' (\S+\.deb) ", line)
             if m:
                 files[m.group(1).split("_", 1)[0]] = m.group(1)
-        missing = set(packages) - set(files)
+        missing = {p.split("=", 1)[0] for p in packages} - set(files)
         if missing:
             raise GuestError(f"apt-get download --print-uris did not resolve {sorted(missing)}")
         return files
@@ -399,6 +456,9 @@ class GuestImage:
     packages: dict[str, str]          #: package -> .deb file it came from
     modules: dict[str, dict]          #: name -> {"path": in the guest, "depends": [...]}
     builtin: list[str]                #: module names built into the kernel
+    build_packages: dict[str, str] = dataclasses.field(default_factory=dict)
+    """package -> .deb file SIM_MODULES were built from (not kept in the cache once built)"""
+    sim_modules: str = ""             #: the key of the built SIM_MODULES in the cache's modules/
 
     @property
     def kernel(self) -> str:
@@ -436,7 +496,8 @@ class GuestImage:
     def load(cls, directory: str) -> "GuestImage":
         with open(os.path.join(directory, "manifest.json")) as f:
             m = json.load(f)
-        return cls(directory, m["release"], m["packages"], m["modules"], m["builtin"])
+        return cls(directory, m["release"], m["packages"], m["modules"], m["builtin"],
+                   m.get("build_packages", {}), m.get("sim_modules", ""))
 
 
 def _local_key() -> str:
@@ -453,6 +514,11 @@ def _log(message: str) -> None:
     print(f"[guest] {message}", file=sys.stderr, flush=True)
 
 
+def _current_path() -> str:
+    """The file naming the image this harness version uses (one per harness version)."""
+    return os.path.join(support.cache_dir("guest"), f"current-{_local_key()}.json")
+
+
 def ensure_built(refresh: bool = False, log: Callable[[str], None] = _log) -> GuestImage:
     """The cached guest image, building it first when there is none for this harness.
 
@@ -461,7 +527,7 @@ def ensure_built(refresh: bool = False, log: Callable[[str], None] = _log) -> Gu
     Safe to call from several processes at once (a lock file serialises builders).
     """
     root = support.cache_dir("guest")
-    current = os.path.join(root, f"current-{_local_key()}.json")  # one per harness version
+    current = _current_path()
     with open(os.path.join(root, "lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not refresh:
@@ -474,9 +540,12 @@ def ensure_built(refresh: bool = False, log: Callable[[str], None] = _log) -> Gu
         start = time.monotonic()
         apt = _Apt(os.path.join(root, "apt"))
         apt.update()
-        kernel = apt.kernel_package()
+        kernel, version = apt.kernel_package()
+        release = kernel.removeprefix("linux-image-")
         packages = apt.resolve([kernel, *USERLAND])
-        key = hashlib.sha256((_local_key() + json.dumps(packages, sort_keys=True)).encode()).hexdigest()[:16]
+        build_packages = apt.resolve(apt.module_build_packages(release, version))
+        key = hashlib.sha256((_local_key() + json.dumps([packages, build_packages], sort_keys=True))
+                             .encode()).hexdigest()[:16]
         directory = os.path.join(root, "images", key)
         if not os.path.exists(os.path.join(directory, "manifest.json")):
             debs = os.path.join(root, "debs")
@@ -485,12 +554,46 @@ def ensure_built(refresh: bool = False, log: Callable[[str], None] = _log) -> Gu
             if absent:
                 log(f"downloading {len(absent)} packages")
                 apt.download(absent, debs)
+            built = _sim_modules(root, apt, build_packages, release, log)
             log(f"building image {key} ({kernel})")
-            _build(directory, {p: os.path.join(debs, f) for p, f in packages.items()}, kernel, log)
+            _build(directory, {p: os.path.join(debs, f) for p, f in packages.items()}, kernel,
+                   built, build_packages, log)
             _prune_cache(root)
             log(f"built in {time.monotonic() - start:.1f} s")
         _atomic_write(current, json.dumps({"key": key}))
         return GuestImage.load(directory)
+
+
+def _sim_key(build_packages: Mapping[str, str]) -> str:
+    """What decides the built SIM_MODULES: the packages (their versions), the recipe, HARNESS_VERSION."""
+    recipe = [HARNESS_VERSION, sorted(build_packages.items()), SIM_MODULES, SIM_SOURCES, SIM_MAKE_VARIABLES]
+    return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
+
+
+def _sim_modules(root: str, apt: _Apt, build_packages: Mapping[str, str], release: str,
+                 log: Callable[[str], None]) -> dict[str, str]:
+    """name -> built .ko of SIM_MODULES: from ``root``/modules/KEY when built before, else
+    downloaded and compiled now (the .debs are dropped by the next _prune_cache)."""
+    out = os.path.join(root, "modules", _sim_key(build_packages))
+    built = {name: os.path.join(out, f"{name}.ko") for name in SIM_MODULES}
+    if all(os.path.exists(path) for path in built.values()):
+        return built
+    debs = os.path.join(root, "debs")
+    os.makedirs(debs, exist_ok=True)
+    absent = [p for p, f in build_packages.items() if not os.path.exists(os.path.join(debs, f))]
+    if absent:
+        log(f"downloading {len(absent)} packages to build {', '.join(SIM_MODULES)}")
+        apt.download([f"{p}={_deb_version(build_packages[p])}" for p in absent], debs)
+    log(f"building {', '.join(SIM_MODULES)} for {release}")
+    start = time.monotonic()
+    _build_sim_modules(out, {p: os.path.join(debs, f) for p, f in build_packages.items()}, release)
+    log(f"built {len(built)} modules in {time.monotonic() - start:.1f} s")
+    return built
+
+
+def _deb_version(filename: str) -> str:
+    """6.12.95-1~bpo12+1 from linux-source-6.12_6.12.95-1~bpo12+1_all.deb (apt writes : as %3a)."""
+    return filename.split("_")[1].replace("%3a", ":")
 
 
 def _current_image(current: str) -> GuestImage | None:
@@ -518,13 +621,20 @@ def _prune_cache(root: str, keep: int = 3) -> None:
     used: set[str] = set()
     for i, manifest in enumerate(manifests):
         if i < keep and os.path.exists(manifest):
-            used.update(GuestImage.load(os.path.dirname(manifest)).packages.values())
+            image = GuestImage.load(os.path.dirname(manifest))
+            used.update(image.packages.values())
+            used.add(image.sim_modules)
         else:
             shutil.rmtree(os.path.dirname(manifest), ignore_errors=True)
+    # The packages the modules were built from go: the built modules stay while an image uses them.
     debs = os.path.join(root, "debs")
     for name in os.listdir(debs):
         if name not in used:
             os.unlink(os.path.join(debs, name))
+    built = os.path.join(root, "modules")
+    for name in os.listdir(built) if os.path.isdir(built) else ():
+        if name not in used:
+            shutil.rmtree(os.path.join(built, name), ignore_errors=True)
     for name in os.listdir(root):
         if name.startswith("current-"):
             try:
@@ -536,9 +646,10 @@ def _prune_cache(root: str, keep: int = 3) -> None:
                 os.unlink(os.path.join(root, name))
 
 
-def _build(directory: str, debs: Mapping[str, str], kernel_package: str,
-           log: Callable[[str], None]) -> None:
-    """Unpack the packages and write vmlinuz, initrd.img and manifest.json into ``directory``."""
+def _build(directory: str, debs: Mapping[str, str], kernel_package: str, built: Mapping[str, str],
+           build_packages: Mapping[str, str], log: Callable[[str], None]) -> None:
+    """Unpack the packages and write vmlinuz, initrd.img and manifest.json into ``directory``;
+    ``built`` (name -> .ko) are the out-of-tree modules, from ``build_packages``."""
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="build-", dir=parent) as tmp:
@@ -546,7 +657,7 @@ def _build(directory: str, debs: Mapping[str, str], kernel_package: str,
         os.mkdir(out)
         kroot = os.path.join(tmp, "kernel")
         _dpkg_x(debs[kernel_package], kroot)
-        kernel = _kernel_modules(kroot)
+        kernel = _kernel_modules(kroot, built)
         release, modules, builtin = kernel.release, kernel.modules, kernel.builtin
         shutil.copyfile(os.path.join(kroot, "boot", f"vmlinuz-{release}"), os.path.join(out, "vmlinuz"))
 
@@ -578,7 +689,8 @@ def _build(directory: str, debs: Mapping[str, str], kernel_package: str,
             cpio.file("etc/vhost_min/boot-modules", "".join(f"{n} {p}\n" for n, p in boot).encode())
             cpio.close()
         manifest = {"release": release, "packages": {p: os.path.basename(d) for p, d in debs.items()},
-                    "modules": modules, "builtin": builtin, "harness_version": HARNESS_VERSION}
+                    "modules": modules, "builtin": builtin, "harness_version": HARNESS_VERSION,
+                    "build_packages": dict(build_packages), "sim_modules": _sim_key(build_packages)}
         with open(os.path.join(out, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
         size = os.path.getsize(os.path.join(out, "initrd.img"))
@@ -594,6 +706,106 @@ def _dpkg_x(deb: str, dest: str) -> None:
         raise GuestError(f"dpkg-deb -x {deb} failed: {proc.stderr.strip()}")
 
 
+# --- the out-of-tree modules (vdpa_sim and friends) ---------------------------------------------
+
+def _build_sim_modules(out: str, debs: Mapping[str, str], release: str) -> None:
+    """Compile SIM_MODULES for ``release`` and leave the stripped .ko files in ``out``.
+
+    ``debs`` are the packages module_build_packages names (package -> .deb): the headers are
+    unpacked (not installed) into a temporary root, the sources taken from linux-source's
+    tarball, and kbuild run on them with the host's gcc-12. A failing step raises GuestError
+    naming the step, with the tail of what it printed.
+    """
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="build-", dir=parent) as tmp:
+        root, src, build = (os.path.join(tmp, d) for d in ("root", "src", "build"))
+        for package, deb in debs.items():
+            if not package.startswith("linux-source-"):
+                _dpkg_x(deb, root)
+        headers = os.path.join(root, "usr", "src", f"linux-headers-{release}")
+        makefile = os.path.join(headers, "Makefile")
+        # That Makefile includes the -common one by its installed path (/usr/src/...): point it here.
+        try:
+            with open(makefile) as f:
+                text = f.read()
+        except OSError as e:
+            raise GuestError(f"building {', '.join(SIM_MODULES)}: linux-headers-{release} has no Makefile: {e}") from e
+        with open(makefile, "w") as f:
+            f.write(re.sub(r"^include /", f"include {root}/", text, flags=re.M))
+        [source_deb] = [deb for package, deb in debs.items() if package.startswith("linux-source-")]
+        _extract_kernel_sources(source_deb, SIM_SOURCES, src)
+        os.mkdir(build)
+        for path in SIM_SOURCES:     # one flat directory: vdpa_sim.h is included as "vdpa_sim.h"
+            shutil.copyfile(os.path.join(src, path), os.path.join(build, os.path.basename(path)))
+        with open(os.path.join(build, "Kbuild"), "w") as f:
+            f.write(f"obj-m := {' '.join(f'{name}.o' for name in SIM_MODULES)}\n")
+        _build_step("make modules", ["make", "-C", headers, f"M={build}", f"-j{os.cpu_count() or 1}",
+                                     *SIM_MAKE_VARIABLES, "modules"])
+        staged = os.path.join(tmp, "out")
+        os.mkdir(staged)
+        for name in SIM_MODULES:
+            ko = os.path.join(staged, f"{name}.ko")
+            _build_step(f"strip {name}.ko", ["strip", "--strip-debug", "-o", ko, os.path.join(build, f"{name}.ko")])
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(staged, out)
+
+
+def _build_step(step: str, argv: list[str], timeout: float = 600) -> None:
+    """Run one step of the module build; GuestError with the step and its output's tail on failure."""
+    what = f"building {', '.join(SIM_MODULES)}: {step}"
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        output = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output or ""
+        raise GuestError(f"{what} did not finish in {timeout:.0f} s:\n{console_tail(output, 30)}") from e
+    except OSError as e:
+        raise GuestError(f"{what} could not start ({e}); {INSTALL}") from e
+    if proc.returncode:
+        raise GuestError(f"{what} failed (exit {proc.returncode}): {' '.join(argv)}\n"
+                         f"{console_tail(proc.stdout, 30)}")
+
+
+def _extract_kernel_sources(deb: str, paths: Sequence[str], dest: str) -> None:
+    """Copy ``paths`` (relative to the kernel tree) out of linux-source's .deb into ``dest``.
+
+    The package holds one tarball, usr/src/linux-source-X.Y.tar.xz (~150 MB, ~1.5 GB unpacked);
+    both are read as streams, nothing else is written, and reading stops at the last file wanted.
+    """
+    what = f"building {', '.join(SIM_MODULES)}: extract sources from {os.path.basename(deb)}"
+    left = set(paths)
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", deb], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as outer:
+                for member in outer:
+                    if not re.fullmatch(r"(\./)?usr/src/linux-source-[0-9.]+\.tar\.xz", member.name):
+                        continue
+                    with tarfile.open(fileobj=outer.extractfile(member), mode="r|xz") as tree:
+                        for item in tree:
+                            rel = item.name.split("/", 1)[-1]      # under linux-source-X.Y/
+                            if rel in left and item.isfile():
+                                os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
+                                with open(os.path.join(dest, rel), "wb") as f:
+                                    shutil.copyfileobj(tree.extractfile(item), f)
+                                left.discard(rel)
+                                if not left:
+                                    break
+                    break
+        except (tarfile.TarError, EOFError, lzma.LZMAError) as e:
+            stderr.seek(0)
+            raise GuestError(f"{what}: {e}\n{console_tail(stderr.read().decode(errors='replace'), 10)}") from e
+        finally:
+            proc.stdout.close()      # dpkg-deb, when stopped early, ends on the closed pipe
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    if left:
+        raise GuestError(f"{what}: the source tree lacks {sorted(left)}")
+
+
 @dataclasses.dataclass
 class _Kernel:
     """What the image takes from the kernel package."""
@@ -606,19 +818,27 @@ class _Kernel:
     builtin_text: str            #: the package's modules.builtin
 
 
-def _kernel_modules(kroot: str) -> _Kernel:
+def _kernel_modules(kroot: str, built: Mapping[str, str]) -> _Kernel:
     """Pick IMAGE_MODULES and their dependencies (from each module's .modinfo) out of an
-    unpacked linux-image package."""
+    unpacked linux-image package and the out-of-tree ``built`` ones (name -> .ko), which go to
+    extra/ as kbuild installs them."""
     releases = os.listdir(os.path.join(kroot, "lib", "modules"))
     if len(releases) != 1:
         raise GuestError(f"expected one kernel release in the image package, found {releases}")
     release = releases[0]
     mod_root = os.path.join(kroot, "lib", "modules", release)
-    available: dict[str, str] = {}
+    available: dict[str, str] = {}      # name -> file
+    guest_path: dict[str, str] = {}     # name -> path under mod_root in the guest
     for dirpath, _, filenames in os.walk(os.path.join(mod_root, "kernel")):
         for filename in filenames:
             if ".ko" in filename:
-                available[_module_name(filename)] = os.path.join(dirpath, filename)
+                name = _module_name(filename)
+                available[name] = os.path.join(dirpath, filename)
+                guest_path[name] = re.sub(r"[.](xz|gz)$", "", os.path.relpath(available[name], mod_root))
+    for name, path in built.items():
+        if name in available:
+            raise GuestError(f"{name} is both built here and in {release}: drop it from SIM_MODULES")
+        available[name], guest_path[name] = path, f"extra/{name}.ko"
     with open(os.path.join(mod_root, "modules.builtin")) as f:
         all_builtin = {_module_name(line.strip()) for line in f if line.strip()}
 
@@ -638,14 +858,16 @@ def _kernel_modules(kroot: str) -> _Kernel:
             raise GuestError(f"kernel {release} has no module {name!r} (neither loadable nor built in)")
         data = _read_module(available[name])
         info = _modinfo(data)
+        vermagic = info.get("vermagic", [""])[0].split(" ", 1)[0]
+        if vermagic != release:
+            raise GuestError(f"{available[name]} is for kernel {vermagic!r}, the image's is {release!r}")
         depends = [d for d in ",".join(info.get("depends", [])).split(",") if d]
         # "softdep=pre: a b post: c": load the pre- ones first when this kernel has them.
         for soft in info.get("softdep", []):
             pre = re.search(r"pre:\s*([^:]*?)(?:\s+post:|$)", soft)
             depends += [d for d in (pre.group(1).split() if pre else []) if d in available or d in all_builtin]
         depends = [d.replace("-", "_") for d in depends]
-        rel = os.path.relpath(available[name], mod_root)
-        modules[name] = {"path": f"/lib/modules/{release}/{re.sub(r'[.](xz|gz)$', '', rel)}",
+        modules[name] = {"path": f"/lib/modules/{release}/{guest_path[name]}",
                          "depends": [d for d in depends if d not in all_builtin]}
         files[name] = data
         aliases += [f"alias {a} {name}\n" for a in info.get("alias", [])]
@@ -757,17 +979,23 @@ class Guest:
     """One QEMU (TCG) guest running one script; see the module docstring.
 
     ``extra_qemu_args`` are appended to QEMU's command line (chardevs, vhost-user devices).
-    ``memfd_memory`` backs guest RAM with a shared memfd, as vhost-user needs. ``modules`` are
-    loaded (with their dependencies) before the script runs. ``shares`` maps 9p tags to host
-    directories mounted writable on /mnt/<tag>. ``env`` is exported to the script.
+    ``memfd_memory`` backs guest RAM with a shared memfd, as vhost-user needs. ``machine`` is
+    QEMU's -machine value, options included ("q35,kernel-irqchip=split"). ``append`` adds
+    arguments to the kernel command line (``["intel_iommu=on", "iommu=strict"]``). ``modules``
+    are loaded (with their dependencies) before the script runs. ``shares`` maps 9p tags to
+    host directories mounted writable on /mnt/<tag>. ``env`` is exported to the script.
     """
 
     def __init__(self, extra_qemu_args: Sequence[str] = (), *, memfd_memory: bool = False,
-                 memory: str = "512M", smp: int = 1, machine: str = "q35",
+                 memory: str = "512M", smp: int = 1, machine: str = "q35", append: Sequence[str] = (),
                  modules: Sequence[str] = (), shares: Mapping[str, str] | None = None,
                  env: Mapping[str, str] | None = None, source_dir: str = PROJECT_ROOT,
                  boot_timeout: float = 90.0, image: GuestImage | None = None) -> None:
+        for name, value in (("extra_qemu_args", extra_qemu_args), ("append", append), ("modules", modules)):
+            if isinstance(value, str):
+                raise TypeError(f"{name} is a sequence of arguments, not one string: {value!r}")
         self.extra_qemu_args = list(extra_qemu_args)
+        self.append = list(append)
         self.memfd_memory = memfd_memory
         self.memory = memory
         self.smp = smp
@@ -853,7 +1081,8 @@ class Guest:
         assert image is not None
         cmd = [QEMU, "-nodefaults", "-no-user-config", "-machine", self.machine, "-accel", "tcg",
                "-cpu", "max", "-smp", str(self.smp), "-m", self.memory,
-               "-kernel", image.kernel, "-initrd", image.initrd, "-append", KERNEL_APPEND,
+               "-kernel", image.kernel, "-initrd", image.initrd,
+               "-append", " ".join([KERNEL_APPEND, *self.append]),
                "-display", "none", "-monitor", "none", "-serial", f"file:{_opt(self._console)}",
                "-no-reboot", "-device", "virtio-rng-pci",
                "-virtfs", f"local,path={_opt(ctl)},mount_tag={CTL_TAG},security_model=none",

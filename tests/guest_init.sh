@@ -52,6 +52,10 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 vhost_min_ctl /ctl \
 [ -r /ctl/config ] || fail "/ctl/config is missing"
 . /ctl/config
 load </ctl/modules
+# LIO (target_core_mod) is configured through configfs: mount it when a module brought it.
+if [ -d /sys/kernel/config ]; then
+    mount -t configfs configfs /sys/kernel/config || fail "cannot mount configfs"
+fi
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,ro vhost_min_src /src \
     || fail "cannot mount the vhost_min_src 9p share"
 for tag in $SHARES; do

@@ -15,7 +15,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 #: apt packages each tier needs on a fresh Debian 12 machine; .ci/run installs the same list.
 PEER_PACKAGES = ("qemu-system-x86 qemu-utils qemu-system-common dpdk-dev librte-net-vhost23 "
-                 "librte-net-virtio23 librte-mempool-ring23 cpio busybox-static qemu-user-static")
+                 "librte-net-virtio23 librte-mempool-ring23 cpio busybox-static qemu-user-static "
+                 "gcc-12 make gcc linux-libc-dev")
 
 
 def require(ok: bool, what: str, install: str) -> None:
