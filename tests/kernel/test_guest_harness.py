@@ -1,18 +1,21 @@
 """The guest harness itself (tests/guest.py): Debian's 6.12 backports kernel boots under TCG,
-loads the vhost modules, sees the project over 9p, and reports the script's real outcome.
+loads the vhost modules and the vdpa_sim modules built for it, sees the project over 9p, takes
+extra kernel arguments, and reports the script's real outcome.
 
-Four boots of ~5 s each; the image is built first when the cache has none (~10 s, plus the
-download of ~120 MB of packages).
+Six boots of ~7 s each; the image is built first when the cache has none (~40 s: ~285 MB of
+packages downloaded, vdpa_sim compiled).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import tempfile
 import unittest
 
-from tests import guest
+from tests import guest, support
 
 PROBE = r"""
 echo "release=$(uname -r)"
@@ -65,14 +68,18 @@ class GuestHarnessTest(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(guest.PROJECT_ROOT, "written-by-guest")))
 
     def test_a_cached_image_is_reused_without_rebuilding(self) -> None:
+        built = os.path.join(support.cache_dir("guest"), "modules", self.image.sim_modules)
+
         def stamps() -> dict[str, int]:
-            return {name: os.stat(os.path.join(self.image.directory, name)).st_mtime_ns
-                    for name in os.listdir(self.image.directory)}
+            return {path: os.stat(path).st_mtime_ns for d in (self.image.directory, built)
+                    for path in (os.path.join(d, name) for name in os.listdir(d))}
         before = stamps()
+        self.assertEqual(sorted(os.path.basename(p) for p in before if p.startswith(built)),
+                         sorted(f"{name}.ko" for name in guest.SIM_MODULES))
         logged: list[str] = []
         again = guest.ensure_built(log=logged.append)
         self.assertEqual(again.directory, self.image.directory)
-        self.assertEqual(stamps(), before, "the cached image was written again")
+        self.assertEqual(stamps(), before, "the cached image or modules were written again")
         self.assertFalse([line for line in logged if "building" in line or "download" in line], logged)
 
     def test_unknown_module_is_refused_before_booting(self) -> None:
@@ -125,6 +132,103 @@ echo "host said: $reply"
         self.assertEqual(greeting, f"hello from {self.image.release}\n")
         result.check()
         self.assertEqual(result.stdout, "host said: pong\n")
+
+
+#: In one boot: what `vdpa` says about the simulators, two devices added, and what appeared.
+VDPA_SIM = r"""
+echo "--- mgmtdev"; vdpa -j mgmtdev show; echo
+vdpa dev add mgmtdev vdpasim_blk name vdpa0
+vdpa dev add mgmtdev vdpasim_net name vdpa1
+echo "--- dev"; vdpa -j dev show; echo
+echo "--- nodes"
+for node in /dev/vhost-vdpa-*; do [ -c "$node" ] && echo "$node"; done
+echo "--- bound"
+for dev in /sys/bus/vdpa/devices/*; do
+    echo "${dev##*/} $(basename "$(readlink "$dev/driver")") $(cd "$dev" && echo vhost-vdpa-*)"
+done
+echo "--- target"
+[ -d /sys/kernel/config/target/core ] && echo "configfs target/core"
+echo "--- modules"
+cut -d' ' -f1 /proc/modules | sort
+"""
+
+
+def _sections(stdout: str) -> dict[str, str]:
+    """The '--- name' sections of a script's output."""
+    return {m[1]: m[2].strip() for m in re.finditer(r"^--- (\w+)\n(.*?)(?=^--- |\Z)", stdout, re.M | re.S)}
+
+
+class AddedModulesTest(unittest.TestCase):
+    """What the image adds to Debian's kernel: vdpa_sim (built out of tree) and LIO (for vhost-scsi)."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        guest.require_guest()
+        cls.result = guest.Guest(modules=["vhost_vdpa", "vdpa_sim_blk", "vdpa_sim_net", "tcm_loop",
+                                          "target_core_file", "target_core_iblock"]).run(VDPA_SIM, timeout=60)
+        cls.out = _sections(cls.result.stdout)
+
+    def test_the_script_succeeded(self) -> None:
+        self.result.check()
+
+    def test_vdpa_lists_both_simulators(self) -> None:
+        mgmt = json.loads(self.out["mgmtdev"])["mgmtdev"]
+        self.assertEqual(sorted(mgmt), ["vdpasim_blk", "vdpasim_net"], self.result.output)
+        self.assertEqual(mgmt["vdpasim_blk"]["supported_classes"], ["block"])
+        self.assertEqual(mgmt["vdpasim_net"]["supported_classes"], ["net"])
+
+    def test_added_devices_bind_to_vhost_vdpa(self) -> None:
+        devices = json.loads(self.out["dev"])["dev"]
+        self.assertEqual({name: (d["mgmtdev"], d["type"]) for name, d in devices.items()},
+                         {"vdpa0": ("vdpasim_blk", "block"), "vdpa1": ("vdpasim_net", "network")})
+        self.assertEqual(self.out["nodes"].splitlines(), ["/dev/vhost-vdpa-0", "/dev/vhost-vdpa-1"],
+                         self.result.output)
+        self.assertEqual(self.out["bound"].splitlines(),
+                         ["vdpa0 vhost_vdpa vhost-vdpa-0", "vdpa1 vhost_vdpa vhost-vdpa-1"])
+
+    def test_built_modules_and_their_dependencies_are_loaded(self) -> None:
+        loaded = set(self.out["modules"].split())
+        for module in (*guest.SIM_MODULES, "vhost_vdpa", "vdpa", "vhost_iotlb"):
+            self.assertIn(module, loaded)
+
+    def test_lio_loads_and_configfs_is_mounted(self) -> None:
+        loaded = set(self.out["modules"].split())
+        for module in ("target_core_mod", "target_core_file", "target_core_iblock", "tcm_loop", "configfs"):
+            self.assertIn(module, loaded)
+        self.assertEqual(self.out["target"], "configfs target/core", self.result.output)
+
+
+class KernelCommandLineTest(unittest.TestCase):
+    """``append`` reaches the kernel, and ``machine`` takes options: the vIOMMU set-up."""
+
+    def test_append_and_machine_options_for_a_viommu(self) -> None:
+        guest.require_guest()
+        vm = guest.Guest(["-device", "intel-iommu,intremap=on"], machine="q35,kernel-irqchip=split",
+                         append=["intel_iommu=on", "iommu=strict"])
+        result = vm.run("cat /proc/cmdline; ls /sys/class/iommu", timeout=60).check()
+        cmdline, iommus = result.stdout.splitlines()
+        self.assertEqual(cmdline.split()[-2:], ["intel_iommu=on", "iommu=strict"], result.output)
+        self.assertEqual(iommus, "dmar0", result.output)
+
+    def test_a_string_is_refused_where_arguments_are_expected(self) -> None:
+        with self.assertRaisesRegex(TypeError, "append"):
+            guest.Guest(append="intel_iommu=on")
+
+
+class ModuleBuildErrorTest(unittest.TestCase):
+    """A failing step of the vdpa_sim build names the step and shows the compiler's tail."""
+
+    def test_a_compiler_error_is_reported_with_the_step(self) -> None:
+        support.require_commands(*guest.BUILD_COMMANDS, install=guest.INSTALL)
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, "broken.c")
+            with open(source, "w") as f:
+                f.write("int main(void) { return undeclared_here; }\n")
+            with self.assertRaises(guest.GuestError) as caught:
+                guest._build_step("compile broken.c", ["gcc-12", "-c", "-o", os.devnull, source])
+        message = str(caught.exception)
+        self.assertIn(f"building {', '.join(guest.SIM_MODULES)}: compile broken.c failed (exit 1)", message)
+        self.assertRegex(message, r"broken\.c:1:\d+: error: .undeclared_here. undeclared")
 
 
 if __name__ == "__main__":
