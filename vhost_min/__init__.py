@@ -23,6 +23,7 @@ _LAZY = {
     "Device": "device", "Backend": "backend", "Server": "backend", "serve": "backend",
     "Frontend": "frontend",
     "BlkDevice": "blk", "BlkClient": "blk",
+    "VhostKernel": "ioctl", "VhostNet": "ioctl", "VhostVsock": "ioctl", "VhostScsi": "ioctl",
 }
 
 __all__ = ["VhostError", "GuestMemoryError", "VirtqueueError", "ProtocolError", "NotNegotiatedError",
