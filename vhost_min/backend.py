@@ -21,10 +21,13 @@ Decisions the spec leaves open, in one place (spec = QEMU docs/interop/vhost-use
 
 * Ring states ("Ring states"). A ring starts *stopped and disabled*. It is *started* when its kick
   fd becomes readable or by an in-band VRING_KICK -- or, in poll mode (SET_VRING_KICK with the NOFD
-  bit), at once, since no kick will ever come. GET_VRING_BASE *stops* it and keeps its state (the
-  queue object, its indices); the kick fd stays watched, so a later kick starts it again.
-  SET_VRING_ENABLE toggles enabled; SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES enables
-  every ring at once; SET_VRING_ENABLE without it negotiated is refused (NotNegotiatedError).
+  bit), at once, since no kick will ever come. GET_VRING_BASE *stops* it for good and keeps its
+  state (the queue object, its indices): the device first finishes what it holds (``stopped()``),
+  the kick fd is closed and unwatched, and only a new SET_VRING_KICK (or an in-band VRING_KICK)
+  starts it again. SET_VRING_ENABLE toggles enabled; it is accepted once protocol features are
+  negotiated (SET_PROTOCOL_FEATURES; QEMU's net device enables rings before SET_FEATURES) and
+  refused before (NotNegotiatedError); SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES enables
+  every ring at once. SET_VRING_CALL signals the new call fd at once, as libvhost-user does.
   Started+enabled rings go to ``Device.process``; started+disabled rings go to
   ``Device.process_disabled``, whose default leaves the chains in the ring (no side effects; they
   are processed once the ring is enabled) -- a net device overrides it to discard TX
@@ -73,14 +76,14 @@ from collections.abc import Callable, Sequence
 from .errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, NotSupportedError, ProtocolError,
                      VhostError)
 from .memory import IOTLB, MAX_MEM_SLOTS, VHOST_ACCESS_RO, VHOST_ACCESS_WO, DirtyLog, GuestMemory, IOTLBMiss
-from .user import (FRONTEND_REQUESTS, VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_MISS, VHOST_IOTLB_UPDATE,
+from .user import (BACKEND_REQUESTS, FRONTEND_REQUESTS, VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_MISS, VHOST_IOTLB_UPDATE,
                    VHOST_SET_CONFIG_TYPE_FRONTEND, VHOST_SET_CONFIG_TYPE_MIGRATION,
                    VHOST_TRANSFER_STATE_DIRECTION_LOAD, VHOST_TRANSFER_STATE_DIRECTION_SAVE,
-                   VHOST_TRANSFER_STATE_PHASE_STOPPED, VHOST_USER_DEVICE_STATE_ERROR_MASK,
+                   VHOST_TRANSFER_STATE_PHASE_STOPPED, VHOST_USER_DEVICE_STATE_ERROR_MASK, VHOST_USER_FLAG_MAP_RW,
                    VHOST_USER_VRING_IDX_MASK, VHOST_USER_VRING_NOFD_MASK, BackendRequest, Config, Connection,
                    DeviceState, FrontendRequest, Inflight, IotlbMsg, Listener, Log, MemoryRegion, MemoryTable,
-                   Message, ProtocolFeature, RequestSpec, SharedObject, ShmemConfig, VirtioGate, VringAddr, VringFd,
-                   VringState, check_message, pack_u64)
+                   Message, ProtocolFeature, RequestSpec, SharedObject, ShmemConfig, ShmemMap, VirtioGate, VringAddr,
+                   VringArea, VringFd, VringState, check_message, pack_u64)
 from .virtio import (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG, VIRTIO_F_ACCESS_PLATFORM,
                      VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
                      VIRTQ_MAX_SIZE, DeviceStatus, misaligned_ring_part, ring_sizes)
@@ -101,6 +104,9 @@ REGION_ALIGN = 0x1000
 MAX_QUEUES = VHOST_USER_VRING_IDX_MASK + 1
 #: How long CHECK_DEVICE_STATE waits for the device's save_state/load_state to finish.
 STATE_TRANSFER_TIMEOUT = 30.0
+#: How long a back-end request may take to send and, where one is due, to be answered; a front-end
+#: slower than that loses the back-end channel (the loop serves every connection and ring).
+BACKEND_REQUEST_TIMEOUT = 2.0
 #: How long a client-mode endpoint waits between connection attempts.
 RECONNECT_INTERVAL = 1.0
 
@@ -144,11 +150,13 @@ _HOOK_FEATURES = (
     ("get_shmem_config", ProtocolFeature.SHMEM),
 )
 
-#: What the framework implements itself, whatever the device.
+#: What the framework implements itself, whatever the device. INBAND_NOTIFICATIONS is implemented
+#: too but offered only when the device asks for it (its ``protocol_features``): QEMU 7.2 acks the
+#: bit yet understands neither BACKEND_VRING_CALL nor BACKEND_VRING_ERR, and every in-band call
+#: waits for the front-end's answer.
 _BASE_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.LOG_SHMFD | ProtocolFeature.REPLY_ACK
-                           | ProtocolFeature.BACKEND_REQ | ProtocolFeature.RESET_DEVICE
-                           | ProtocolFeature.INBAND_NOTIFICATIONS | ProtocolFeature.CONFIGURE_MEM_SLOTS
-                           | ProtocolFeature.STATUS)
+                           | ProtocolFeature.BACKEND_REQ | ProtocolFeature.BACKEND_SEND_FD | ProtocolFeature.RESET_DEVICE
+                           | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.STATUS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +263,7 @@ class Backend:
         self.features_acked = False
         self._features_failed = False       # SET_FEATURES was refused: FEATURES_OK does not stick
         self.protocol_features = ProtocolFeature(0)
+        self.protocol_negotiated = False    # SET_PROTOCOL_FEATURES was accepted
         self.owner = False
         self.status = 0
         self.memory = GuestMemory(max_regions=MAX_MEM_SLOTS)
@@ -269,6 +278,11 @@ class Backend:
         for ring in self.rings:
             ring.on_kick = functools.partial(self._on_kick_fd, ring)
         self._socket_handler = self._on_socket      # one object, so attach() sees no change
+        # Chains asynchronous devices completed in other threads (post_used), pushed by the loop.
+        self._posted: dict[int, list[tuple[int, int]]] = {}
+        self._posted_lock = threading.Lock()
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._wake_handler = self._on_wake
         device.backend = self
 
     def __repr__(self) -> str:
@@ -298,7 +312,7 @@ class Backend:
         call when it is readable. Empty once closed."""
         if self.closed:
             return {}
-        fds = {self.connection.fileno(): self._socket_handler}
+        fds = {self.connection.fileno(): self._socket_handler, self._wake_fd: self._wake_handler}
         for ring in self.rings:
             if ring.kick_fd is not None:
                 fds[ring.kick_fd] = ring.on_kick
@@ -417,8 +431,10 @@ class Backend:
 
     def _check_virtio_gate(self, spec: RequestSpec) -> None:
         gate = spec.virtio_gate
-        if gate is VirtioGate.PROTOCOL_FEATURES and not self.features & VHOST_USER_F_PROTOCOL_FEATURES:
-            raise NotNegotiatedError(f"{spec.name} needs VHOST_USER_F_PROTOCOL_FEATURES negotiated with "
+        if gate is VirtioGate.PROTOCOL_FEATURES and not (self.protocol_negotiated
+                                                         or self.features & VHOST_USER_F_PROTOCOL_FEATURES):
+            raise NotNegotiatedError(f"{spec.name} needs VHOST_USER_F_PROTOCOL_FEATURES negotiated: "
+                                     f"VHOST_USER_SET_PROTOCOL_FEATURES or the bit acked with "
                                      f"VHOST_USER_SET_FEATURES (features {self.features:#x})")
         if gate is VirtioGate.ACCESS_PLATFORM and not self.features & VIRTIO_F_ACCESS_PLATFORM:
             raise NotNegotiatedError(f"{spec.name} needs VIRTIO_F_ACCESS_PLATFORM negotiated")
@@ -485,8 +501,12 @@ class Backend:
         self.closed = True
         self._watch_changed()
         for ring in self.rings:
-            if ring.started:
+            if ring.started or (ring.queue is not None and ring.queue.in_flight):
                 self._stop(ring)
+        with self._posted_lock:
+            self._posted.clear()
+            _close(self._wake_fd)
+            self._wake_fd = -1
         try:
             self.device.reset()
         except Exception:   # noqa: BLE001
@@ -547,25 +567,78 @@ class Backend:
         self._flush_config_change()
 
     def _stop(self, ring: Ring) -> None:
+        """The ring stops: the device finishes what it holds first (see _quiesce)."""
+        self._quiesce(ring)
         ring.started = False
         ring.again = False
+
+    def _quiesce(self, ring: Ring) -> None:
+        """device.stopped(), then push what it completed: afterwards no chain of this ring is held
+        by the device (device.py's contract), so its base can be read or its queue rebuilt."""
         try:
             self.device.stopped(ring.index)
         except Exception:   # noqa: BLE001
             log.exception("%s: device stopped(%d) failed", self.name, ring.index)
+        self._push_posted(ring.index)
+        vq = ring.queue
+        if vq is not None and vq.in_flight:
+            log.error("%s: ring %d: the device still holds %d chain(s) after stopped() returned; they are "
+                      "lost to this queue", self.name, ring.index, vq.in_flight)
 
     def _drop_queue(self, ring: Ring) -> None:
-        """Forget the device queue (rebuilt when next processed), keeping the next avail index.
-        A started ring is looked at again after this message: a kick that came while it could
-        not be built (no memory yet) is not lost."""
+        """Forget the device queue (rebuilt when next processed), keeping the next avail index;
+        chains the device holds are finished first. A started ring is looked at again after this
+        message: a kick that came while it could not be built (no memory yet) is not lost."""
         ring.again = ring.started
         vq = ring.queue
         if vq is not None:
+            if vq.in_flight:
+                self._quiesce(ring)
             ring.queue = None
             ring.base = vq.get_base()
-            if vq.in_flight:
-                log.warning("%s: ring %d rebuilt with %d chains still in flight", self.name, ring.index,
-                            vq.in_flight)
+
+    # -- completions from other threads -------------------------------------------------------------
+    def post_used(self, queue: int, done: Sequence[tuple[int, int]]) -> None:
+        """Thread-safe: chains of ``queue`` that an asynchronous device completed, as (head, bytes
+        written). The loop thread pushes them to the used ring as one batch and signals the driver
+        if it wants it (device.py describes the contract). Ignored once the backend is closed."""
+        if not 0 <= queue < len(self.rings):
+            raise ValueError(f"queue {queue} does not exist ({len(self.rings)} queues)")
+        with self._posted_lock:
+            if self._wake_fd < 0:
+                return
+            self._posted.setdefault(queue, []).extend(done)
+            os.eventfd_write(self._wake_fd, 1)
+
+    def _on_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except OSError:
+            pass
+        self._push_posted()
+
+    def _push_posted(self, queue: int | None = None) -> None:
+        """Push what devices posted (for one queue, or all), one batch and one signal per ring."""
+        with self._posted_lock:
+            if queue is None:
+                posted, self._posted = self._posted, {}
+            else:
+                done = self._posted.pop(queue, None)
+                posted = {queue: done} if done else {}
+        for index, done in posted.items():
+            ring = self.rings[index]
+            vq = ring.queue
+            if vq is None:
+                log.error("%s: ring %d: %d chain(s) posted for a queue that is gone (reset, or rebuilt)", self.name,
+                          index, len(done))
+                continue
+            try:
+                wanted = vq.push_batch(done)
+            except VhostError as exc:
+                log.error("%s: ring %d: the device posted chains the ring does not hold: %s", self.name, index, exc)
+                continue
+            if wanted:
+                self.signal_used(index)
 
     # -- rings: the data path ----------------------------------------------------------------------------
     def _on_kick_fd(self, ring: Ring) -> None:
@@ -752,25 +825,105 @@ class Backend:
         return self._channel_send(BackendRequest.CONFIG_CHANGE_MSG)
 
     def _channel_send(self, request: BackendRequest, payload: bytes = b"", *, need_reply: bool = False) -> bool:
-        """Send a back-end request; with ``need_reply`` (and REPLY_ACK) wait for its u64."""
-        channel = self.channel
-        if channel is None:
+        """A notification of ours on the back-end channel (config change, IOTLB miss, in-band call
+        or error): sent if the channel exists; a failure is logged (and the channel dropped)."""
+        if self.channel is None:
             return False
-        need_reply = need_reply and bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
         try:
-            if need_reply:
-                with channel.request(request, payload, need_reply=True) as reply:
-                    if reply.u64():
-                        log.warning("%s: the front-end answered %s with %#x", self.name, request.spec_name,
-                                    reply.u64())
-            else:
-                channel.send(request, payload)
+            self.backend_request(request, payload, need_reply=need_reply)
         except VhostError as exc:
-            log.warning("%s: the back-end channel failed sending %s (%s); dropping it", self.name,
-                        request.spec_name, exc)
-            self._drop_channel()
+            log.warning("%s: %s", self.name, exc)
             return False
         return True
+
+    def backend_request(self, request: BackendRequest, payload: bytes = b"", fds: Sequence[int] = (), *,
+                        need_reply: bool = False) -> Message | None:
+        """Send a back-end request (VHOST_USER_BACKEND_*) on the SET_BACKEND_REQ_FD channel and
+        return its answer: the reply of a request that always has one (SHARED_OBJECT_LOOKUP), or
+        with ``need_reply`` and REPLY_ACK negotiated the u64 acknowledgement (non-zero raises
+        VhostError); else None. The caller owns the answer's fds. Checks the protocol features the
+        request needs (user.py's table). Never blocks for long: a front-end that does not take or
+        answer it within BACKEND_REQUEST_TIMEOUT loses the channel (VhostError ETIMEDOUT)."""
+        spec = BACKEND_REQUESTS[request]
+        spec.require(self.protocol_features | ProtocolFeature.BACKEND_REQ, len(fds))
+        channel = self.channel
+        if channel is None:
+            raise NotNegotiatedError(f"{spec.name} needs the back-end channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ "
+                                     f"and VHOST_USER_SET_BACKEND_REQ_FD)")
+        ack = need_reply and not spec.reply and bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
+        try:
+            if not (spec.reply or ack):
+                channel.send(request, payload, fds)
+                return None
+            reply = channel.request(request, payload, fds, need_reply=ack)
+        except (VhostError, OSError) as exc:       # OSError: TimeoutError, a broken socket
+            self._drop_channel()
+            if isinstance(exc, TimeoutError):
+                raise VhostError(f"{spec.name}: the front-end did not answer within {channel.sock.gettimeout()} s; "
+                                 f"back-end channel dropped", errno.ETIMEDOUT) from None
+            raise VhostError(f"{spec.name}: the back-end channel failed ({exc}); dropped",
+                             getattr(exc, "errno", None)) from None
+        try:
+            spec.validate_reply(reply.payload, len(reply.fds))
+        except ProtocolError as exc:
+            reply.close()
+            self._drop_channel()
+            raise VhostError(f"{spec.name}: {exc}; back-end channel dropped", errno.EPROTO) from None
+        if ack:
+            with reply:
+                value = reply.u64()
+            if value:
+                raise VhostError(f"{spec.name}: the front-end answered {value:#x}", errno.EIO)
+            return None
+        return reply
+
+    # -- back-end requests a device may send (each needs its protocol feature negotiated) ---------------
+    def send_iotlb_msg(self, msg: IotlbMsg) -> None:
+        """VHOST_USER_BACKEND_IOTLB_MSG: an IOTLB miss (VHOST_IOTLB_MISS) or access failure
+        (VHOST_IOTLB_ACCESS_FAIL) for the front-end to resolve with VHOST_USER_IOTLB_MSG."""
+        self.backend_request(BackendRequest.IOTLB_MSG, msg.pack())
+
+    def set_host_notifier(self, queue: int, fd: int | None, size: int = 0, offset: int = 0) -> None:
+        """VHOST_USER_BACKEND_VRING_HOST_NOTIFIER_MSG (HOST_NOTIFIER): the front-end maps ``size``
+        bytes of ``fd`` at ``offset`` as ``queue``'s notification area (None: stop using one)."""
+        self._ring(queue, "VHOST_USER_BACKEND_VRING_HOST_NOTIFIER_MSG")
+        flags = queue | (VHOST_USER_VRING_NOFD_MASK if fd is None else 0)
+        self.backend_request(BackendRequest.VRING_HOST_NOTIFIER_MSG, VringArea(flags, size, offset).pack(),
+                             () if fd is None else (fd,), need_reply=True)
+
+    def shared_object_add(self, uuid) -> None:
+        """VHOST_USER_BACKEND_SHARED_OBJECT_ADD (SHARED_OBJECT): this device exports ``uuid`` (other
+        back-ends find it through the front-end; the device's get_shared_object() hands its fd out)."""
+        self.backend_request(BackendRequest.SHARED_OBJECT_ADD, SharedObject(uuid).pack(), need_reply=True)
+
+    def shared_object_remove(self, uuid) -> None:
+        """VHOST_USER_BACKEND_SHARED_OBJECT_REMOVE (SHARED_OBJECT): withdraw an export."""
+        self.backend_request(BackendRequest.SHARED_OBJECT_REMOVE, SharedObject(uuid).pack(), need_reply=True)
+
+    def shared_object_lookup(self, uuid) -> int:
+        """VHOST_USER_BACKEND_SHARED_OBJECT_LOOKUP (SHARED_OBJECT): the dma-buf fd another device
+        exported as ``uuid`` (now the caller's to close); VhostError(ENOENT) when there is none."""
+        reply = self.backend_request(BackendRequest.SHARED_OBJECT_LOOKUP, SharedObject(uuid).pack())
+        with reply:
+            value, fd = reply.u64(), reply.take_fd()
+        if value or fd is None:
+            _close(fd)
+            raise VhostError(f"VHOST_USER_BACKEND_SHARED_OBJECT_LOOKUP {uuid}: the front-end answered {value:#x} "
+                             f"{'with' if fd is not None else 'without'} an fd", errno.ENOENT)
+        return fd
+
+    def shmem_map(self, shmid: int, fd: int, fd_offset: int, shm_offset: int, length: int, *,
+                  writable: bool = True) -> None:
+        """VHOST_USER_BACKEND_SHMEM_MAP (SHMEM, BACKEND_SEND_FD): map ``length`` bytes of ``fd`` from
+        ``fd_offset`` at ``shm_offset`` of shared memory region ``shmid``."""
+        flags = VHOST_USER_FLAG_MAP_RW if writable else 0
+        self.backend_request(BackendRequest.SHMEM_MAP, ShmemMap(shmid, fd_offset, shm_offset, length, flags).pack(),
+                             (fd,), need_reply=True)
+
+    def shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> None:
+        """VHOST_USER_BACKEND_SHMEM_UNMAP (SHMEM): undo a shmem_map of the same range."""
+        self.backend_request(BackendRequest.SHMEM_UNMAP, ShmemMap(shmid, 0, shm_offset, length, 0).pack(),
+                             need_reply=True)
 
     def _iotlb_miss(self, ring: Ring, miss: IOTLBMiss) -> None:
         if self.channel is None:
@@ -779,7 +932,8 @@ class Backend:
         ring.waiting_iotlb = True
         perm = VHOST_ACCESS_WO if miss.write else VHOST_ACCESS_RO
         log.info("%s: ring %d: IOTLB miss at %#x, asking the front-end", self.name, ring.index, miss.iova)
-        self._channel_send(BackendRequest.IOTLB_MSG, IotlbMsg(miss.iova, 0, 0, perm, VHOST_IOTLB_MISS).pack())
+        if not self._channel_send(BackendRequest.IOTLB_MSG, IotlbMsg(miss.iova, 0, 0, perm, VHOST_IOTLB_MISS).pack()):
+            self._break(ring, miss, driver=False)
 
     # -- memory -----------------------------------------------------------------------------------------
     def _check_region(self, region: MemoryRegion, what: str) -> None:
@@ -955,6 +1109,12 @@ class Backend:
         ring = self._ring(index, "VHOST_USER_GET_VRING_BASE")
         if ring.started:
             self._stop(ring)
+        # Stopped for good: the kick fd is dropped (as libvhost-user, rust-vmm and DPDK do), so a
+        # stray kick cannot restart the ring behind the front-end's back; SET_VRING_KICK re-arms it.
+        kick, ring.kick_fd, ring.polling = ring.kick_fd, None, False
+        if kick is not None:
+            self._watch_changed()
+            _close(kick)
         if ring.queue is not None:
             base = ring.queue.get_base()            # the queue is kept: stopped, not reset
         elif ring.base is not None:
@@ -990,6 +1150,14 @@ class Backend:
         ring, fd, nofd = self._vring_fd(msg)
         old, ring.call_fd, ring.call_polling = ring.call_fd, fd, nofd
         _close(old)
+        if fd is not None:
+            # Signalled at once, as libvhost-user does "in case of I/O hang after reconnecting": a
+            # driver waiting for an interrupt that a previous back-end owed it looks at the ring
+            # again (and one waiting for a first interrupt gets it). A spurious one costs nothing.
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError as exc:
+                log.warning("%s: signalling the new call fd of ring %d failed: %s", self.name, ring.index, exc)
 
     def _on_set_vring_err(self, msg: Message) -> None:
         ring, fd, nofd = self._vring_fd(msg)
@@ -1013,6 +1181,7 @@ class Backend:
             error.close_connection = True           # "the back-end should close the connection"
             raise error
         self.protocol_features = features
+        self.protocol_negotiated = True
 
     def _on_get_queue_num(self, msg: Message) -> bytes:
         return pack_u64(len(self.rings))
@@ -1039,6 +1208,7 @@ class Backend:
             _close(fd)
             raise ProtocolError(f"VHOST_USER_SET_BACKEND_REQ_FD: the fd is not a connected AF_UNIX stream "
                                 f"socket: {exc}") from None
+        channel.sock.settimeout(BACKEND_REQUEST_TIMEOUT)     # the loop never waits for long on it
         self._drop_channel()
         self.channel = channel
 

@@ -540,8 +540,9 @@ class SharedObject(NamedTuple):
 
     @classmethod
     def unpack(cls, payload: bytes, what: str = "shared object") -> SharedObject:
+        """From 16 payload bytes; an empty payload (QEMU's GET_SHARED_OBJECT) is the nil UUID."""
         import uuid                     # here, not at the top: few devices share objects, uuid costs ~1 ms
-        return cls(uuid.UUID(bytes=_unpack(SHARED, payload, what)[0]))
+        return cls(uuid.UUID(bytes=_unpack(SHARED, payload or bytes(SHARED.size), what)[0]))
 
 
 @_wire(DEVICE_STATE, "device state transfer parameters")
@@ -713,6 +714,12 @@ def _check_config_reply(spec: RequestSpec, payload: bytes, nfds: int) -> None:
         _config_header(payload, f"{spec.name} reply")
 
 
+def _check_shared_object_request(spec: RequestSpec, payload: bytes, nfds: int) -> None:
+    if len(payload) not in (0, SHARED.size):
+        raise ProtocolError(f"{spec.name}: payload is {len(payload)} bytes, expected {SHARED.size} (or 0, as "
+                            f"QEMU sends it)")
+
+
 def _check_device_state_reply(spec: RequestSpec, payload: bytes, nfds: int) -> None:
     value = U64.unpack(payload)[0]
     failed, nofd = value & VHOST_USER_DEVICE_STATE_ERROR_MASK, value & VHOST_USER_VRING_NOFD_MASK
@@ -780,8 +787,10 @@ _FRONTEND_SPECS = (
     RequestSpec(F.REM_MEM_REG, MEM_REG_MSG.size, fds=(0, 1), features=P.CONFIGURE_MEM_SLOTS),
     RequestSpec(F.SET_STATUS, U64.size, features=P.STATUS),
     RequestSpec(F.GET_STATUS, 0, features=P.STATUS, reply=True),
-    # QEMU sends this with size 0 (the UUID never reaches the wire); the spec says 16 bytes.
-    RequestSpec(F.GET_SHARED_OBJECT, SHARED.size, features=P.SHARED_OBJECT, reply=True, reply_fds=(0, 1)),
+    # The spec says 16 bytes; QEMU sends size 0 (it fills the UUID in but never sets hdr.size), which
+    # libvhost-user reads as the nil UUID of its zeroed buffer: both are accepted.
+    RequestSpec(F.GET_SHARED_OBJECT, None, features=P.SHARED_OBJECT, reply=True, reply_fds=(0, 1),
+                check=_check_shared_object_request),
     RequestSpec(F.SET_DEVICE_STATE_FD, DEVICE_STATE.size, fds=(1, 1), features=P.DEVICE_STATE, reply=True,
                 reply_fds=(0, 1), reply_check=_check_device_state_reply),
     RequestSpec(F.CHECK_DEVICE_STATE, 0, features=P.DEVICE_STATE, reply=True),

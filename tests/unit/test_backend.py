@@ -138,6 +138,12 @@ class Echo(Device):
         self.events.append(("status", status))
 
 
+class InbandEcho(Echo):
+    """Echo that asks for in-band notifications (VRING_KICK, BACKEND_VRING_CALL / _ERR)."""
+
+    protocol_features = ProtocolFeature.INBAND_NOTIFICATIONS
+
+
 class Rng(Device):
     """virtio-rng-like: fills every writable buffer from a seeded generator."""
 
@@ -322,6 +328,10 @@ class DriverRing:
                 assert fe.ack(request, payload, fds) == 0, request
             else:
                 fe.send(request, payload, fds)
+            if request == F.SET_VRING_CALL:
+                # The back-end signals a new call fd at once (libvhost-user's "in case of I/O hang
+                # after reconnecting"): taken here, so later checks see only real completions.
+                assert fired(self.call, TIMEOUT), "SET_VRING_CALL did not signal the new call fd"
         if enable is not None:
             fe.send(F.SET_VRING_ENABLE, VringState(self.index, int(enable)).pack())
 
@@ -381,6 +391,17 @@ class BackendCase(unittest.TestCase):
         self.addCleanup(self.backend.close)
         self.addCleanup(self.fe.close)
 
+    def serve_instead(self, device: Device) -> None:
+        """Replace the device under test (and its connection) by ``device``."""
+        self.backend.close()
+        self.fe.close()
+        a, b = Connection.pair()
+        self.device = device
+        self.backend = Backend(device, b)
+        self.addCleanup(self.backend.close)
+        self.fe = Frontend(a, self.backend)
+        self.addCleanup(self.fe.close)
+
     def check_no_leak(self) -> None:
         if hasattr(self.device, "close"):
             self.device.close()
@@ -426,7 +447,7 @@ class OfferTests(BackendCase):
 
     def test_protocol_features_follow_the_hooks(self) -> None:
         offered = P(self.fe.u64(F.GET_PROTOCOL_FEATURES))
-        base = (P.MQ | P.LOG_SHMFD | P.REPLY_ACK | P.BACKEND_REQ | P.RESET_DEVICE | P.INBAND_NOTIFICATIONS
+        base = (P.MQ | P.LOG_SHMFD | P.REPLY_ACK | P.BACKEND_REQ | P.BACKEND_SEND_FD | P.RESET_DEVICE
                 | P.CONFIGURE_MEM_SLOTS | P.STATUS | P.INFLIGHT_SHMFD | P.CONFIG)
         self.assertEqual(offered, base)
         full = Backend(Full(), Connection.pair()[1])
@@ -617,15 +638,24 @@ class RingStateTests(BackendCase):
         self.assertEqual(ring.queue.reap(), [])
         with self.fe.request(F.GET_VRING_BASE, VringState(0, 0).pack()) as reply:
             self.assertEqual(VringState.unpack(reply.payload), (0, 3))      # still 3: nothing consumed
-        # SET_VRING_BASE + a kick: started again, resumes at 3.
+        # Stopped for good: the kick fd is dropped (libvhost-user, rust-vmm, DPDK), so a stray kick on
+        # it does nothing, even with SET_VRING_BASE sent.
+        self.assertIsNone(state.kick_fd)
+        self.assertNotIn(ring.kick, self.backend.watched())
         self.fe.send(F.SET_VRING_BASE, VringState(0, 3).pack())
         os.eventfd_write(ring.kick, 1)
+        pump(self.backend)
+        self.assertFalse(state.started)
+        self.assertEqual(ring.queue.reap(), [])
+        # SET_VRING_KICK re-arms it; its kick starts it again, resuming at 3.
+        self.fe.send(F.SET_VRING_KICK, VringFd(0, False).pack(), [ring.kick])
         pump(self.backend)
         self.assertTrue(state.started)
         self.assertEqual(ring.replies(), [b"d\x00"])
         with self.fe.request(F.GET_VRING_BASE, VringState(0, 0).pack()) as reply:
             self.assertEqual(VringState.unpack(reply.payload), (0, 4))
-        # Just a kick (no SET_VRING_BASE) resumes too, with the kept state.
+        # Without SET_VRING_BASE the kept state is used.
+        self.fe.send(F.SET_VRING_KICK, VringFd(0, False).pack(), [ring.kick])
         self.assertEqual(self.roundtrip(ring, b"e"), [b"e\x00"])
         self.assertEqual([e for e in self.device.events if e[0] in ("started", "stopped")],
                          [("started", 0), ("stopped", 0), ("started", 0), ("stopped", 0), ("started", 0)])
@@ -738,7 +768,7 @@ class RingStateTests(BackendCase):
         self.assertEqual(self.backend.features, 0)
         self.assertIn(("reset",), self.device.events)
         self.assertEqual(len(self.backend.memory.regions), 1)      # the connection's memory stays
-        self.assertEqual(list(self.backend.watched()), [self.backend.fileno()])
+        self.assertEqual(set(self.backend.watched()), {self.backend.fileno(), self.backend._wake_fd})   # no kick fd
 
     def test_reset_owner_disables_rings(self) -> None:
         ring = self.ring(0)
@@ -905,7 +935,15 @@ class NotificationTests(BackendCase):
         with self.assertRaises(NotNegotiatedError):
             self.backend.notify_config_change()
 
+    def test_inband_only_where_the_device_asks_for_it(self) -> None:
+        """QEMU 7.2 acks INBAND_NOTIFICATIONS but implements neither BACKEND_VRING_CALL nor _ERR:
+        offered only by a device that asks for it."""
+        self.assertFalse(self.fe.u64(F.GET_PROTOCOL_FEATURES) & P.INBAND_NOTIFICATIONS)
+        self.serve_instead(InbandEcho())
+        self.assertTrue(self.fe.u64(F.GET_PROTOCOL_FEATURES) & P.INBAND_NOTIFICATIONS)
+
     def test_inband_kick_and_call(self) -> None:
+        self.serve_instead(InbandEcho())
         ring = self.ring(0)
         protocol = QEMU_PROTOCOL | P.INBAND_NOTIFICATIONS
         self.fe.negotiate(protocol=protocol)
@@ -941,6 +979,7 @@ class NotificationTests(BackendCase):
         self.assertEqual(calls, [(BackendRequest.VRING_CALL, (0, 0), True)])
 
     def test_inband_needs_backend_req_and_reply_ack(self) -> None:
+        self.serve_instead(InbandEcho())
         self.assertEqual(self.fe.ack(F.SET_PROTOCOL_FEATURES, pack_u64(P.INBAND_NOTIFICATIONS | P.REPLY_ACK)),
                          errno.EPROTO)
         self.assertTrue(self.fe.peer_closed(0))                    # then the spec's "should close"
@@ -1091,6 +1130,7 @@ class PackedTests(BackendCase):
         self.assertEqual(base, encode_base(4, 1, 4, 1))          # 2 chains of 2 descriptors each
         self.assertEqual(base, ring.queue.get_base())            # what the driver says
         self.fe.send(F.SET_VRING_BASE, VringState(0, base).pack())
+        self.fe.send(F.SET_VRING_KICK, VringFd(0, False).pack(), [ring.kick])   # GET_VRING_BASE dropped it
         self.assertEqual(self.roundtrip(ring, b"again"), [b"niaga\x00"])
 
 
@@ -1296,6 +1336,237 @@ class ServeTests(unittest.TestCase):
         fe.close()
         thread.join(TIMEOUT)
         self.assertFalse(thread.is_alive())
+
+
+class ConformanceTests(BackendCase):
+    """What real front-ends expect where the spec leaves room (libvhost-user's and QEMU's ways)."""
+
+    def test_set_vring_call_signals_the_new_fd_at_once(self) -> None:
+        """libvhost-user writes a new call eventfd at once ("in case of I/O hang after
+        reconnecting"): a driver waiting for a first interrupt, or one a dead back-end owed it, gets it."""
+        self.fe.negotiate()
+        call = eventfd()
+        self.addCleanup(os.close, call)
+        self.fe.send(F.SET_VRING_CALL, VringFd(1, False).pack(), [call])
+        self.assertEqual(fired(call), 1)
+        self.fe.send(F.SET_VRING_CALL, VringFd(1, True).pack())     # poll mode: no fd to signal
+        self.assertEqual(fired(call), 0)
+
+    def test_set_vring_enable_between_set_protocol_features_and_set_features(self) -> None:
+        """QEMU 7.2's vhost-user netdev enables its rings during realize, after
+        SET_PROTOCOL_FEATURES and before SET_FEATURES: accepted, and the rings work."""
+        ring = self.ring(0)
+        offered = self.fe.u64(F.GET_FEATURES)
+        self.assertEqual(self.fe.ack(F.SET_VRING_ENABLE, VringState(0, 1).pack()), errno.EPROTO)   # too early
+        self.assertIsInstance(self.backend.last_error, NotNegotiatedError)
+        self.fe.send(F.SET_PROTOCOL_FEATURES, pack_u64(self.fe.u64(F.GET_PROTOCOL_FEATURES) & QEMU_PROTOCOL))
+        self.backend.last_error = None
+        for index, enable in ((0, 1), (1, 1), (1, 0)):
+            self.assertEqual(self.fe.ack(F.SET_VRING_ENABLE, VringState(index, enable).pack()), 0)
+        self.assertIsNone(self.backend.last_error)
+        self.assertEqual([r.enabled for r in self.backend.rings], [True, False])
+        self.fe.send(F.SET_FEATURES, pack_u64(DRIVER_FEATURES & offered))
+        self.set_memory()
+        ring.setup(self.fe, enable=None)
+        self.assertEqual(self.roundtrip(ring, b"net"), [b"ten\x00"])
+
+    def test_inband_call_never_blocks_the_loop(self) -> None:
+        """A front-end that never answers an in-band VRING_CALL (REPLY_ACK is implied) costs the
+        loop BACKEND_REQUEST_TIMEOUT once: then the channel is dropped and serving goes on."""
+        import vhost_min.backend as backend_module
+        self.serve_instead(InbandEcho())
+        ring = self.ring(0)
+        self.fe.negotiate(protocol=QEMU_PROTOCOL | P.INBAND_NOTIFICATIONS)
+        self.set_memory()
+        channel, silent = socket.socketpair()
+        self.addCleanup(silent.close)
+        saved = backend_module.BACKEND_REQUEST_TIMEOUT
+        backend_module.BACKEND_REQUEST_TIMEOUT = 0.2
+        try:
+            self.fe.send(F.SET_BACKEND_REQ_FD, b"", [channel.fileno()])
+        finally:
+            backend_module.BACKEND_REQUEST_TIMEOUT = saved
+        channel.close()
+        for request, payload in ((F.SET_VRING_NUM, VringState(0, 8).pack()), (F.SET_VRING_BASE, VringState(0, 0).pack()),
+                                 (F.SET_VRING_ADDR, ring.addr().pack()), (F.SET_VRING_ENABLE, VringState(0, 1).pack())):
+            self.fe.send(request, payload)
+        ring.add(b"inband")
+        ring.queue.publish()
+        kick = threading.Thread(target=self.fe.send, args=(F.VRING_KICK, VringState(0, 0).pack()), daemon=True)
+        with self.assertLogs("vhost_min.backend", "WARNING") as logs:
+            kick.start()
+            kick.join(TIMEOUT)
+        self.assertFalse(kick.is_alive(), "the loop is stuck waiting for the front-end's answer")
+        self.assertIn("did not answer within 0.2 s", "\n".join(logs.output))
+        self.assertIsNone(self.backend.channel)
+        self.assertEqual(ring.replies(), [b"dnabni\x00"])
+        self.assertEqual(self.fe.u64(F.GET_QUEUE_NUM), 2)           # still serving
+
+    def test_get_shared_object_with_no_payload_as_qemu_sends_it(self) -> None:
+        """QEMU sends GET_SHARED_OBJECT with size 0: read as the nil UUID (libvhost-user's zeroed
+        buffer), answered like any other."""
+        class NilExporter(Full):
+            def get_shared_object(self, uuid_):
+                if uuid_ != uuid.UUID(int=0):
+                    raise VhostError(f"no object {uuid_}", errno.ENOENT)
+                return self.shared_fd
+
+        self.serve_instead(NilExporter())
+        self.fe.negotiate(protocol=QEMU_PROTOCOL | P.SHARED_OBJECT)
+        with self.fe.request(F.GET_SHARED_OBJECT, b"") as reply:
+            self.assertEqual(reply.u64(), 0)
+            fd = reply.take_fd()
+        self.assertEqual(os.fstat(fd).st_ino, os.fstat(self.device.shared_fd).st_ino)
+        os.close(fd)
+        with self.fe.request(F.GET_SHARED_OBJECT, uuid.uuid4().bytes) as reply:
+            self.assertEqual((reply.u64(), reply.fds), (errno.ENOENT, []))
+
+
+class ThreadedEcho(Echo):
+    """An asynchronous device: process() hands each chain to a worker thread, which answers it
+    after a pause and posts the completion (Backend.post_used); stopped() waits for the worker
+    to finish what the queue holds, as device.py's contract asks."""
+
+    def __init__(self, pause: float = 0.01) -> None:
+        super().__init__()
+        self.pause = pause
+        self.handled = 0
+        self.outstanding = [0] * self.num_queues
+        self.lock = threading.Condition()
+        self.jobs: list = []
+        self.worker = threading.Thread(target=self._work, daemon=True)
+        self.running = True
+        self.worker.start()
+
+    def close(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify_all()
+        self.worker.join(TIMEOUT)
+
+    def process(self, queue, vq):
+        while True:
+            chains = vq.pop_batch()
+            if not chains:
+                return False
+            with self.lock:
+                self.outstanding[queue] += len(chains)
+                self.jobs += [(queue, chain) for chain in chains]
+                self.lock.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                while self.running and not self.jobs:
+                    self.lock.wait()
+                if not self.running:
+                    return
+                queue, (head, readable, writable) = self.jobs.pop(0)
+            time.sleep(self.pause)
+            written = self.handle(queue, readable, writable)
+            self.backend.post_used(queue, [(head, written)])
+            with self.lock:
+                self.handled += 1
+                self.outstanding[queue] -= 1
+                self.lock.notify_all()
+
+    def stopped(self, queue):
+        with self.lock:
+            self.lock.wait_for(lambda: not self.outstanding[queue], TIMEOUT)
+        super().stopped(queue)
+
+
+class AsyncDeviceTests(BackendCase):
+    """Devices that complete from other threads: the loop pushes what they post, and a ring
+    stops (or its queue is rebuilt) only after the device has finished what it holds."""
+
+    device_class = ThreadedEcho
+
+    def pump_until(self, ring: DriverRing, count: int) -> list[bytes]:
+        replies: list[bytes] = []
+
+        def more() -> bool:
+            pump(self.backend)
+            replies.extend(ring.replies())
+            return len(replies) >= count
+        wait_for(more, what=f"{count} replies")
+        return replies
+
+    def test_completions_from_another_thread(self) -> None:
+        ring = self.ring(0)
+        self.ready(ring)
+        for data in (b"one", b"two", b"three"):
+            ring.add(data)
+        ring.kick_now()
+        pump(self.backend)
+        self.assertEqual(sorted(self.pump_until(ring, 3)), sorted([b"eno\x00", b"owt\x00", b"eerht\x00"]))
+        self.assertTrue(fired(ring.call))
+
+    def test_get_vring_base_waits_for_what_the_device_holds(self) -> None:
+        ring = self.ring(0, size=16)
+        self.ready(ring)
+        for i in range(6):
+            ring.add(b"req%d" % i)
+        ring.kick_now()
+        pump(self.backend)                              # popped and handed to the worker
+        self.assertEqual(self.backend.rings[0].queue.in_flight, 6)
+        with self.fe.request(F.GET_VRING_BASE, VringState(0, 0).pack()) as reply:
+            self.assertEqual(VringState.unpack(reply.payload), (0, 6))
+        # Everything was completed, pushed and signalled before the answer: nothing more comes.
+        self.assertEqual(self.backend.rings[0].queue.in_flight, 0)
+        self.assertTrue(fired(ring.call))
+        self.assertEqual(sorted(ring.replies()), sorted(b"%dqer\x00" % i for i in range(6)))
+        self.assertEqual(self.device.events[-1], ("stopped", 0))
+
+    def test_queue_rebuilt_only_after_the_device_finished(self) -> None:
+        """SET_VRING_NUM drops the queue while chains are in flight: the device finishes them into
+        the old queue first; the new queue continues the used index (no collision, nothing twice)."""
+        ring = self.ring(0)
+        self.ready(ring)
+        for i in range(4):
+            ring.add(b"a%d" % i)
+        ring.kick_now()
+        pump(self.backend)
+        old = self.backend.rings[0].queue
+        self.fe.send(F.SET_VRING_NUM, VringState(0, ring.size).pack())
+        self.assertEqual(old.in_flight, 0)
+        self.assertIsNot(self.backend.rings[0].queue, old)
+        self.assertEqual(sorted(ring.replies()), sorted(b"%da\x00" % i for i in range(4)))
+        ring.add(b"after")
+        ring.kick_now()
+        self.assertEqual(self.pump_until(ring, 1), [b"retfa\x00"])
+        self.assertEqual(self.device.handled, 5)
+
+    def test_inflight_chains_held_by_the_device_are_not_resubmitted(self) -> None:
+        ring = self.ring(0)
+        self.fe.negotiate()
+        self.set_memory()
+        with self.fe.request(F.GET_INFLIGHT_FD, Inflight(0, 0, 2, ring.size).pack()) as reply:
+            inflight, fd = Inflight.unpack(reply.payload), reply.take_fd()
+        self.fe.send(F.SET_INFLIGHT_FD, inflight.pack(), [fd])
+        os.close(fd)
+        ring.setup(self.fe)
+        for i in range(3):
+            ring.add(b"b%d" % i)
+        ring.kick_now()
+        pump(self.backend)
+        self.fe.send(F.SET_VRING_ADDR, ring.addr(uva=UVA_BASE).pack())      # same addresses: kept
+        self.fe.send(F.SET_VRING_NUM, VringState(0, ring.size).pack())       # rebuilt
+        ring.add(b"c")
+        ring.kick_now()
+        replies = sorted(self.pump_until(ring, 4))
+        pump(self.backend)
+        self.assertEqual(replies, sorted([b"0b\x00", b"1b\x00", b"2b\x00", b"c\x00"]))
+        self.assertEqual(self.device.handled, 4)                             # none handled twice
+        self.assertEqual(ring.replies(), [])
+
+    def test_post_used_after_close_is_ignored(self) -> None:
+        ring = self.ring(0)
+        self.ready(ring)
+        self.backend.close()
+        self.backend.post_used(0, [(0, 0)])         # no error, no write to a closed fd
+        with self.assertRaises(ValueError):
+            self.backend.post_used(7, [])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import unittest
 
 from tests.support import open_fds
 from tests.unit.test_backend import (DRIVER_FEATURES, QEMU_PROTOCOL, RAM_SIZE, TIMEOUT, UVA_BASE, DriverRing, Echo,
-                                     Frontend, Ram, eventfd, fired, memfd, wait_for)
+                                     Frontend, InbandEcho, Ram, eventfd, fired, memfd, wait_for)
 from vhost_min.backend import REGION_ALIGN, Server
 from vhost_min.errors import GuestMemoryError, NotNegotiatedError, ProtocolError
 from vhost_min.user import (HEADER, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_REPLY_MASK, VHOST_USER_VERSION,
@@ -34,6 +34,8 @@ class BadInputTests(unittest.TestCase):
         cls.path = os.path.join(cls.tmp.name, "backend.sock")
         cls.server = Server()
         cls.server.add(Echo, cls.path)          # a fresh Echo device (2 queues) per connection
+        cls.inband_path = os.path.join(cls.tmp.name, "inband.sock")
+        cls.server.add(InbandEcho, cls.inband_path)     # Echo offering INBAND_NOTIFICATIONS
         cls.stop = threading.Event()
         cls.thread = threading.Thread(target=cls.server.run, kwargs={"stop_event": cls.stop}, daemon=True)
         cls.thread.start()
@@ -57,10 +59,11 @@ class BadInputTests(unittest.TestCase):
         self.addCleanup(self.logs.__exit__, None, None, None)
 
     # -- helpers -----------------------------------------------------------------------------------
-    def connect(self, *, features: int | None = DRIVER_FEATURES, protocol: int = QEMU_PROTOCOL) -> Frontend:
+    def connect(self, *, features: int | None = DRIVER_FEATURES, protocol: int = QEMU_PROTOCOL,
+                path: str | None = None) -> Frontend:
         """A new connection, accepted by the server; negotiated unless ``features`` is None."""
         served = self.server.served
-        fe = Frontend.connect(self.path)
+        fe = Frontend.connect(path or self.path)
         self.addCleanup(fe.close)
         wait_for(lambda: self.server.served > served, what="the server to accept")
         if features is not None:
@@ -294,7 +297,7 @@ class BadInputTests(unittest.TestCase):
         self.finish(fe)
 
     def test_inband_notifications_without_backend_req(self) -> None:
-        fe = self.connect(features=None)
+        fe = self.connect(features=None, path=self.inband_path)
         self.assertEqual(fe.ack(F.SET_PROTOCOL_FEATURES, pack_u64(P.INBAND_NOTIFICATIONS | P.REPLY_ACK)),
                          errno.EPROTO)
         self.closed(fe)                             # "the back-end should close the connection"
