@@ -773,7 +773,8 @@ class VhostScsi(VhostKernel):
 
     def set_endpoint(self, wwpn: str | bytes, tpgt: int = 0) -> None:
         """VHOST_SCSI_SET_ENDPOINT: serve the rings from the target ``wwpn`` (every TPG of it with
-        a nexus; ABI 1 ignores ``tpgt``). ENODEV-like failures mean no such target or no nexus."""
+        a nexus; ABI 1 ignores ``tpgt``). The kernel answers ENODEV when no such target has a
+        nexus, EFAULT before the memory table is set, EEXIST when the endpoint is already set."""
         target = self._target(wwpn, tpgt)
         self._ioctl(VhostIoctl.VHOST_SCSI_SET_ENDPOINT, target)
         self._endpoint = (target.vhost_wwpn, tpgt)

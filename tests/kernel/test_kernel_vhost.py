@@ -6,7 +6,9 @@ kernel's vhost-net, vhost-vsock and vhost-scsi:
 - vhost-net: a frame put on the TX ring comes out of a tap device, a frame sent into the tap
   arrives in an RX buffer behind its virtio-net header, the dirty log marks exactly the pages the
   kernel wrote, and with ACCESS_PLATFORM the kernel asks for the buffer's IOTLB entry (a MISS we
-  read from the fd) and sends the frame once we write the UPDATE.
+  read from the fd) and sends the frame once we write the UPDATE. The tap fd is the end vhost-net
+  holds (what it sends, the stack receives), so the test watches and feeds the other end, the
+  tap's network interface, with an AF_PACKET socket.
 - vhost-vsock: our virtio-vsock driver, as guest CID 3, connects to an AF_VSOCK listener of the
   same kernel (the host side, CID 2) and data flows both ways.
 - vhost-scsi: a LIO target made through configfs (ramdisk backstore, one LUN) answers an INQUIRY
