@@ -75,7 +75,8 @@ from collections.abc import Callable, Sequence
 
 from .errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, NotSupportedError, ProtocolError,
                      VhostError)
-from .memory import IOTLB, MAX_MEM_SLOTS, VHOST_ACCESS_RO, VHOST_ACCESS_WO, DirtyLog, GuestMemory, IOTLBMiss
+from .memory import (IOTLB, MAX_MEM_SLOTS, VHOST_ACCESS_RO, VHOST_ACCESS_WO, DirtyLog, GuestMemory, IOTLBMiss,
+                     IOVALog)
 from .user import (BACKEND_REQUESTS, FRONTEND_REQUESTS, VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_MISS, VHOST_IOTLB_UPDATE,
                    VHOST_SET_CONFIG_TYPE_FRONTEND, VHOST_SET_CONFIG_TYPE_MIGRATION,
                    VHOST_TRANSFER_STATE_DIRECTION_LOAD, VHOST_TRANSFER_STATE_DIRECTION_SAVE,
@@ -785,7 +786,10 @@ class Backend:
         if self.log is not None and self.features & VHOST_F_LOG_ALL:
             addr = ring.addr
             used = addr.log_guest_addr if addr is not None and addr.flags & VHOST_VRING_F_LOG else None
-            vq.set_log(self.log, used)
+            # Behind an IOMMU the ring logs IOVAs (buffers, and log_guest_addr, which QEMU sends as
+            # the used ring's IOVA); the log is kept in guest-physical pages (as DPDK does).
+            dirty = IOVALog(self.log, self.iotlb) if self.features & VIRTIO_F_ACCESS_PLATFORM else self.log
+            vq.set_log(dirty, used)
         else:
             vq.set_log(None)
 

@@ -396,70 +396,147 @@ class IOTLB:
     ``view`` / ``segments`` interface as :class:`GuestMemory` so rings work over either.
 
     Entries point into views given directly (VDUSE's mmapped bounce area) or at frontend user
-    addresses resolved through ``memory`` (vhost-user's VHOST_IOTLB_UPDATE carries a uaddr).
+    addresses resolved through ``memory`` (vhost-user's VHOST_IOTLB_UPDATE carries a uaddr); the
+    latter remember their guest-physical address, so the dirty log can be kept in guest-physical
+    pages (:meth:`gpa_ranges`). A vIOMMU hands out one entry per page: a buffer or ring part may
+    span several, and ``view`` joins entries that are contiguous in memory into one view.
     """
 
     def __init__(self, memory: GuestMemory | None = None) -> None:
         self.memory = memory
         self.generation = 0
         self._starts: list[int] = []
-        self._entries: list[tuple[int, int, memoryview, int]] = []   # (iova, end, view, perm)
+        # (iova, end, view, perm, gpa or None, host address of the view or None), sorted, disjoint
+        self._entries: list[tuple[int, int, memoryview, int, int | None, int | None]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def update(self, iova: int, size: int, uaddr: int, perm: int = VHOST_ACCESS_RW) -> None:
         """VHOST_IOTLB_UPDATE: map ``[iova, iova + size)`` to frontend user address ``uaddr``."""
         if self.memory is None:
             raise GuestMemoryError("this IOTLB has no guest memory to resolve user addresses in")
         gpa = self.memory.gpa_for_uva(uaddr, size)
-        self.update_view(iova, self.memory.view(gpa, size), perm)
+        self._insert(iova, self.memory.view(gpa, size), perm, gpa)
 
     def update_view(self, iova: int, view: memoryview, perm: int = VHOST_ACCESS_RW) -> None:
         """Map ``[iova, iova + len(view))`` onto ``view``, replacing what overlapped it."""
+        self._insert(iova, view, perm, None)
+
+    def _insert(self, iova: int, view: memoryview, perm: int, gpa: int | None) -> None:
         size = len(view)
         if size <= 0 or iova < 0 or iova + size > 1 << 64 or perm not in (1, 2, 3):
             raise GuestMemoryError(f"invalid IOTLB update iova={iova:#x} size={size:#x} perm={perm}")
+        try:
+            host = address_of(view)
+        except (TypeError, ValueError):    # read-only: never joined with a neighbour
+            host = None
         self.invalidate(iova, size)
         i = bisect.bisect_left(self._starts, iova)
         self._starts.insert(i, iova)
-        self._entries.insert(i, (iova, iova + size, view, perm))
+        self._entries.insert(i, (iova, iova + size, view, perm, gpa, host))
         self.generation += 1
 
     def invalidate(self, iova: int, size: int) -> None:
-        """VHOST_IOTLB_INVALIDATE: forget ``[iova, iova + size)``; entries that straddle it are trimmed."""
+        """VHOST_IOTLB_INVALIDATE: forget ``[iova, iova + size)``; entries that straddle it are
+        trimmed. Only the entries it touches are looked at (bisect), not the whole table."""
         end = iova + size
+        starts, entries = self._starts, self._entries
+        first = bisect.bisect_right(starts, iova) - 1
+        if first < 0 or entries[first][1] <= iova:
+            first += 1
+        last = bisect.bisect_left(starts, end)
+        if first >= last:
+            return
         kept = []
-        for entry in self._entries:
-            start, stop, view, perm = entry
-            if stop <= iova or start >= end:
-                kept.append(entry)
-                continue
+        for start, stop, view, perm, gpa, host in entries[first:last]:
             if start < iova:
-                kept.append((start, iova, view[:iova - start], perm))
+                cut = iova - start
+                kept.append((start, iova, view[:cut], perm, gpa, host))
             if stop > end:
-                kept.append((end, stop, view[end - start:], perm))
-        self._entries = kept
-        self._starts = [e[0] for e in kept]
+                cut = end - start
+                kept.append((end, stop, view[cut:], perm, None if gpa is None else gpa + cut,
+                             None if host is None else host + cut))
+        entries[first:last] = kept
+        starts[first:last] = [e[0] for e in kept]
         self.generation += 1
 
-    def segments(self, iova: int, length: int, write: bool = False) -> list[memoryview]:
+    def _walk(self, iova: int, length: int, write: bool):
+        """The entries covering ``[iova, iova + length)`` in order, with the piece each covers:
+        (entry, offset into it, bytes). IOTLBMiss where none covers (or one lacks the permission)."""
         need = VHOST_ACCESS_WO if write else VHOST_ACCESS_RO
-        out = []
+        starts, entries = self._starts, self._entries
         while length > 0:
-            i = bisect.bisect_right(self._starts, iova) - 1
-            entry = self._entries[i] if i >= 0 else None
+            i = bisect.bisect_right(starts, iova) - 1
+            entry = entries[i] if i >= 0 else None
             if entry is None or iova >= entry[1] or not entry[3] & need:
                 raise IOTLBMiss(iova, write)
-            start, stop, view, _ = entry
-            take = min(length, stop - iova)
-            out.append(view[iova - start:iova - start + take])
+            take = min(length, entry[1] - iova)
+            yield entry, iova - entry[0], take
             iova += take
             length -= take
-        return out
+
+    def segments(self, iova: int, length: int, write: bool = False) -> list[memoryview]:
+        return [entry[2][offset:offset + take] for entry, offset, take in self._walk(iova, length, write)]
 
     def view(self, iova: int, length: int, write: bool = False) -> memoryview:
-        segs = self.segments(iova, length, write)
-        if len(segs) != 1:
-            raise GuestMemoryError(f"IOVA buffer {iova:#x}+{length:#x} spans several IOTLB entries")
-        return segs[0]
+        """One view of ``[iova, iova + length)``: across several entries where they are contiguous
+        in memory (a ring part behind a vIOMMU's page-sized entries); GuestMemoryError otherwise."""
+        pieces = list(self._walk(iova, length, write))
+        if len(pieces) == 1:
+            entry, offset, take = pieces[0]
+            return entry[2][offset:offset + take]
+        first = pieces[0][0][5]
+        expect = None if first is None else first + pieces[0][1]
+        for entry, offset, take in pieces:
+            if entry[5] is None or entry[5] + offset != expect:
+                raise GuestMemoryError(f"IOVA buffer {iova:#x}+{length:#x} spans IOTLB entries that are not "
+                                       f"contiguous in memory")
+            expect += take
+        return _joined(first + pieces[0][1], length, [entry[2] for entry, _, _ in pieces])
+
+    def gpa_ranges(self, iova: int, length: int) -> list[tuple[int, int]]:
+        """Guest-physical (address, length) pieces of ``[iova, iova + length)``, for the dirty log,
+        which is kept in guest-physical pages even behind an IOMMU (the spec's log section)."""
+        out = []
+        for entry, offset, take in self._walk(iova, length, False):
+            gpa = entry[4]
+            if gpa is None:
+                raise GuestMemoryError(f"IOVA {iova:#x} maps memory that has no guest-physical address")
+            out.append((gpa + offset, take))
+        return out
+
+
+def _joined(address: int, length: int, keep: list[memoryview]) -> memoryview:
+    """A view of ``length`` bytes at host ``address``, which the views in ``keep`` cover
+    contiguously; the result keeps them (and so their mappings) alive."""
+    class _Span(ctypes.c_ubyte * length):
+        pass
+
+    span = _Span.from_address(address)
+    span._keep = keep
+    return memoryview(span).cast("B")
+
+
+class IOVALog:
+    """The dirty log seen through an IOTLB: a ring logs IOVAs (descriptor addresses, the used
+    ring's log address), this marks their guest-physical pages (VIRTIO_F_ACCESS_PLATFORM)."""
+
+    def __init__(self, log: DirtyLog, iotlb: IOTLB) -> None:
+        self.log, self.iotlb = log, iotlb
+
+    def mark(self, iova: int, length: int) -> None:
+        if length <= 0:
+            return
+        try:
+            ranges = self.iotlb.gpa_ranges(iova, length)
+        except GuestMemoryError as exc:
+            # The driver unmapped a buffer the device still held: nothing left to translate.
+            import logging
+            logging.getLogger("vhost_min.memory").error("dirty log: IOVA %#x+%#x written but no longer mapped (%s); not logged", iova, length, exc)
+            return
+        for gpa, n in ranges:
+            self.log.mark(gpa, n)
 
 
 # --------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ class SplitDeviceQueue:
         device-writable buffers and the used-ring bytes, at ``log_used_addr`` (the used ring's
         guest-physical address, vhost_vring_addr.log_guest_addr; default ``device_area``).
         Chains popped before logging started are not remembered and so not marked. Over an
-        IOTLB the addresses logged are the descriptors' IOVAs, untranslated."""
+        IOTLB the addresses handed to ``log.mark`` are IOVAs: give a memory.IOVALog."""
         self._log = log
         self._log_used = self.used_addr if log_used_addr is None else log_used_addr
         self._writable_ranges.clear()

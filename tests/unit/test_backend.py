@@ -1218,6 +1218,67 @@ class IotlbTests(BackendCase):
             self.assertEqual(reply.u64(), errno.EPROTO)
 
 
+    def test_vIOMMU_page_entries_and_the_dirty_log_in_guest_physical_pages(self) -> None:
+        """As QEMU's intel-iommu does it: IOVAs unrelated to guest addresses, one 4 KiB IOTLB entry
+        per page on demand, a ring of 1024 entries (its descriptor table spans four entries), and
+        dirty logging on: the log marks guest-physical pages, never IOVA pages."""
+        class Iommu(Echo):
+            features = Echo.features | VIRTIO_F_ACCESS_PLATFORM
+
+        self.serve_instead(Iommu())
+        iova_base = 0xFFF0_0000                   # IOVA = iova_base + gpa
+        iova_memory = GuestMemory()
+        self.addCleanup(iova_memory.clear)
+        for region, fd in zip(self.ram.regions, self.ram.fds):
+            iova_memory.add_region(iova_base + region.guest_phys_addr, region.memory_size, fd=fd)
+        driver_view = type("IovaRam", (), {"memory": iova_memory})()
+        ring = DriverRing(driver_view, 0, size=1024, base=iova_base + 0x10000)
+        self.addCleanup(ring.close)
+        fe = self.fe
+        fe.negotiate(DRIVER_FEATURES | VIRTIO_F_ACCESS_PLATFORM | VHOST_F_LOG_ALL)
+        self.set_memory()
+        log_fd = memfd(0x1000)
+        self.addCleanup(os.close, log_fd)
+        with fe.request(F.SET_LOG_BASE, Log(0x1000, 0).pack(), [log_fd]) as reply:
+            self.assertEqual(reply.u64(), 0)
+        channel, peer = Connection.pair(requests=BackendRequest)
+        self.addCleanup(peer.close)
+        fe.send(F.SET_BACKEND_REQ_FD, b"", [channel.fileno()])
+        channel.close()
+        ring.setup(fe, uva=0)
+        used_iova = ring.lay["device"]
+        fe.send(F.SET_VRING_ADDR, ring.addr(VHOST_VRING_F_LOG, used_iova, uva=0).pack())  # log address: an IOVA
+        req, rep = ring.add(b"viommu")
+        ring.kick_now()
+        misses = 0
+        for _ in range(40):
+            pump(self.backend)
+            if not select.select([peer.fileno()], [], [], 0)[0]:
+                break
+            with peer.recv() as miss_msg:
+                miss = IotlbMsg.unpack(miss_msg.payload)
+            misses += 1
+            page = miss.iova & ~0xFFF
+            gpa = page - iova_base
+            with fe.request(F.IOTLB_MSG, IotlbMsg(page, 0x1000, UVA_BASE + gpa, 3, 2).pack()) as reply:
+                self.assertEqual(reply.u64(), 0)
+        self.assertEqual(ring.replies(), [b"ummoiv\x00"])
+        self.assertGreaterEqual(misses, 6)             # 4 descriptor pages, avail, used, buffers...
+        self.assertGreater(len(self.backend.iotlb), 4)
+        bitmap = os.pread(log_fd, 0x1000, 0)
+
+        def dirty(gpa: int) -> bool:
+            page = gpa // 0x1000
+            return bool(bitmap[page // 8] >> (page % 8) & 1)
+
+        self.assertTrue(dirty(rep - iova_base))        # the reply, at its guest-physical page
+        self.assertTrue(dirty(used_iova - iova_base))  # the used ring, translated from its IOVA
+        self.assertFalse(dirty(req - iova_base))
+        pages = {i * 8 + bit for i, byte in enumerate(bitmap) for bit in range(8) if byte >> bit & 1}
+        avail_event = used_iova + 4 + 8 * 1024             # after the 1024 used elements, a page further
+        self.assertEqual(pages, {(a - iova_base) // 0x1000 for a in (rep, used_iova, avail_event)})
+
+
 class AsyncioTests(BackendCase):
     def test_backend_under_asyncio(self) -> None:
         ring = self.ring(0)

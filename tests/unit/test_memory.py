@@ -163,6 +163,49 @@ class IOTLBTest(unittest.TestCase):
         self.tlb.update(0x11000, 0x1000, 0x7f00_0000_9000, VHOST_ACCESS_RW)
         self.assertEqual([len(s) for s in self.tlb.segments(0x10ff0, 0x20)], [0x10, 0x10])
 
+    def test_page_sized_entries_join_into_one_view_where_contiguous(self):
+        """A vIOMMU maps a 16 KiB descriptor table (queue size 1024) as four 4 KiB entries: one
+        view over all four when they are contiguous in memory, a clear refusal when they are not."""
+        base = 0x8000_0000
+        for page in range(4):
+            self.tlb.update(base + page * 0x1000, 0x1000, 0x7f00_0000_0000 + 0x20000 + page * 0x1000,
+                            VHOST_ACCESS_RW)
+        view = self.tlb.view(base + 0x10, 0x3ff0, write=True)
+        self.assertEqual(len(view), 0x3ff0)
+        view[0xff0:0x1010] = b"x" * 0x20                     # across an entry boundary
+        self.assertEqual(self.memory.read(0x20000 + 0x1000, 0x10), b"x" * 0x10)
+        self.assertEqual(view.cast("H")[0], 0)               # a ring can cast it
+        self.assertEqual(len(self.tlb), 4)
+        # Not contiguous in memory (pages swapped): refused, never a view of the wrong bytes.
+        self.tlb.update(base + 0x1000, 0x1000, 0x7f00_0000_0000 + 0x50000, VHOST_ACCESS_RW)
+        with self.assertRaisesRegex(GuestMemoryError, "not contiguous in memory"):
+            self.tlb.view(base, 0x2000)
+        self.assertEqual(len(self.tlb.segments(base, 0x2000)), 2)   # buffers still work as segments
+
+    def test_gpa_ranges_for_the_dirty_log(self):
+        self.tlb.update(0x10000, 0x1000, 0x7f00_0000_5000, VHOST_ACCESS_RW)
+        self.tlb.update(0x11000, 0x1000, 0x7f00_0000_2000, VHOST_ACCESS_RW)
+        self.assertEqual(self.tlb.gpa_ranges(0x10800, 0x1000), [(0x5800, 0x800), (0x2000, 0x800)])
+        self.tlb.invalidate(0x10000, 0x900)                  # trimmed: its gpa moves with it
+        self.assertEqual(self.tlb.gpa_ranges(0x10a00, 0x10), [(0x5a00, 0x10)])
+        with self.assertRaises(IOTLBMiss):
+            self.tlb.gpa_ranges(0x10000, 1)
+
+    def test_invalidate_touches_only_what_it_covers(self):
+        """Thousands of page entries (a vIOMMU's steady state): invalidating one page leaves the
+        others as they were, and costs a bisect, not a rebuild of the table."""
+        for page in range(4096):
+            self.tlb.update(page << 12, 0x1000, 0x7f00_0000_0000 + ((page % 256) << 12), VHOST_ACCESS_RW)
+        entries = list(self.tlb._entries)
+        self.tlb.invalidate(100 << 12, 0x1000)
+        self.assertEqual(len(self.tlb), 4095)
+        self.assertEqual(self.tlb._entries, entries[:100] + entries[101:])
+        self.assertIs(self.tlb._entries[100], entries[101])   # untouched entries are the same objects
+        self.tlb.invalidate(0x50, 0x10)                      # inside an entry: split in two
+        self.assertEqual([(e[0], e[1]) for e in self.tlb._entries[:2]], [(0, 0x50), (0x60, 0x1000)])
+        self.tlb.invalidate(1 << 40, 0x1000)                 # nothing there: nothing changes
+        self.assertEqual(len(self.tlb), 4096)
+
     def test_bad_updates(self):
         with self.assertRaises(GuestMemoryError):
             self.tlb.update(0x0, 0x1000, 0x1234, VHOST_ACCESS_RW)         # uaddr outside memory
