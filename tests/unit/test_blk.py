@@ -28,7 +28,7 @@ from vhost_min.blk import (SECTOR_SIZE, VIRTIO_BLK_CONFIG, VIRTIO_BLK_CONFIG_OFF
 from vhost_min.backend import Server
 from vhost_min.errors import NotNegotiatedError, NotSupportedError, VhostError, VirtqueueError
 from vhost_min.frontend import Frontend
-from vhost_min.virtio import VIRTIO_F_RING_PACKED
+from vhost_min.virtio import VIRTIO_F_RING_PACKED, VirtioFeature
 
 HEADER = "/usr/include/linux/virtio_blk.h"
 
@@ -292,8 +292,9 @@ class RequestTest(ImageTestCase):
         per_block = fs_block // 512
         self.assertEqual(self.image.discard_sector_alignment, max(1, os.fstat(self.image.fileno()).st_blksize // 512))
         before = os.stat(self.path).st_blocks
-        readable = header(VIRTIO_BLK_T_DISCARD) + segments((per_block, per_block, 0), (3 * per_block, per_block, 0))
-        self.assertEqual(self.run_chain(readable, views(1)), (VIRTIO_BLK_S_OK, 1))
+        for start in (per_block, 3 * per_block):             # one range per request (max_discard_seg 1)
+            readable = header(VIRTIO_BLK_T_DISCARD) + segments((start, per_block, 0))
+            self.assertEqual(self.run_chain(readable, views(1)), (VIRTIO_BLK_S_OK, 1))
         # a discard only promises the data outside the ranges is kept; this file system punched holes
         self.assertEqual(self.disk(0, fs_block), self.original[:fs_block])
         self.assertEqual(self.disk(2 * fs_block, fs_block), self.original[2 * fs_block:3 * fs_block])
@@ -303,28 +304,34 @@ class RequestTest(ImageTestCase):
             self.assertEqual(self.disk(fs_block, fs_block), bytes(fs_block))
 
     def test_discard_refusals(self):
+        """Answered as QEMU's virtio-blk and qemu-storage-daemon answer (tests/peers check it against
+        qemu-storage-daemon itself): more segments than advertised UNSUPP, not IOERR."""
         ok = (0, 8, 0)
+        self.assertEqual(self.image.max_discard_seg, 1)
         cases = [
             ("UNMAP flag on a discard", segments((0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)), VIRTIO_BLK_S_UNSUPP),
             ("unknown flag", segments((0, 8, 2)), VIRTIO_BLK_S_UNSUPP),
-            ("past the end", segments(ok, (self.SECTORS - 4, 8, 0)), VIRTIO_BLK_S_IOERR),
+            ("past the end", segments((self.SECTORS - 4, 8, 0)), VIRTIO_BLK_S_IOERR),
+            ("past the end with an unknown flag", segments((self.SECTORS - 4, 8, 2)), VIRTIO_BLK_S_IOERR),
             ("too many sectors", segments((0, self.image.max_discard_sectors + 1, 0)), VIRTIO_BLK_S_IOERR),
-            ("too many segments", segments(*[ok] * (self.image.max_discard_seg + 1)), VIRTIO_BLK_S_IOERR),
-            ("not whole segments", [memoryview(bytearray(20))], VIRTIO_BLK_S_IOERR),
+            ("two segments", segments(ok, ok), VIRTIO_BLK_S_UNSUPP),
+            ("two segments, one bad", segments(ok, (self.SECTORS - 4, 8, 0)), VIRTIO_BLK_S_UNSUPP),
+            ("more than a segment", [memoryview(bytearray(20))], VIRTIO_BLK_S_UNSUPP),
+            ("less than a segment", [memoryview(bytearray(10))], VIRTIO_BLK_S_IOERR),
+            ("no segment", [], VIRTIO_BLK_S_IOERR),
         ]
         for what, payload, expected in cases:
             with self.subTest(what):
                 self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_DISCARD) + payload, views(1)), (expected, 1))
                 self.assertEqual(self.disk(), self.original)
-        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_DISCARD) + segments(*[ok] * 16), views(1))[0],
-                         VIRTIO_BLK_S_OK)
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_DISCARD) + segments(ok), views(1))[0], VIRTIO_BLK_S_OK)
 
     def check_write_zeroes(self, unmap: bool, ranges=((3, 5), (20, 16))):
         flags = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if unmap else 0
-        # the second segment arrives split across two views
-        payload = segments(*[(s, n, flags) for s, n in ranges])[0]
-        readable = header(VIRTIO_BLK_T_WRITE_ZEROES, split=(9,)) + [payload[:21], payload[21:]]
-        self.assertEqual(self.run_chain(readable, views(1)), (VIRTIO_BLK_S_OK, 1))
+        for s, n in ranges:                 # one range per request; the segment split across two views
+            payload = segments((s, n, flags))[0]
+            readable = header(VIRTIO_BLK_T_WRITE_ZEROES, split=(9,)) + [payload[:5], payload[5:]]
+            self.assertEqual(self.run_chain(readable, views(1)), (VIRTIO_BLK_S_OK, 1))
         expected = bytearray(self.original)
         for s, n in ranges:
             expected[s * 512:(s + n) * 512] = bytes(n * 512)
@@ -361,7 +368,8 @@ class RequestTest(ImageTestCase):
             ("unknown flag", segments((0, 8, 4)), VIRTIO_BLK_S_UNSUPP),
             ("past the end", segments((self.SECTORS, 1, 0)), VIRTIO_BLK_S_IOERR),
             ("too many sectors", segments((0, self.image.max_write_zeroes_sectors + 1, 0)), VIRTIO_BLK_S_IOERR),
-            ("too many segments", segments(*[(0, 1, 0)] * (self.image.max_write_zeroes_seg + 1)), VIRTIO_BLK_S_IOERR),
+            ("two segments", segments(*[(0, 1, 0)] * (self.image.max_write_zeroes_seg + 1)), VIRTIO_BLK_S_UNSUPP),
+            ("past the end with an unknown flag", segments((self.SECTORS, 1, 4)), VIRTIO_BLK_S_IOERR),
         ]:
             with self.subTest(what):
                 self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_WRITE_ZEROES) + payload, views(1)), (expected, 1))
@@ -382,7 +390,8 @@ class RequestTest(ImageTestCase):
                     chain = header(type_, sector), data + views(1)
                 else:
                     chain = header(type_, sector) + data, views(1)
-                self.assertEqual(self.run_chain(*chain), (VIRTIO_BLK_S_IOERR, 1))
+                used = length + 1 if type_ == VIRTIO_BLK_T_IN else 1     # every writable byte, as QEMU
+                self.assertEqual(self.run_chain(*chain), (VIRTIO_BLK_S_IOERR, used))
                 self.assertEqual(bytes(data[0]), b"\xaa" * length)
                 self.assertEqual(self.disk(), self.original)
         # the last sector itself is fine
@@ -415,7 +424,7 @@ class RequestTest(ImageTestCase):
         ]
         for what, readable, writable in cases:
             with self.subTest(what):
-                self.assertEqual(self.run_chain(readable, writable), (VIRTIO_BLK_S_IOERR, 1))
+                self.assertEqual(self.run_chain(readable, writable), (VIRTIO_BLK_S_IOERR, sum(map(len, writable))))
                 self.assertEqual(self.disk(), self.original)
         # an empty trailing view does not hide the status byte
         writable = views(512, 1, 0)
@@ -428,7 +437,7 @@ class RequestTest(ImageTestCase):
 
     def test_host_io_error_is_ioerr(self):
         with mock.patch("os.preadv", side_effect=OSError(errno.EIO, "EIO")), self.assertLogs("vhost_min.blk"):
-            self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_IN), views(512, 1)), (VIRTIO_BLK_S_IOERR, 1))
+            self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_IN), views(512, 1)), (VIRTIO_BLK_S_IOERR, 513))
         with mock.patch("os.pwritev", side_effect=OSError(errno.ENOSPC, "ENOSPC")), self.assertLogs("vhost_min.blk"):
             self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_OUT) + views(512), views(1)), (VIRTIO_BLK_S_IOERR, 1))
 
@@ -496,11 +505,13 @@ class DeviceTest(ImageTestCase):
         with blk.BlkDevice(self.path) as dev:
             self.assertEqual(dev.device_id, 2)
             self.assertEqual(dev.features, F.VIRTIO_BLK_F_SEG_MAX | F.VIRTIO_BLK_F_BLK_SIZE | F.VIRTIO_BLK_F_FLUSH
-                             | F.VIRTIO_BLK_F_CONFIG_WCE | F.VIRTIO_BLK_F_DISCARD | F.VIRTIO_BLK_F_WRITE_ZEROES)
+                             | F.VIRTIO_BLK_F_CONFIG_WCE | F.VIRTIO_BLK_F_DISCARD | F.VIRTIO_BLK_F_WRITE_ZEROES
+                             | VirtioFeature.VIRTIO_F_ACCESS_PLATFORM)
         with blk.BlkDevice(self.path, read_only=True, num_queues=4) as dev:
             self.assertEqual(dev.num_queues, 4)
             self.assertEqual(dev.features, F.VIRTIO_BLK_F_SEG_MAX | F.VIRTIO_BLK_F_BLK_SIZE | F.VIRTIO_BLK_F_FLUSH
-                             | F.VIRTIO_BLK_F_CONFIG_WCE | F.VIRTIO_BLK_F_RO | F.VIRTIO_BLK_F_MQ)
+                             | F.VIRTIO_BLK_F_CONFIG_WCE | F.VIRTIO_BLK_F_RO | F.VIRTIO_BLK_F_MQ
+                             | VirtioFeature.VIRTIO_F_ACCESS_PLATFORM)
         for bad in (0, 65536, "2"):
             with self.assertRaises(ValueError):
                 blk.BlkDevice(self.path, num_queues=bad)
@@ -514,11 +525,11 @@ class DeviceTest(ImageTestCase):
             self.assertEqual(config.seg_max, 254)
             self.assertEqual(config.num_queues, 2)
             self.assertEqual(config.wce, 1)
-            self.assertEqual((config.max_discard_sectors, config.max_discard_seg), (0x3FFFFF, 16))
+            self.assertEqual((config.max_discard_sectors, config.max_discard_seg), (0x3FFFFF, 1))
             # whole logical blocks, or whole file-system blocks when those are larger
             self.assertEqual(config.discard_sector_alignment,
                              max(4096, os.fstat(dev.image.fileno()).st_blksize) // 512)
-            self.assertEqual((config.max_write_zeroes_sectors, config.max_write_zeroes_seg), (1 << 16, 16))
+            self.assertEqual((config.max_write_zeroes_sectors, config.max_write_zeroes_seg), (1 << 16, 1))
             self.assertEqual(config.write_zeroes_may_unmap, 1)
             self.assertEqual(raw[0:8], self.SECTORS.to_bytes(8, "little"))
             self.assertEqual(raw[33], 0)                      # unused
