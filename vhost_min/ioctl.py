@@ -821,3 +821,181 @@ __all__ = [
     "VHOST_PAGE_SIZE", "VHOST_VRING_LITTLE_ENDIAN", "VHOST_VRING_BIG_ENDIAN", "VHOST_FORK_OWNER_KTHREAD",
     "VHOST_FORK_OWNER_TASK", *VhostIoctl.__members__, *VhostBackendFeature.__members__,
 ]
+
+
+# ============================================================================================
+# VDUSE: the ABI of linux/vduse.h (a userspace program being a vDPA device), defined once.
+# /dev/vduse/control creates and destroys devices; /dev/vduse/NAME carries the kernel's requests
+# (read vduse_dev_request, write vduse_dev_response) and the per-device ioctls. The device
+# itself is vhost_min/vduse.py.
+# ============================================================================================
+
+VDUSE_BASE = 0x81                   #: the ioctl type ("magic") of every VDUSE ioctl
+VDUSE_API_VERSION = 0               #: the API version VDUSE_SET_API_VERSION asks for
+VDUSE_NAME_MAX = 256                #: vduse_dev_config.name and VDUSE_DESTROY_DEV's argument, NUL included
+VDUSE_ACCESS_RO = 0x1               #: vduse_iotlb_entry.perm: the device may read
+VDUSE_ACCESS_WO = 0x2               #: ... may write
+VDUSE_ACCESS_RW = 0x3               #: ... both
+VDUSE_EVENTFD_DEASSIGN = -1         #: vduse_vq_eventfd.fd that removes the kick eventfd
+VDUSE_IOVA_CAP_UMEM = 1 << 0        #: vduse_iova_info.capability: the region accepts IOTLB_REG_UMEM
+VDUSE_REQ_RESULT_OK = 0x00          #: vduse_dev_response.result
+VDUSE_REQ_RESULT_FAILED = 0x01
+
+
+class vduse_dev_config(ctypes.Structure):  # noqa: N801
+    """VDUSE_CREATE_DEV: name, virtio ids, offered features, queue count and alignment, then
+    ``config_size`` bytes of config space in the flexible array ``config``."""
+
+    _fields_ = [("name", c_char * VDUSE_NAME_MAX), ("vendor_id", c_uint32), ("device_id", c_uint32),
+                ("features", c_uint64), ("vq_num", c_uint32), ("vq_align", c_uint32),
+                ("reserved", c_uint32 * 13), ("config_size", c_uint32), ("config", c_uint8 * 0)]
+
+
+class vduse_iotlb_entry(ctypes.Structure):  # noqa: N801
+    """VDUSE_IOTLB_GET_FD: in, the IOVA range [start, last]; out, the first overlapping region's
+    [start, last], its mmap offset in the returned fd and VDUSE_ACCESS_* perm."""
+
+    _fields_ = [("offset", c_uint64), ("start", c_uint64), ("last", c_uint64), ("perm", c_uint8)]
+
+
+class vduse_config_data(ctypes.Structure):  # noqa: N801
+    """VDUSE_DEV_SET_CONFIG: ``length`` bytes at ``offset`` of config space in the flexible array ``buffer``."""
+
+    _fields_ = [("offset", c_uint32), ("length", c_uint32), ("buffer", c_uint8 * 0)]
+
+
+class vduse_vq_config(ctypes.Structure):  # noqa: N801
+    """VDUSE_VQ_SETUP: a queue's index and the largest size the driver may give it."""
+
+    _fields_ = [("index", c_uint32), ("max_size", c_uint16), ("reserved", c_uint16 * 13)]
+
+
+class vduse_vq_state_split(ctypes.Structure):  # noqa: N801
+    """A split queue's state: the next avail index the device will read."""
+
+    _fields_ = [("avail_index", c_uint16)]
+
+
+class vduse_vq_state_packed(ctypes.Structure):  # noqa: N801
+    """A packed queue's state: wrap counters and indices of both sides."""
+
+    _fields_ = [("last_avail_counter", c_uint16), ("last_avail_idx", c_uint16),
+                ("last_used_counter", c_uint16), ("last_used_idx", c_uint16)]
+
+
+class _vduse_vq_state_union(ctypes.Union):  # noqa: N801 (the header's anonymous union)
+    _fields_ = [("split", vduse_vq_state_split), ("packed", vduse_vq_state_packed)]
+
+
+class vduse_vq_info(ctypes.Structure):  # noqa: N801
+    """VDUSE_VQ_GET_INFO: a queue's size, ring IOVAs (desc, driver = avail, device = used), its
+    state and whether the driver made it ready. The caller sets ``index``."""
+
+    _anonymous_ = ("_u",)
+    _fields_ = [("index", c_uint32), ("num", c_uint32), ("desc_addr", c_uint64), ("driver_addr", c_uint64),
+                ("device_addr", c_uint64), ("_u", _vduse_vq_state_union), ("ready", c_uint8)]
+
+
+class vduse_vq_eventfd(ctypes.Structure):  # noqa: N801
+    """VDUSE_VQ_SETUP_KICKFD: a queue and the eventfd the kernel writes on a kick (or VDUSE_EVENTFD_DEASSIGN)."""
+
+    _fields_ = [("index", c_uint32), ("fd", c_int)]
+
+
+class vduse_iova_umem(ctypes.Structure):  # noqa: N801
+    """VDUSE_IOTLB_REG_UMEM / DEREG_UMEM: page-aligned user memory backing an IOVA range."""
+
+    _fields_ = [("uaddr", c_uint64), ("iova", c_uint64), ("size", c_uint64), ("reserved", c_uint64 * 3)]
+
+
+class vduse_iova_info(ctypes.Structure):  # noqa: N801
+    """VDUSE_IOTLB_GET_INFO: the first region overlapping [start, last] and its VDUSE_IOVA_CAP_* bits."""
+
+    _fields_ = [("start", c_uint64), ("last", c_uint64), ("capability", c_uint64), ("reserved", c_uint64 * 3)]
+
+
+class vduse_vq_state(ctypes.Structure):  # noqa: N801
+    """GET_VQ_STATE's request (index only) and response (index and state)."""
+
+    _anonymous_ = ("_u",)
+    _fields_ = [("index", c_uint32), ("_u", _vduse_vq_state_union)]
+
+
+class vduse_dev_status(ctypes.Structure):  # noqa: N801
+    """SET_STATUS's request: the virtio device status byte the driver wrote."""
+
+    _fields_ = [("status", c_uint8)]
+
+
+class vduse_iova_range(ctypes.Structure):  # noqa: N801
+    """UPDATE_IOTLB's request: the IOVA range [start, last] whose mappings changed."""
+
+    _fields_ = [("start", c_uint64), ("last", c_uint64)]
+
+
+class _vduse_dev_request_union(ctypes.Union):  # noqa: N801
+    _fields_ = [("vq_state", vduse_vq_state), ("s", vduse_dev_status), ("iova", vduse_iova_range),
+                ("padding", c_uint32 * 32)]
+
+
+class vduse_dev_request(ctypes.Structure):  # noqa: N801
+    """What read() on /dev/vduse/NAME gives: one request of VduseReqType with the id to answer."""
+
+    _anonymous_ = ("_u",)
+    _fields_ = [("type", c_uint32), ("request_id", c_uint32), ("reserved", c_uint32 * 4),
+                ("_u", _vduse_dev_request_union)]
+
+
+class _vduse_dev_response_union(ctypes.Union):  # noqa: N801
+    _fields_ = [("vq_state", vduse_vq_state), ("padding", c_uint32 * 32)]
+
+
+class vduse_dev_response(ctypes.Structure):  # noqa: N801
+    """What write() on /dev/vduse/NAME takes: the request's id, VDUSE_REQ_RESULT_*, and for
+    GET_VQ_STATE the queue's state."""
+
+    _anonymous_ = ("_u",)
+    _fields_ = [("request_id", c_uint32), ("result", c_uint32), ("reserved", c_uint32 * 4),
+                ("_u", _vduse_dev_response_union)]
+
+
+class VduseReqType(enum.IntEnum):
+    """vduse_dev_request.type (enum vduse_req_type)."""
+
+    VDUSE_GET_VQ_STATE = 0      # the queue's avail index (split) or wrap state (packed)
+    VDUSE_SET_STATUS = 1        # the driver wrote the device status (0 resets)
+    VDUSE_UPDATE_IOTLB = 2      # mappings in [start, last] changed: drop them, re-query with IOTLB_GET_FD
+
+
+class VduseIoctl(enum.IntEnum):
+    """Every VDUSE ioctl: control (/dev/vduse/control) 0x00-0x03, per device 0x10 and up."""
+
+    VDUSE_GET_API_VERSION = _IOR(VDUSE_BASE, 0x00, c_uint64)
+    VDUSE_SET_API_VERSION = _IOW(VDUSE_BASE, 0x01, c_uint64)
+    VDUSE_CREATE_DEV = _IOW(VDUSE_BASE, 0x02, vduse_dev_config)
+    VDUSE_DESTROY_DEV = _IOW(VDUSE_BASE, 0x03, c_char * VDUSE_NAME_MAX)
+
+    VDUSE_IOTLB_GET_FD = _IOWR(VDUSE_BASE, 0x10, vduse_iotlb_entry)
+    VDUSE_DEV_GET_FEATURES = _IOR(VDUSE_BASE, 0x11, c_uint64)
+    VDUSE_DEV_SET_CONFIG = _IOW(VDUSE_BASE, 0x12, vduse_config_data)
+    VDUSE_DEV_INJECT_CONFIG_IRQ = _IO(VDUSE_BASE, 0x13)
+    VDUSE_VQ_SETUP = _IOW(VDUSE_BASE, 0x14, vduse_vq_config)
+    VDUSE_VQ_GET_INFO = _IOWR(VDUSE_BASE, 0x15, vduse_vq_info)
+    VDUSE_VQ_SETUP_KICKFD = _IOW(VDUSE_BASE, 0x16, vduse_vq_eventfd)
+    VDUSE_VQ_INJECT_IRQ = _IOW(VDUSE_BASE, 0x17, c_uint32)
+    VDUSE_IOTLB_REG_UMEM = _IOW(VDUSE_BASE, 0x18, vduse_iova_umem)
+    VDUSE_IOTLB_DEREG_UMEM = _IOW(VDUSE_BASE, 0x19, vduse_iova_umem)
+    VDUSE_IOTLB_GET_INFO = _IOWR(VDUSE_BASE, 0x1A, vduse_iova_info)
+
+
+globals().update(VduseReqType.__members__)
+globals().update(VduseIoctl.__members__)
+
+__all__ += [  # noqa: PLE0605
+    "VduseIoctl", "VduseReqType", "vduse_dev_config", "vduse_iotlb_entry", "vduse_config_data", "vduse_vq_config",
+    "vduse_vq_state_split", "vduse_vq_state_packed", "vduse_vq_info", "vduse_vq_eventfd", "vduse_iova_umem",
+    "vduse_iova_info", "vduse_vq_state", "vduse_dev_status", "vduse_iova_range", "vduse_dev_request",
+    "vduse_dev_response", "VDUSE_BASE", "VDUSE_API_VERSION", "VDUSE_NAME_MAX", "VDUSE_ACCESS_RO",
+    "VDUSE_ACCESS_WO", "VDUSE_ACCESS_RW", "VDUSE_EVENTFD_DEASSIGN", "VDUSE_IOVA_CAP_UMEM", "VDUSE_REQ_RESULT_OK",
+    "VDUSE_REQ_RESULT_FAILED", *VduseReqType.__members__, *VduseIoctl.__members__,
+]

@@ -520,5 +520,123 @@ class FdOwnershipTest(unittest.TestCase):
             self.assertIs(getattr(vhost_min, name), getattr(vi, name))
 
 
+
+#: <linux/vduse.h> numbers, computed by hand from the asm-generic _IOC layout and the sizes below.
+GOLDEN_VDUSE_IOCTLS = {
+    "VDUSE_GET_API_VERSION": 0x80088100, "VDUSE_SET_API_VERSION": 0x40088101,
+    "VDUSE_CREATE_DEV": 0x41508102, "VDUSE_DESTROY_DEV": 0x41008103,
+    "VDUSE_IOTLB_GET_FD": 0xC0208110, "VDUSE_DEV_GET_FEATURES": 0x80088111, "VDUSE_DEV_SET_CONFIG": 0x40088112,
+    "VDUSE_DEV_INJECT_CONFIG_IRQ": 0x00008113, "VDUSE_VQ_SETUP": 0x40208114, "VDUSE_VQ_GET_INFO": 0xC0308115,
+    "VDUSE_VQ_SETUP_KICKFD": 0x40088116, "VDUSE_VQ_INJECT_IRQ": 0x40048117, "VDUSE_IOTLB_REG_UMEM": 0x40308118,
+    "VDUSE_IOTLB_DEREG_UMEM": 0x40308119, "VDUSE_IOTLB_GET_INFO": 0xC030811A,
+}
+
+GOLDEN_VDUSE_LAYOUTS = {
+    "vduse_dev_config": (336, 8, {"name": 0, "vendor_id": 256, "device_id": 260, "features": 264, "vq_num": 272,
+                                  "vq_align": 276, "reserved": 280, "config_size": 332, "config": 336}),
+    "vduse_iotlb_entry": (32, 8, {"offset": 0, "start": 8, "last": 16, "perm": 24}),
+    "vduse_config_data": (8, 4, {"offset": 0, "length": 4, "buffer": 8}),
+    "vduse_vq_config": (32, 4, {"index": 0, "max_size": 4, "reserved": 6}),
+    "vduse_vq_state_split": (2, 2, {"avail_index": 0}),
+    "vduse_vq_state_packed": (8, 2, {"last_avail_counter": 0, "last_avail_idx": 2, "last_used_counter": 4,
+                                     "last_used_idx": 6}),
+    "vduse_vq_info": (48, 8, {"index": 0, "num": 4, "desc_addr": 8, "driver_addr": 16, "device_addr": 24,
+                              "split": 32, "packed": 32, "ready": 40}),
+    "vduse_vq_eventfd": (8, 4, {"index": 0, "fd": 4}),
+    "vduse_iova_umem": (48, 8, {"uaddr": 0, "iova": 8, "size": 16, "reserved": 24}),
+    "vduse_iova_info": (48, 8, {"start": 0, "last": 8, "capability": 16, "reserved": 24}),
+    "vduse_vq_state": (12, 4, {"index": 0, "split": 4, "packed": 4}),
+    "vduse_dev_status": (1, 1, {"status": 0}),
+    "vduse_iova_range": (16, 8, {"start": 0, "last": 8}),
+    "vduse_dev_request": (152, 8, {"type": 0, "request_id": 4, "reserved": 8, "vq_state": 24, "s": 24, "iova": 24,
+                                   "padding": 24}),
+    "vduse_dev_response": (152, 4, {"request_id": 0, "result": 4, "reserved": 8, "vq_state": 24, "padding": 24}),
+}
+
+VDUSE_HEADER = "/usr/include/linux/vduse.h"
+#: Structs and ioctls newer than Debian 12's header (umem, 6.3): compared only where defined.
+VDUSE_SINCE = {"vduse_iova_umem": "VDUSE_IOTLB_REG_UMEM", "vduse_iova_info": "VDUSE_IOTLB_GET_INFO"}
+
+
+def vduse_constants() -> dict[str, int]:
+    names = ("VDUSE_BASE", "VDUSE_API_VERSION", "VDUSE_NAME_MAX", "VDUSE_ACCESS_RO", "VDUSE_ACCESS_WO",
+             "VDUSE_ACCESS_RW", "VDUSE_EVENTFD_DEASSIGN", "VDUSE_IOVA_CAP_UMEM", "VDUSE_REQ_RESULT_OK",
+             "VDUSE_REQ_RESULT_FAILED", *vi.VduseReqType.__members__)
+    return {name: int(getattr(vi, name)) for name in names}
+
+
+class VduseAbiTest(unittest.TestCase):
+    """The VDUSE section of ioctl.py: golden numbers and layouts, and the C compiler's <linux/vduse.h>."""
+
+    def test_every_ioctl_matches_the_table(self) -> None:
+        self.assertEqual({name: int(value) for name, value in vi.VduseIoctl.__members__.items()}, GOLDEN_VDUSE_IOCTLS)
+        self.assertEqual(len(vi.VduseIoctl), len(GOLDEN_VDUSE_IOCTLS))     # no aliases
+        for member in vi.VduseIoctl:
+            self.assertEqual(member >> vi._IOC_TYPESHIFT & 0xFF, vi.VDUSE_BASE)
+            self.assertIs(getattr(vi, member.name), member)
+            self.assertIn(member.name, vi.__all__)
+
+    def test_sizes_alignments_and_offsets(self) -> None:
+        for name, golden in GOLDEN_VDUSE_LAYOUTS.items():
+            with self.subTest(name):
+                self.assertEqual(layout(name), golden)
+                self.assertIn(name, vi.__all__)
+
+    def test_request_types_and_constants(self) -> None:
+        self.assertEqual([(m.name, int(m)) for m in vi.VduseReqType],
+                         [("VDUSE_GET_VQ_STATE", 0), ("VDUSE_SET_STATUS", 1), ("VDUSE_UPDATE_IOTLB", 2)])
+        self.assertEqual((vi.VDUSE_REQ_RESULT_OK, vi.VDUSE_REQ_RESULT_FAILED, vi.VDUSE_NAME_MAX, vi.VDUSE_API_VERSION),
+                         (0, 1, 256, 0))
+        self.assertEqual((vi.VDUSE_ACCESS_RO, vi.VDUSE_ACCESS_WO, vi.VDUSE_ACCESS_RW), (1, 2, 3))
+
+    def test_layouts_numbers_and_constants_match_the_header(self) -> None:
+        cc = shutil.which("cc") or shutil.which("gcc")
+        require(bool(cc) and os.path.exists(VDUSE_HEADER), f"a C compiler and {VDUSE_HEADER}",
+                "apt-get install -y gcc linux-libc-dev")
+        # vduse.h uses _IOR and friends without including <linux/ioctl.h> itself (its users always do)
+        lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/ioctl.h>", "#include <linux/vduse.h>",
+                 "int main(void) {"]
+        for name, (_, _, offsets) in GOLDEN_VDUSE_LAYOUTS.items():
+            since = VDUSE_SINCE.get(name)
+            lines += [f"#ifdef {since}"] if since else []
+            lines.append(f'printf("layout {name} %zu %zu\\n", sizeof(struct {name}), _Alignof(struct {name}));')
+            lines += [f'printf("offset {name}.{f} %zu\\n", offsetof(struct {name}, {f}));' for f in offsets]
+            lines += ["#endif"] if since else []
+        for name in vi.VduseIoctl.__members__:
+            lines += [f"#ifdef {name}", f'printf("ioctl {name} %lu\\n", (unsigned long)({name}));', "#endif"]
+        for name in vduse_constants():
+            # the request types are enum members, not macros: printed unconditionally
+            guard = name not in vi.VduseReqType.__members__
+            lines += [f"#ifdef {name}"] if guard else []
+            lines.append(f'printf("const {name} %lld\\n", (long long)({name}));')
+            lines += ["#endif"] if guard else []
+        lines += ["return 0;", "}"]
+        with tempfile.TemporaryDirectory() as tmp:
+            source, program = os.path.join(tmp, "vduse_abi.c"), os.path.join(tmp, "vduse_abi")
+            with open(source, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            subprocess.run([cc, "-std=gnu11", "-o", program, source], check=True, capture_output=True, timeout=60)
+            output = subprocess.run([program], check=True, capture_output=True, text=True, timeout=60).stdout
+        seen = {"layout": 0, "offset": 0, "ioctl": 0, "const": 0}
+        constants = vduse_constants()
+        for line in output.splitlines():
+            kind, name, *values = line.split()
+            seen[kind] += 1
+            with self.subTest(line=line):
+                if kind == "layout":
+                    self.assertEqual([int(v) for v in values], list(layout(name)[:2]))
+                elif kind == "offset":
+                    struct_name, field = name.split(".")
+                    self.assertEqual(int(values[0]), layout(struct_name)[2][field])
+                elif kind == "ioctl":
+                    self.assertEqual(int(values[0]), vi.VduseIoctl[name])
+                else:
+                    self.assertEqual(int(values[0]), constants[name])
+        # Debian 12's header (6.1) has every struct and ioctl but the three umem ones (6.3).
+        self.assertGreaterEqual(seen["layout"], len(GOLDEN_VDUSE_LAYOUTS) - len(VDUSE_SINCE))
+        self.assertGreaterEqual(seen["ioctl"], len(GOLDEN_VDUSE_IOCTLS) - 3)
+        self.assertGreaterEqual(seen["const"], len(constants) - 1)
+
+
 if __name__ == "__main__":
     unittest.main()
