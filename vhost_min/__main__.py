@@ -329,11 +329,28 @@ def _print_probe(report: dict) -> None:
         _row(f"  {name}", value)
 
 
+def config_sizes(device_type: str | None) -> Callable[[int], list[int]]:
+    """For Frontend.probe: the config sizes to ask, given the offered features — the given type's
+    layout, else the type the features suggest first and the other known layouts after, largest
+    first (a back-end accepts any size up to its own, and logs each size it must refuse)."""
+    from .blk import VIRTIO_BLK_CONFIG
+    sizes = {"blk": VIRTIO_BLK_CONFIG.size, "fs": VIRTIO_FS_CONFIG.size, "net": VIRTIO_NET_CONFIG.size,
+             "vsock": VIRTIO_VSOCK_CONFIG.size}
+
+    def for_features(features: int) -> list[int]:
+        if device_type is not None:
+            return [sizes[device_type]]
+        first = guess_device_type(features, None)
+        ordered = sorted(sizes.values(), reverse=True)
+        return ordered if first is None else [sizes[first]] + [n for n in ordered if n != sizes[first]]
+    return for_features
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     """Connect, ask (Frontend.probe: nothing is claimed or changed), print, disconnect."""
     from .frontend import Frontend
     with Frontend.connect(args.socket, timeout=args.timeout) as fe:
-        result = fe.probe()
+        result = fe.probe(config_size=config_sizes(args.type))
     guessed = args.type is None
     device_type = guess_device_type(result.features, result.config) if guessed else args.type
     report = probe_report(args.socket, result, device_type, guessed)
@@ -575,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="vhost-user back-ends and tools in pure Python (vhost_min).",
         epilog="Run `vhost-min COMMAND --help` for each command's options.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     blk = sub.add_parser(
@@ -642,6 +661,8 @@ def blk_main(argv: list[str] | None = None) -> int:
     descriptors expect (``vhost-min-blk --print-capabilities``, ``--socket-path``, ``--fd``)."""
     parser = argparse.ArgumentParser(prog="vhost-min-blk", description=_BLK_DESCRIPTION, epilog=_BLK_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"vhost-min-blk {__version__}")
     _add_blk_arguments(parser)
     return _run(parser.parse_args(argv))
 

@@ -42,7 +42,7 @@ from .user import (BACKEND_REQUESTS, FRONTEND_REQUESTS, HEADER, U64, VHOST_ACCES
                    VHOST_USER_MAX_CONFIG_SIZE, VHOST_USER_REPLY_MASK, VHOST_USER_VERSION, VHOST_USER_VERSION_MASK,
                    BackendRequest, Config, Connection, DeviceState, FrontendRequest, Inflight, IotlbMsg, Log,
                    MemoryRegion, MemoryTable, Message, ProtocolFeature, RequestSpec, SharedObject, ShmemConfig,
-                   ShmemMap, VirtioGate, VringAddr, VringFd, VringState, check_message)
+                   ShmemMap, VirtioGate, VringAddr, VringFd, VringState, check_message, check_socket_path)
 from .virtio import (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG, DeviceStatus, VirtioFeature)
 
 __all__ = ["DEFAULT_TIMEOUT", "FRONTEND_FEATURES", "FRONTEND_PROTOCOL_FEATURES", "OPTIONAL_PROTOCOL_FEATURES",
@@ -326,6 +326,7 @@ class SharedObjects:
 
 def _connect_socket(path: str, timeout: float) -> socket.socket:
     """connect(2) to a vhost-user socket, with errors a person can act on."""
+    path = check_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -1348,7 +1349,7 @@ class Frontend(Dataplane):
             return result
 
     # -- probe -----------------------------------------------------------------------------------
-    def probe(self, config_size: int | None = None,
+    def probe(self, config_size: int | Callable[[int], Sequence[int]] | None = None,
               device_features: type[enum.IntFlag] | None = None) -> ProbeResult:
         """A read-only summary of the back-end, for ``vhost-min probe``.
 
@@ -1357,8 +1358,10 @@ class Frontend(Dataplane):
         GET_PROTOCOL_FEATURES, and SET_PROTOCOL_FEATURES with exactly the bits its queries need
         (MQ, CONFIGURE_MEM_SLOTS, CONFIG — per-connection state a back-end drops when the
         connection closes), then GET_QUEUE_NUM, GET_MAX_MEM_SLOTS and GET_CONFIG. The config size
-        is not on the wire: with ``config_size`` None the largest size the back-end accepts (at
-        most 256) is found by halving. Note one-shot back-ends (the C virtiofsd) exit when this
+        is not on the wire: ``config_size`` says it, or is a function of the offered features giving
+        the sizes to try in order (the device type's layout: no request the back-end must refuse);
+        with None, or when every size is refused, the largest size the back-end accepts (at most
+        256) is found by halving, which a back-end may log as refused requests. Note one-shot back-ends (the C virtiofsd) exit when this
         connection closes, as they do for any front-end. Only on a fresh connection.
         """
         if self.features is not None:
@@ -1374,19 +1377,23 @@ class Frontend(Dataplane):
             if proto & ProtocolFeature.CONFIGURE_MEM_SLOTS:
                 max_slots = self.get_max_mem_slots()
             if proto & ProtocolFeature.CONFIG:
-                config = self._probe_config(config_size)
+                config = self._probe_config(config_size(features) if callable(config_size) else config_size)
         return ProbeResult(features, feature_names(features, device_features), proto,
                            protocol_feature_names(proto or 0), num_queues, max_slots, config)
 
-    def _probe_config(self, size: int | None) -> bytes | None:
+    def _probe_config(self, size: int | Sequence[int] | None) -> bytes | None:
         def attempt(n: int) -> bytes | None:
             try:
                 return self.get_config(0, n)
             except NotSupportedError:
                 return None
 
-        if size is not None:
+        if isinstance(size, int):
             return attempt(size)
+        for candidate in size or ():
+            data = attempt(candidate)
+            if data is not None:
+                return data
         data = attempt(VHOST_USER_MAX_CONFIG_SIZE)
         if data is not None:
             return data

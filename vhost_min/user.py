@@ -948,9 +948,10 @@ class Connection:
     @classmethod
     def connect(cls, path: str | os.PathLike, **kwargs) -> Connection:
         """Connect to a listening vhost-user socket (client role); OSError if nobody listens."""
+        path = check_socket_path(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(os.fspath(path))
+            sock.connect(path)
         except BaseException:
             sock.close()
             raise
@@ -1182,6 +1183,22 @@ def _collect_fds(ancdata: list[tuple[int, int, bytes]], fds: list[int]) -> None:
             fds.extend(received)
 
 
+#: sun_path holds 108 bytes with the terminating NUL (Linux's UNIX_PATH_MAX): the longest path is 107.
+UNIX_PATH_MAX = 107
+
+
+def check_socket_path(path: str | os.PathLike) -> str:
+    """The path as a str, or a VhostError (ENAMETOOLONG) naming the limit when AF_UNIX cannot hold it.
+
+    Python's socket module says only "AF_UNIX path too long" (no errno, no limit, no path)."""
+    path = os.fspath(path)
+    length = len(os.fsencode(path))
+    if length > UNIX_PATH_MAX:
+        raise VhostError(f"socket path is {length} bytes, longer than AF_UNIX allows ({UNIX_PATH_MAX}): "
+                         f"{path}", errno.ENAMETOOLONG)
+    return path
+
+
 class Listener:
     """A listening vhost-user socket (server role): ``accept()`` returns a Connection.
 
@@ -1190,7 +1207,7 @@ class Listener:
     """
 
     def __init__(self, path: str | os.PathLike, *, backlog: int = 1, **connection_kwargs) -> None:
-        self.path = os.fspath(path)
+        self.path = check_socket_path(path)
         self._connection_kwargs = connection_kwargs
         self._identity: tuple[int, int] | None = None
         abstract = self.path.startswith("\0")
@@ -1198,14 +1215,18 @@ class Listener:
             _remove_stale_socket(self.path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if abstract:
+            temporary = f"{self.path}.{os.getpid()}.tmp"
+            if abstract or len(os.fsencode(temporary)) > UNIX_PATH_MAX:
+                # No room for the temporary name (or no file at all): bind in place.
                 self._sock.bind(self.path)
                 self._sock.listen(backlog)
+                if not abstract:
+                    st = os.stat(self.path)
+                    self._identity = (st.st_dev, st.st_ino)
             else:
                 # Bind under a temporary name, listen, then rename into place: the socket file
                 # appears only once it accepts, so a peer that waits for the file never meets a
                 # bound-but-not-listening socket (ECONNREFUSED).
-                temporary = f"{self.path}.{os.getpid()}.tmp"
                 _remove_stale_socket(temporary)
                 self._sock.bind(temporary)
                 try:

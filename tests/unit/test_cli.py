@@ -144,6 +144,18 @@ class DescriptorTest(unittest.TestCase):
         self.assertEqual(project["project"]["scripts"]["vhost-min-blk"], "vhost_min.__main__:blk_main")
         patterns = project["tool"]["setuptools"]["package-data"]["vhost_min"]
         self.assertTrue(any(fnmatch(os.path.basename(DESCRIPTOR), p) for p in patterns), patterns)
+        # The version has one home, the package, which the metadata and --version read.
+        self.assertIn("version", project["project"]["dynamic"])
+        self.assertEqual(project["tool"]["setuptools"]["dynamic"]["version"], {"attr": "vhost_min.__version__"})
+
+    def test_version(self) -> None:
+        from vhost_min import __version__
+        self.assertRegex(__version__, r"^\d+\.\d+\.\d+$")
+        for program, args in (("vhost-min", ()), ("vhost-min-blk", ("-c", "import sys; from vhost_min.__main__ import "
+                                                                   "blk_main; sys.exit(blk_main())"))):
+            argv = [sys.executable, *args, "--version"] if args else [sys.executable, "-m", "vhost_min", "--version"]
+            result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+            self.assertEqual((result.returncode, result.stdout, result.stderr), (0, f"{program} {__version__}\n", ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +209,16 @@ class BlkProbeTest(AssertCli):
                 self.assertEqual(client.read(4096, 8192), b"\xa5" * 8192)
         with open(self.image, "rb") as f:
             self.assertEqual(os.pread(f.fileno(), 8192, 4096), b"\xa5" * 8192)
+
+    def test_probe_asks_the_config_size_of_the_device_type(self) -> None:
+        """No GET_CONFIG the back-end has to refuse (each one a "rejected" line in a -v log)."""
+        with blk_backend("--socket-path", self.sock, self.image, "-v") as proc:
+            self.assertEqual(self.probe_json(self.sock)["config"]["capacity"], self.SIZE // 512)
+            self.assertEqual(self.probe_json(self.sock, "--type", "blk")["config"]["capacity"], self.SIZE // 512)
+            proc.send_signal(signal.SIGTERM)
+            _out, log = proc.communicate(timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0, log)
+        self.assertNotIn("rejected", log)
 
     def test_read_only_shows_ro(self) -> None:
         with blk_backend("--read-only", "--socket-path", self.sock, self.image):
@@ -256,6 +278,9 @@ class BlkProbeTest(AssertCli):
 class ProbeDecodeTest(AssertCli):
     """probe against devices of other types, served by our back-end framework in this process."""
 
+    def setUp(self) -> None:
+        self.refused: list[int] = []            # the GET_CONFIG sizes the device refused
+
     def serve(self, device) -> str:
         from vhost_min.backend import Server
         logger = logging.getLogger("vhost_min.backend")
@@ -280,7 +305,7 @@ class ProbeDecodeTest(AssertCli):
         mac = bytes.fromhex("525400123456")
         sock = self.serve(config_device(1, F.VIRTIO_NET_F_MAC | F.VIRTIO_NET_F_STATUS | F.VIRTIO_NET_F_MQ
                                         | F.VIRTIO_NET_F_MTU | F.VIRTIO_NET_F_MRG_RXBUF,
-                                        mac + struct.pack("<HHHIBBHI", 1, 4, 9000, 10000, 1, 0, 0, 0)))
+                                        mac + struct.pack("<HHHIBBHI", 1, 4, 9000, 10000, 1, 0, 0, 0), self.refused))
         report = self.probe_json(sock)
         self.assertEqual(report["device_type"], "net")
         self.assertEqual(report["config"], {"mac": "52:54:00:12:34:56", "status": 1, "link_up": True,
@@ -288,10 +313,17 @@ class ProbeDecodeTest(AssertCli):
         self.assertIn("VIRTIO_NET_F_MRG_RXBUF", report["feature_names"])
         self.assertRegex(cli("probe", sock).stdout, r"mac\s+52:54:00:12:34:56")
 
+        self.assertEqual(self.refused, [], "the size net's features point to is asked first")
+
     def test_fs(self) -> None:
-        sock = self.serve(config_device(26, 0, b"myfs".ljust(36, b"\0") + struct.pack("<I", 2)))
+        from vhost_min.blk import VIRTIO_BLK_CONFIG
+        sock = self.serve(config_device(26, 0, b"myfs".ljust(36, b"\0") + struct.pack("<I", 2), self.refused))
         report = self.probe_json(sock)
         self.assertEqual((report["device_type"], report["config"]), ("fs", {"tag": "myfs", "num_request_queues": 2}))
+        self.assertEqual(self.refused, [VIRTIO_BLK_CONFIG.size], "the known layouts, largest first, no halving")
+        self.refused.clear()
+        self.probe_json(sock, "--type", "fs")
+        self.assertEqual(self.refused, [])
 
     def test_vsock_and_type_given(self) -> None:
         sock = self.serve(config_device(19, 0, struct.pack("<Q", 42)))
@@ -308,14 +340,17 @@ class ProbeDecodeTest(AssertCli):
         self.assertRegex(text.stdout, r"raw\s+010203")
 
 
-def config_device(device_id: int, features: int, config: bytes):
-    """A device with these feature bits and this config space (reads past its end are refused)."""
+def config_device(device_id: int, features: int, config: bytes, refused: list[int] | None = None):
+    """A device with these feature bits and this config space (reads past its end are refused,
+    their sizes appended to ``refused``)."""
     from vhost_min.backend import Device
     from vhost_min.errors import NotSupportedError
 
     class ConfigDevice(Device):
         def get_config(self, offset: int, size: int) -> bytes:
             if offset + size > len(config):
+                if refused is not None:
+                    refused.append(size)
                 raise NotSupportedError(f"{size} bytes at {offset}: the config space has {len(config)}")
             return config[offset:offset + size]
 
@@ -365,6 +400,19 @@ class ErrorTest(AssertCli):
         self.assertOneErrorLine(cli("blk", "--socket-path", sock, missing), missing, "No such file")
         self.assertOneErrorLine(cli("blk", "--socket-path", sock, self.dir), "Is a directory")
         self.assertFalse(os.path.exists(sock))
+
+    def test_socket_paths_longer_than_af_unix_allows(self) -> None:
+        image = make_image(self.dir, 1 << 20)
+        long_path = os.path.join(self.dir, "s" * (120 - len(self.dir)))
+        self.assertOneErrorLine(cli("blk", "--socket-path", long_path, image), long_path,
+                                "longer than AF_UNIX allows (107)")
+        self.assertOneErrorLine(cli("probe", long_path), long_path, "longer than AF_UNIX allows (107)")
+        # The longest path that fits serves (no longer temporary name on the way).
+        longest = os.path.join(self.dir, "s" * (106 - len(self.dir)))
+        self.assertEqual(len(os.fsencode(longest)), 107)
+        with blk_backend("--socket-path", longest, image):
+            self.assertEqual(self.probe_json(longest)["config"]["capacity"], (1 << 20) // 512)
+        self.assertFalse(os.path.exists(longest))
 
     def test_blk_on_a_socket_in_use(self) -> None:
         image = make_image(self.dir, 1 << 20)
