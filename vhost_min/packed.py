@@ -119,6 +119,8 @@ class _PackedRing:
             ring = self._view(self.desc_addr, ring_bytes, True)
             driver = self._view(self.driver_area, driver_bytes, self._is_driver)
             device = self._view(self.device_area, device_bytes, True)
+        except IOTLBMiss:
+            raise                      # invalidated ring pages: asked for again, then retried
         except GuestMemoryError as exc:
             raise GuestMemoryError(f"packed ring of size {self.size} (desc {self.desc_addr:#x}, driver "
                                    f"{self.driver_area:#x}, device {self.device_area:#x}): {exc}") from None

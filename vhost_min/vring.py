@@ -101,11 +101,15 @@ def _where(idx: int, table: tuple[int, int] | None) -> str:
 
 
 def _ring_view(memory, what: str, addr: int, length: int, write: bool) -> memoryview:
-    """One contiguous view of a ring part; the part must lie inside one region (or IOTLB entry)."""
+    """One contiguous view of a ring part; the part must lie inside one region (or IOTLB entries
+    contiguous in memory). An IOTLBMiss passes unchanged: the ring's pages were invalidated (a
+    vIOMMU's global flush, say), and the caller asks for them again and retries."""
     try:
         if isinstance(memory, GuestMemory):
             return memory.view(addr, length)
         return memory.view(addr, length, write)
+    except IOTLBMiss:
+        raise
     except GuestMemoryError as exc:
         raise GuestMemoryError(f"{what} at {addr:#x} ({length} bytes) is not inside one memory region: "
                                f"{exc}", exc.errno) from None
@@ -154,18 +158,22 @@ class SplitDeviceQueue:
         """(Re)resolve the ring parts and forget the cached region (memory changed)."""
         desc_len, avail_len, used_len = split_ring_sizes(self.size, self.event_idx)
         memory = self._memory
+        desc = _ring_view(memory, "descriptor table", self.desc_addr, desc_len, False)
+        avail = _ring_view(memory, "available ring", self.avail_addr, avail_len, False)
+        used = _ring_view(memory, "used ring", self.used_addr, used_len, True)
+        self._avail16 = _words(avail, "available ring", SPLIT_AVAIL_ALIGN)
+        self._used16 = _words(used, "used ring", SPLIT_USED_ALIGN)
+        self._desc, self._avail, self._used = desc, avail, used
+        # Last: a map that stopped half-way (an IOTLB miss) is tried again at the next look.
         self._generation = memory.generation
-        self._desc = _ring_view(memory, "descriptor table", self.desc_addr, desc_len, False)
-        self._avail = _ring_view(memory, "available ring", self.avail_addr, avail_len, False)
-        self._used = _ring_view(memory, "used ring", self.used_addr, used_len, True)
-        self._avail16 = _words(self._avail, "available ring", SPLIT_AVAIL_ALIGN)
-        self._used16 = _words(self._used, "used ring", SPLIT_USED_ALIGN)
         # The fast path's region cache: [start, end) of the last region a buffer was found in.
         self._rstart, self._rend, self._rview = 0, 0, _EMPTY
 
     def _remap(self) -> None:
         try:
             self._map()
+        except IOTLBMiss:
+            raise                      # not broken: the caller reports the miss and retries
         except GuestMemoryError as exc:
             raise self._fail(exc) from None
 

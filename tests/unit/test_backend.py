@@ -25,7 +25,8 @@ from vhost_min.backend import POLL_INTERVAL, Backend, Device, Server, serve
 from vhost_min.errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, NotSupportedError, ProtocolError,
                               VhostError, VirtqueueError)
 from vhost_min.memory import MAX_MEM_SLOTS, GuestMemory
-from vhost_min.user import (FRONTEND_REQUESTS, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_VRING_NOFD_MASK, BackendRequest,
+from vhost_min.user import (FRONTEND_REQUESTS, VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_MISS, VHOST_USER_NEED_REPLY_MASK,
+                            VHOST_USER_VRING_NOFD_MASK, BackendRequest,
                             Config, Connection, DeviceState, FrontendRequest, Inflight, IotlbMsg, Log, MemoryRegion,
                             MemoryTable, Message, ProtocolFeature, SharedObject, ShmemConfig, VringAddr, VringFd,
                             VringState, pack_u64)
@@ -1277,6 +1278,69 @@ class IotlbTests(BackendCase):
         pages = {i * 8 + bit for i, byte in enumerate(bitmap) for bit in range(8) if byte >> bit & 1}
         avail_event = used_iova + 4 + 8 * 1024             # after the 1024 used elements, a page further
         self.assertEqual(pages, {(a - iova_base) // 0x1000 for a in (rep, used_iova, avail_event)})
+
+
+    def _iommu_ring(self, packed: bool):
+        """A ring behind an IOTLB (IOVA == guest address, 4 KiB entries on demand, as intel-iommu
+        hands them out) and the back-end channel's other end."""
+        class Iommu(Echo):
+            features = Echo.features | VIRTIO_F_ACCESS_PLATFORM | VIRTIO_F_RING_PACKED
+
+        self.serve_instead(Iommu())
+        ring = self.ring(0, packed=packed)
+        features = DRIVER_FEATURES | VIRTIO_F_ACCESS_PLATFORM | (VIRTIO_F_RING_PACKED if packed else 0)
+        self.fe.negotiate(features)
+        self.set_memory()
+        channel, peer = Connection.pair(requests=BackendRequest)
+        self.addCleanup(peer.close)
+        self.fe.send(F.SET_BACKEND_REQ_FD, b"", [channel.fileno()])
+        channel.close()
+        ring.setup(self.fe, uva=0)
+        return ring, peer
+
+    def _answer_misses(self, peer: Connection) -> list[int]:
+        """Run the back-end, answering each BACKEND_IOTLB_MSG miss with its page; the IOVAs asked."""
+        asked = []
+        for _ in range(40):
+            pump(self.backend)
+            if not select.select([peer.fileno()], [], [], 0)[0]:
+                return asked
+            with peer.recv() as miss_msg:
+                miss = IotlbMsg.unpack(miss_msg.payload)
+            self.assertEqual((miss_msg.request, miss.type), (BackendRequest.IOTLB_MSG, VHOST_IOTLB_MISS))
+            asked.append(miss.iova)
+            page = miss.iova & ~0xFFF
+            with self.fe.request(F.IOTLB_MSG, IotlbMsg(page, 0x1000, UVA_BASE + page, 3, 2).pack()) as reply:
+                self.assertEqual(reply.u64(), 0)
+        self.fail(f"the back-end kept asking: {[hex(a) for a in asked]}")
+
+    def check_ring_entries_invalidated_are_asked_for_again(self, packed: bool) -> None:
+        """QEMU 7.2 behind intel-iommu flushes a device's whole IOTLB (a global device-IOTLB
+        invalidation: [0, 0xfee00000) and [0xfef00000, 2^64)) while the rings stay in use: the
+        ring's own pages must be asked for again with BACKEND_IOTLB_MSG and the ring go on once
+        the updates arrive -- not break with "not inside one memory region: IOTLB miss"."""
+        ring, peer = self._iommu_ring(packed)
+        ring.add(b"before")
+        ring.kick_now()
+        self._answer_misses(peer)
+        self.assertEqual(ring.replies(), [b"erofeb\x00"])
+        for iova, size in ((0, 0xFEE0_0000), (0xFEF0_0000, (1 << 64) - 0xFEF0_0000)):
+            with self.fe.request(F.IOTLB_MSG, IotlbMsg(iova, size, 0, 0, VHOST_IOTLB_INVALIDATE).pack()) as reply:
+                self.assertEqual(reply.u64(), 0)
+        self.assertEqual(len(self.backend.iotlb), 0)
+        ring.add(b"after")
+        ring.kick_now()
+        asked = self._answer_misses(peer)
+        self.assertEqual(ring.replies(), [b"retfa\x00"])
+        self.assertFalse(self.backend.rings[0].broken)
+        self.assertFalse(fired(ring.err, 0), "the ring signalled an error")
+        self.assertEqual(asked[0] & ~0xFFF, ring.lay["desc"] & ~0xFFF, [hex(a) for a in asked])
+
+    def test_split_ring_entries_invalidated_are_asked_for_again(self) -> None:
+        self.check_ring_entries_invalidated_are_asked_for_again(packed=False)
+
+    def test_packed_ring_entries_invalidated_are_asked_for_again(self) -> None:
+        self.check_ring_entries_invalidated_are_asked_for_again(packed=True)
 
 
 class AsyncioTests(BackendCase):
