@@ -62,16 +62,18 @@ Decisions the spec leaves open, in one place (spec = QEMU docs/interop/vhost-use
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import selectors
+import signal
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from .errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, NotSupportedError, ProtocolError,
                      VhostError)
@@ -1681,17 +1683,35 @@ class Server:
         self.close()
 
 
+@contextlib.contextmanager
+def _stopped_by_signals(server: Server, enabled: bool) -> Iterator[None]:
+    """SIGTERM and SIGINT stop ``server`` while the block runs (main thread only: elsewhere, and
+    when not ``enabled``, signals stay the caller's)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, lambda _signum, _frame: server.stop())
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def serve(device_or_factory, socket_path: str | os.PathLike | None = None, *, fd: int | None = None,
           listen: bool = True, once: bool = False, selector: selectors.BaseSelector | None = None,
-          stop_event: threading.Event | None = None) -> None:
+          stop_event: threading.Event | None = None, handle_signals: bool = True) -> None:
     """Serve a device on a vhost-user socket until stopped (see :class:`Server`).
 
     ``device_or_factory``: a Device (one front-end at a time), a factory such as the Device class
     (a device per connection), or a sequence of ``(device_or_factory, socket_path)`` pairs to
     serve several sockets in this one loop. ``once``: return when the first connection ends.
-    ``stop_event``: a threading.Event that ends the loop (checked every 0.1 s). SIGTERM handling is
-    the caller's (raise from the handler, or set the event)."""
-    with Server(selector=selector) as server:
+    ``stop_event``: a threading.Event that ends the loop (checked every 0.1 s). Called from the
+    main thread with ``handle_signals``, SIGTERM and SIGINT (Ctrl-C) end it too, as the CLI's
+    back-ends do: connections closed, socket files removed, a normal return (no traceback); the
+    previous handlers are back afterwards."""
+    with Server(selector=selector) as server, _stopped_by_signals(server, handle_signals):
         if isinstance(device_or_factory, (list, tuple)):
             if socket_path is not None or fd is not None:
                 raise ValueError("give the socket paths in the (device, path) pairs")

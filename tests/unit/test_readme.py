@@ -8,12 +8,16 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import unittest
 from typing import NamedTuple
 
+from tests.support import stop_process, wait_for_path
 from vhost_min.backend import serve
 from vhost_min.frontend import Frontend
 from vhost_min.virtio import DeviceId
@@ -137,6 +141,28 @@ class RngExampleTest(unittest.TestCase):
             self.assertGreater(len(set(chunk)), 1, "a buffer came back constant")
         self.assertGreater(len(set(data[2])), 200, "4096 random bytes take nearly all 256 values")
         self.assertNotEqual(data[1][:16], data[0], "two buffers got the same bytes")
+
+    def test_run_as_a_program_it_stops_cleanly_on_sigterm_and_ctrl_c(self) -> None:
+        """As the README says to run it (``python3 rng.py SOCKET``): SIGTERM and SIGINT end it with
+        status 0, no traceback, the socket file removed, as the CLI's blk does."""
+        script = os.path.join(os.path.dirname(self.socket_path), "rng.py")
+        with open(script, "w") as f:
+            f.write(rng_example().code)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signal.Signals(signum).name):
+                proc = subprocess.Popen([sys.executable, script, self.socket_path], cwd=ROOT, text=True,
+                                        env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.PIPE)
+                try:
+                    wait_for_path(self.socket_path, proc)
+                    with Frontend.connect(self.socket_path, timeout=TIMEOUT) as fe:
+                        self.assertEqual(fe.negotiate().features & (1 << 32), 1 << 32, "VIRTIO_F_VERSION_1 acked")
+                    proc.send_signal(signum)
+                    _out, err = proc.communicate(timeout=20)
+                finally:
+                    stop_process(proc)
+                self.assertEqual(proc.returncode, 0, err)
+                self.assertNotIn("Traceback", err)
+                self.assertFalse(os.path.exists(self.socket_path), "the socket file is left behind")
 
 
 class CommandLineTest(unittest.TestCase):
