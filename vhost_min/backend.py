@@ -999,6 +999,7 @@ class Backend:
             raise
         old, self.features = self.features, features
         self.features_acked, self._features_failed = True, False
+        log.info("%s: features %#x negotiated", self.name, features)
         if not features & VHOST_USER_F_PROTOCOL_FEATURES:
             for ring in self.rings:                 # spec: "must enable all rings immediately"
                 if not ring.enabled:
@@ -1223,11 +1224,13 @@ class Backend:
         if self.iotlb is None:
             self.iotlb = IOTLB(self.memory)
         if entry.type == VHOST_IOTLB_UPDATE:
+            log.debug("%s: IOTLB update %#x+%#x perm %d", self.name, entry.iova, entry.size, entry.perm)
             self.iotlb.update(entry.iova, entry.size, entry.uaddr, entry.perm)
             for ring in self.rings:
                 if ring.waiting_iotlb:
                     ring.waiting_iotlb, ring.again = False, ring.started
         elif entry.type == VHOST_IOTLB_INVALIDATE:
+            log.debug("%s: IOTLB invalidate %#x+%#x", self.name, entry.iova, entry.size)
             self.iotlb.invalidate(entry.iova, entry.size)
         else:
             raise ProtocolError(f"VHOST_USER_IOTLB_MSG: type {entry.type} is not an update (2) or invalidate (3)")

@@ -1289,7 +1289,9 @@ class IotlbTests(BackendCase):
         self.serve_instead(Iommu())
         ring = self.ring(0, packed=packed)
         features = DRIVER_FEATURES | VIRTIO_F_ACCESS_PLATFORM | (VIRTIO_F_RING_PACKED if packed else 0)
-        self.fe.negotiate(features)
+        with self.assertLogs("vhost_min.backend", logging.INFO) as logs:
+            self.fe.negotiate(features)
+        self.assertIn(f"features {features:#x} negotiated", "\n".join(logs.output))   # what peer tests read
         self.set_memory()
         channel, peer = Connection.pair(requests=BackendRequest)
         self.addCleanup(peer.close)
@@ -1324,13 +1326,17 @@ class IotlbTests(BackendCase):
         ring.kick_now()
         self._answer_misses(peer)
         self.assertEqual(ring.replies(), [b"erofeb\x00"])
-        for iova, size in ((0, 0xFEE0_0000), (0xFEF0_0000, (1 << 64) - 0xFEF0_0000)):
-            with self.fe.request(F.IOTLB_MSG, IotlbMsg(iova, size, 0, 0, VHOST_IOTLB_INVALIDATE).pack()) as reply:
-                self.assertEqual(reply.u64(), 0)
+        with self.assertLogs("vhost_min.backend", logging.DEBUG) as logs:
+            for iova, size in ((0, 0xFEE0_0000), (0xFEF0_0000, (1 << 64) - 0xFEF0_0000)):
+                with self.fe.request(F.IOTLB_MSG, IotlbMsg(iova, size, 0, 0, VHOST_IOTLB_INVALIDATE).pack()) as reply:
+                    self.assertEqual(reply.u64(), 0)
+        self.assertIn("IOTLB invalidate 0x0+0xfee00000", "\n".join(logs.output))
         self.assertEqual(len(self.backend.iotlb), 0)
         ring.add(b"after")
         ring.kick_now()
-        asked = self._answer_misses(peer)
+        with self.assertLogs("vhost_min.backend", logging.DEBUG) as logs:
+            asked = self._answer_misses(peer)
+        self.assertIn(f"IOTLB update {asked[0] & ~0xFFF:#x}+0x1000 perm 3", "\n".join(logs.output))
         self.assertEqual(ring.replies(), [b"retfa\x00"])
         self.assertFalse(self.backend.rings[0].broken)
         self.assertFalse(fired(ring.err, 0), "the ring signalled an error")
