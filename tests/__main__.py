@@ -6,6 +6,25 @@ With CI=true a tier whose prerequisites are missing fails instead of skipping.
 
 from __future__ import annotations
 
+USAGE = """\
+usage: python3 -m tests [-v] [TIER | DOTTED.TEST.NAME ...]
+
+Run the test tiers (all three when none is named); the last line is "N passed, N failed, N skipped".
+
+  unit      anywhere, no root: protocol, rings, devices, the CLI, the README's examples
+  peers     against QEMU 7.2, qemu-storage-daemon, virtiofsd and DPDK's testpmd (and the unit
+            tier again on arm64 python under qemu-user)
+  kernel    in a QEMU guest booting Debian's kernel: kernel vhost, vhost-vdpa, VDUSE
+  NAME      a module, class or test by dotted name, e.g. tests.unit.test_blk.DeviceTest
+  -v        one line per test
+
+environment:
+  CI=true                    a tier that cannot run fails instead of skipping
+  VHOST_MIN_SEED=N           the seed of the randomized tests (each prints the seed it used)
+  VHOST_MIN_STRESS_CHAINS=N  chains per ring stress test (default 500000)
+  VHOST_MIN_CACHE=DIR        downloads and built guest images (default ~/.cache/vhost_min)
+"""
+
 import os
 import sys
 import time
@@ -25,6 +44,13 @@ class _CountingResult(unittest.TextTestResult):
 
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE, end="")
+        return 0
+    unknown = [a for a in argv if a.startswith("-") and a != "-v"]
+    if unknown:
+        print(f"unknown option {unknown[0]}\n{USAGE}", end="", file=sys.stderr)
+        return 2
     verbosity = 2 if "-v" in argv else 1
     names = [a for a in argv if a != "-v"] or list(TIERS)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

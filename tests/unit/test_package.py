@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import re
 import subprocess
 import sys
 import unittest
@@ -91,3 +92,31 @@ class StdlibOnlyTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestRunnerUsageTest(unittest.TestCase):
+    """``python3 -m tests --help`` is a usage text, not a test named "--help"."""
+
+    def test_help_names_the_tiers_and_every_environment_variable_the_tests_read(self) -> None:
+        result = subprocess.run([sys.executable, "-m", "tests", "--help"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertTrue(result.stdout.startswith("usage: python3 -m tests"), result.stdout)
+        for tier in ("unit", "peers", "kernel"):
+            self.assertRegex(result.stdout, rf"\n  {tier} ")
+        read = set()
+        for directory in ("tests", "bench", "vhost_min"):
+            for dirpath, _dirs, files in os.walk(os.path.join(ROOT, directory)):
+                for name in files:
+                    if name.endswith(".py"):
+                        with open(os.path.join(dirpath, name)) as f:
+                            read |= set(re.findall(r"environ\.get\(\"(CI|VHOST_MIN_\w+)\"", f.read()))
+        self.assertIn("VHOST_MIN_SEED", read)
+        for variable in read:
+            self.assertIn(f"  {variable}=", result.stdout)
+
+    def test_an_unknown_option_is_refused(self) -> None:
+        result = subprocess.run([sys.executable, "-m", "tests", "--no-such-option"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("unknown option --no-such-option", result.stderr)
