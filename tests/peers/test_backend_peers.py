@@ -12,6 +12,7 @@ records both directions, and the state of our Backend is checked against it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import struct
 import threading
@@ -424,6 +425,63 @@ class VirtioUserBackendTest(PeerTestCase):
 
     def test_packed_ring_txonly(self):
         self.run_txonly(packed=True)
+
+
+class QemuNetBackendTest(PeerTestCase):
+    """QEMU 7.2's vhost-user netdev (``-netdev vhost-user`` + ``virtio-net-pci,vectors=0``, -S) on
+    our Net device: the realize-time handshake. The netdev enables both rings as soon as its
+    chardev opens, after SET_PROTOCOL_FEATURES and before any SET_FEATURES (PEERS.md), and QEMU
+    7.2 acks INBAND_NOTIFICATIONS when offered though it implements none of its messages."""
+
+    def test_realize_refuses_nothing_and_acks_no_inband_notifications(self):
+        sock, tap_sock = os.path.join(self.tmp, "net.sock"), os.path.join(self.tmp, "tap.sock")
+        device = Net()
+        with self.assertLogs("vhost_min", logging.INFO) as logs, served(device, sock) as server, \
+                launch.WireTap(tap_sock, sock) as tap:
+            with launch.qemu_frontend(tap.path, device="virtio-net-pci") as qemu:
+                # The last realize-time message is the second SET_VRING_ENABLE (no reply asked):
+                # wait until our backend has handled it, or refused anything.
+                wait_until(lambda: server.errors or (server.backends and all(
+                    ring.enabled for ring in server.backends[0].rings)), TIMEOUT, "both rings enabled", qemu)
+                with qemu.qmp() as qmp:
+                    self.assertEqual(qmp.execute("query-status")["status"], "prelaunch")
+                    status = qmp.execute("x-query-virtio-status", path=VHOST0)
+                    backend = server.backends[0]
+                    self.assertEqual(list(server.errors), [])
+                    self.assertFalse(backend.features_acked, "SET_FEATURES came before the rings were enabled")
+                    self.assertEqual([(ring.enabled, ring.started) for ring in backend.rings],
+                                     [(True, False), (True, False)])
+                    self.assertTrue(backend.protocol_negotiated)
+                    acked = backend.protocol_features
+                    self.assertIsNone(backend.last_error)
+                    qmp.quit()
+                self.assertEqual(qemu.wait_exit(TIMEOUT), 0, qemu.log())
+            wait_until(lambda: not server.backends, TIMEOUT, "the backend to retire")
+            self.assertEqual(list(server.errors), [])
+            self.assertEqual(tap.errors, [])
+        # Nothing refused: no "rejected ..." line, no warning or error of any kind.
+        self.assertEqual([line for line in logs.output if not line.startswith("INFO:")], [])
+        self.assertFalse([line for line in logs.output if "rejected" in line], logs.output)
+        # What crossed the wire: the rings enabled before any SET_FEATURES, and the protocol
+        # features we offered and QEMU acked, without INBAND_NOTIFICATIONS on either side.
+        requests = tap.requests()
+        names = [m.name for m in requests]
+        self.assertNotIn("SET_FEATURES", names)
+        self.assertEqual([VringState.unpack(m.payload) for m in requests if m.request == F.SET_VRING_ENABLE],
+                         [(0, 1), (1, 1)])
+        offered = P(tap.reply_to(next(m for m in requests if m.request == F.GET_PROTOCOL_FEATURES)).u64())
+        set_protocol = P(next(m for m in requests if m.request == F.SET_PROTOCOL_FEATURES).u64())
+        self.assertFalse(offered & P.INBAND_NOTIFICATIONS, f"offered {offered!r}")
+        self.assertFalse(set_protocol & P.INBAND_NOTIFICATIONS, f"QEMU acked {set_protocol!r}")
+        self.assertEqual(acked, set_protocol)
+        self.assertTrue(set_protocol & P.MQ and set_protocol & P.REPLY_ACK, repr(set_protocol))
+        # QEMU realized virtio-net over our device: its features are ours plus what QEMU adds itself.
+        self.assertEqual((status["device-id"], status["num-vqs"]), (DeviceId.NET, 3))     # rx, tx, ctrl
+        dev_features = {entry.split(":")[0] for entry in status["host-features"]["dev-features"]}
+        self.assertTrue({"VIRTIO_NET_F_MAC", "VIRTIO_NET_F_MRG_RXBUF"} <= dev_features, dev_features)
+        report(self, "QEMU virtio-net realize sent", f"{' '.join(names)}; protocol features acked "
+                                                     f"{int(set_protocol):#x} of {int(offered):#x}")
+        self.assertNothingLeft()
 
 
 if __name__ == "__main__":
