@@ -490,11 +490,74 @@ class OpenTest(unittest.TestCase):
     def test_block_size_and_capacity(self):
         with tempfile.NamedTemporaryFile() as f:
             f.truncate(10 * 512 + 300)              # a partial last sector is not part of the disk
-            with BlockImage(f.name, block_size=4096) as image:
+            with self.assertLogs("vhost_min.blk", "WARNING"), BlockImage(f.name, block_size=4096) as image:
                 self.assertEqual((image.capacity, image.block_size), (10, 4096))
             for bad in (0, 256, 1000, 3 * 512, 1 << 17):
                 with self.assertRaises(ValueError):
                     BlockImage(f.name, block_size=bad)
+
+    def test_images_under_one_sector_are_refused(self):
+        with tempfile.NamedTemporaryFile() as f:
+            for size in (0, 511):
+                f.truncate(size)
+                with self.assertRaises(VhostError) as caught:
+                    BlockImage(f.name)
+                self.assertEqual(caught.exception.errno, errno.EINVAL)
+                self.assertIn(f"is {size} bytes", str(caught.exception))
+                self.assertIn(f.name, str(caught.exception))
+
+    def test_images_that_are_not_raw_and_unreachable_tails_are_warned_about(self):
+        with tempfile.NamedTemporaryFile() as f:
+            for offset, magic, name in blk.IMAGE_MAGICS:
+                with self.subTest(format=name):
+                    f.seek(0)
+                    f.truncate(0)
+                    f.write(bytes(offset) + magic)
+                    f.truncate(1 << 16)
+                    f.flush()
+                    with self.assertLogs("vhost_min.blk", "WARNING") as logs, BlockImage(f.name):
+                        pass
+                    self.assertEqual(len(logs.output), 1, logs.output)
+                    self.assertIn(f"looks like a {name} image", logs.output[0])
+                    self.assertIn(f.name, logs.output[0])
+            f.seek(0)
+            f.write(bytes(512))                     # raw again: nothing to say
+            f.flush()
+            with self.assertNoLogs("vhost_min.blk", "WARNING"), BlockImage(f.name):
+                pass
+            f.truncate(10 * 512 + 300)
+            with self.assertLogs("vhost_min.blk", "WARNING") as logs, BlockImage(f.name) as image:
+                self.assertEqual(image.capacity, 10)
+            self.assertIn("its last 300 bytes are not a whole 512-byte sector", logs.output[0])
+
+
+class FailedRequestDirtyLogTest(unittest.TestCase):
+    """Under the dirty log (migration) a failed request still writes its status byte, at the end of
+    the chain: the page holding it must be marked, or the destination keeps a stale status."""
+
+    def test_the_status_byte_page_of_a_failed_read_is_logged(self):
+        from tests.unit.test_vring_split import MEM_SIZE, RingCase
+        from vhost_min.memory import DirtyLog
+        page = 0x1000
+        with tempfile.NamedTemporaryFile() as f:
+            f.truncate(8 * SECTOR_SIZE)
+            image = BlockImage(f.name)
+            self.addCleanup(image.close)
+            case = RingCase()
+            bitmap = bytearray(MEM_SIZE // page // 8)
+            log = DirtyLog(memoryview(bitmap))
+            case.setup_ring(log=log, log_used_addr=0x80000)
+            self.addCleanup(case.doCleanups)
+            header, data, status = 0x40000, 0x50000, 0x60000
+            case.memory.write(header, VIRTIO_BLK_OUTHDR.pack(VIRTIO_BLK_T_IN, 0, 8))   # past the end
+            head = case.driver.add([(header, 16)], [(data, 512), (status, 1)])
+            case.driver.publish()
+            (popped, readable, writable), = case.device.pop_batch()
+            used = image.handle(readable, writable)
+            case.device.push(popped, used)
+            self.assertEqual(case.memory.read(status, 1)[0], VIRTIO_BLK_S_IOERR)
+            self.assertEqual(case.driver.reap(), [(head, 513)])
+            self.assertTrue(log.is_dirty(status), "the status byte's page is not in the dirty log")
 
 
 class DeviceTest(ImageTestCase):
