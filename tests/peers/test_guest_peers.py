@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def stop(signum, frame):
 
 signal.signal(signal.SIGTERM, stop)
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+logging.getLogger("vhost_min.backend").setLevel(logging.DEBUG)     # each IOTLB update and invalidate
 with BlkDevice(sys.argv[1]) as device:
     serve(device, sys.argv[2], once=True)
 """
@@ -163,6 +165,71 @@ def facts(stdout: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
 
 
+class QemuWatch:
+    """What QEMU itself did with the guest's devices, asked over QMP while the guest runs (a thread):
+    ``devices`` from x-query-virtio (QOM path -> virtio name), ``pci`` from query-pci, and for each
+    virtio device whose vhost back-end QEMU started, the last x-query-virtio-status seen while it
+    was (``running``, by QOM path). Give QEMU ``args`` (a QMP socket) and call :meth:`start` once
+    it runs; the thread ends when QEMU exits (``ended`` says how) or :meth:`stop` is called."""
+
+    def __init__(self, workdir: str, interval: float = 0.1) -> None:
+        self.path = os.path.join(workdir, "qmp.sock")
+        self.args = ["-qmp", f"unix:{self.path},server=on,wait=off"]
+        self.interval = interval
+        self.devices: dict[str, str] = {}
+        self.pci: list = []
+        self.running: dict[str, dict] = {}
+        self.ended: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, qemu: subprocess.Popen) -> None:
+        self._thread = threading.Thread(target=self._run, args=(qemu,), name="qmp-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self, qemu: subprocess.Popen) -> None:
+        try:
+            support.wait_for_path(self.path, qemu, 30)
+            with launch.QMP(self.path) as qmp:
+                self.pci = qmp.execute("query-pci")
+                while not self._stop.is_set():
+                    self.devices = {d["path"]: d["name"] for d in qmp.execute("x-query-virtio")}
+                    for path in self.devices:
+                        status = qmp.execute("x-query-virtio-status", path=path)
+                        if status["vhost-started"]:
+                            self.running[path] = status
+                    self._stop.wait(self.interval)
+        except (OSError, AssertionError, ValueError) as exc:   # QEMU exited (or never started)
+            self.ended = exc
+
+    def started(self, path: str) -> dict:
+        """The last status of the device at QOM ``path`` while its vhost back-end ran."""
+        status = self.running.get(path)
+        assert status is not None, (f"QMP never showed {path} with its vhost back-end started; devices "
+                                    f"{self.devices}; the watch ended with {self.ended!r}")
+        return status
+
+
+def feature_names(features: dict) -> set[str]:
+    """x-query-virtio-status feature lists ({"transports": [...], "dev-features": [...]}) -> names."""
+    return {entry.split(":")[0] for key in ("transports", "dev-features") for entry in features.get(key, ())}
+
+
+def negotiated_features(backend_log: str) -> list[int]:
+    """The feature sets our back-end logged as negotiated (each SET_FEATURES), in order."""
+    return [int(m, 16) for m in re.findall(r"features (0x[0-9a-f]+) negotiated", backend_log)]
+
+
+def guest_feature_bit(features: str, bit: int) -> bool:
+    """/sys/bus/virtio/devices/*/features: one character per bit, bit 0 first."""
+    return features[bit:bit + 1] == "1"
+
+
 # --------------------------------------------------------------------------------------------
 # vhost-user-blk: our BlkDevice, QEMU, the guest's virtio_blk and dd
 # --------------------------------------------------------------------------------------------
@@ -174,22 +241,48 @@ DD_BLOCK = 64 * 1024
 #: Direct I/O the guest does after the pattern (MiB read and written per round, rounds) while the
 #: test samples the back-end's memory: a few seconds of steady traffic under TCG.
 LOAD_MIB, LOAD_ROUNDS = 16, 4
+#: The second disk of the same guest, on a packed ring (``packed=on``): its own size tells the
+#: guest which vdX it is (probe order is not promised).
+PACKED_IMAGE_SIZE = 32 * MiB
+PACKED_OFFSET = 3 * MiB
+PACKED_SIZE = 512 * 1024
+#: Virtio feature bits as /sys/bus/virtio/devices/*/features shows them (<linux/virtio_config.h>).
+VIRTIO_F_ACCESS_PLATFORM_BIT, VIRTIO_F_RING_PACKED_BIT = 33, 34
+
+
+def pattern_script(disk: str, source: str, offset: int, size: int, tag: str) -> str:
+    """Write ``source`` to ``disk`` at ``offset`` with direct I/O (fsync), drop the caches, read it
+    back with direct I/O and compare: prints ``TAG=ok``."""
+    return f"""\
+dd if={source} of={disk} bs={DD_BLOCK} seek={offset // DD_BLOCK} oflag=direct conv=fsync 2>/dev/null
+echo 3 >/proc/sys/vm/drop_caches
+dd if={disk} of=/tmp/{tag} bs={DD_BLOCK} skip={offset // DD_BLOCK} count={size // DD_BLOCK} iflag=direct 2>/dev/null
+cmp {source} /tmp/{tag}
+echo "{tag}=ok"
+"""
+
 
 BLK_SCRIPT = f"""\
 set -e
-echo "sectors=$(cat /sys/block/vda/size)"
-echo "pci_device=$(cat /sys/block/vda/device/../device)"
-at={PATTERN_OFFSET // DD_BLOCK} blocks={PATTERN_SIZE // DD_BLOCK}
-dd if=/mnt/data/pattern of=/dev/vda bs={DD_BLOCK} seek=$at oflag=direct conv=fsync
-echo 3 >/proc/sys/vm/drop_caches
-dd if=/dev/vda of=/tmp/readback bs={DD_BLOCK} skip=$at count=$blocks iflag=direct
-cmp /mnt/data/pattern /tmp/readback
-echo "readback=ok"
+for d in /sys/block/vd*; do
+    case "$(cat "$d/size")" in
+        {IMAGE_SIZE // 512}) main=${{d##*/}} ;;
+        {PACKED_IMAGE_SIZE // 512}) packed=${{d##*/}} ;;
+    esac
+done
+echo "main=$main"
+echo "packed=$packed"
+echo "sectors=$(cat /sys/block/$main/size)"
+echo "pci_device=$(cat /sys/block/$main/device/../device)"
+echo "features=$(cat /sys/block/$main/device/features)"
+echo "packed_features=$(cat /sys/block/$packed/device/features)"
+{pattern_script("/dev/$main", "/mnt/data/pattern", PATTERN_OFFSET, PATTERN_SIZE, "readback")}
+{pattern_script("/dev/$packed", "/mnt/data/packed", PACKED_OFFSET, PACKED_SIZE, "packed_readback")}
 # Steady traffic past the pattern while the host samples the back-end's memory.
 i=0
 while [ $i -lt {LOAD_ROUNDS} ]; do
-    dd if=/dev/vda of=/dev/null bs=1M skip=8 count={LOAD_MIB} iflag=direct 2>/dev/null
-    dd if=/dev/urandom of=/dev/vda bs=1M seek=32 count={LOAD_MIB} oflag=direct 2>/dev/null
+    dd if=/dev/$main of=/dev/null bs=1M skip=8 count={LOAD_MIB} iflag=direct 2>/dev/null
+    dd if=/dev/urandom of=/dev/$main bs=1M seek=32 count={LOAD_MIB} oflag=direct 2>/dev/null
     i=$((i + 1))
 done
 sync
@@ -197,42 +290,68 @@ echo "load=done"
 """
 
 
+def read_image(path: str, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
 class BlkGuestTest(unittest.TestCase):
-    """One guest run (setUpClass); the tests look at its outcome from every side."""
+    """One guest run (setUpClass) with two of our blk back-ends, each its own process: the main
+    disk on a split ring (and the memory sampling), and a second disk with ``packed=on``. The
+    tests look at the outcome from every side: the guest, the image files, the back-ends' logs,
+    and QEMU over QMP."""
 
     @classmethod
     def setUpClass(cls) -> None:
         guest.require_guest()
         rng = support.seeded_random(cls("test_the_pattern_is_in_the_image_file"))
         cls.pattern = rng.randbytes(PATTERN_SIZE)
+        cls.packed_pattern = rng.randbytes(PACKED_SIZE)
         work = tempfile.TemporaryDirectory(prefix="vhost_min-guest-blk-")
         cls.addClassCleanup(work.cleanup)
         data = os.path.join(work.name, "data")
         os.mkdir(data)
-        with open(os.path.join(data, "pattern"), "wb") as f:
-            f.write(cls.pattern)
+        for name, content in (("pattern", cls.pattern), ("packed", cls.packed_pattern)):
+            with open(os.path.join(data, name), "wb") as f:
+                f.write(content)
         cls.image = os.path.join(work.name, "disk.img")
-        with open(cls.image, "wb") as f:
-            f.truncate(IMAGE_SIZE)
-        sock = os.path.join(work.name, "blk.sock")
+        cls.packed_image = os.path.join(work.name, "packed.img")
+        for path, size in ((cls.image, IMAGE_SIZE), (cls.packed_image, PACKED_IMAGE_SIZE)):
+            with open(path, "wb") as f:
+                f.truncate(size)
+        sock, packed_sock = os.path.join(work.name, "blk.sock"), os.path.join(work.name, "packed.sock")
         script = os.path.join(work.name, "blk_backend.py")
         with open(script, "w") as f:
             f.write(BLK_BACKEND)
+        watch = QemuWatch(work.name)
         qemu_args = ["-chardev", f"socket,id=blk0,path={sock}",
-                     "-device", "vhost-user-blk-pci,chardev=blk0,num-queues=1"]
-        with backend_process("vhost_min-blk", [sys.executable, script, cls.image, sock], sock, work.name) as peer:
+                     "-device", "vhost-user-blk-pci,id=blk0,chardev=blk0,num-queues=1",
+                     "-chardev", f"socket,id=blk1,path={packed_sock}",
+                     "-device", "vhost-user-blk-pci,id=blk1,chardev=blk1,num-queues=1,packed=on", *watch.args]
+        with backend_process("vhost_min-blk", [sys.executable, script, cls.image, sock], sock, work.name) as peer, \
+                backend_process("vhost_min-blk-packed", [sys.executable, script, cls.packed_image, packed_sock],
+                                packed_sock, work.name) as packed_peer:
             cls.backend_pid = peer.pid
             with guest.Guest(qemu_args, memfd_memory=True, modules=["virtio_blk"], shares={"data": data},
                              boot_timeout=BOOT_TIMEOUT) as vm, ResidentSampler(peer.pid) as sampler:
                 vm.start(BLK_SCRIPT, timeout=GUEST_TIMEOUT)
+                watch.start(vm.process)
                 try:
                     cls.result = vm.wait()
                 except guest.GuestError as exc:
-                    raise AssertionError(f"{exc}\n--- back-end output:\n{peer.log()}") from None
+                    raise AssertionError(f"{exc}\n--- back-ends' output:\n{peer.log()}\n{packed_peer.log()}") from None
+                finally:
+                    watch.stop()
             cls.samples, cls.io_samples = sampler.samples, sampler.during_io()
-            # QEMU has gone: serve(once=True) returns and the back-end exits by itself.
+            # QEMU has gone: serve(once=True) returns and each back-end exits by itself.
             cls.backend_exit = peer.wait_exit(10)
-            cls.backend_log = peer.log(20000)
+            cls.packed_exit = packed_peer.wait_exit(10)
+            cls.backend_log = peer.log(1 << 20)
+            cls.packed_log = packed_peer.log(1 << 20)
+        cls.watch = watch
         cls.facts = facts(cls.result.stdout)
 
     def test_the_guest_read_back_what_it_wrote(self) -> None:
@@ -242,26 +361,23 @@ class BlkGuestTest(unittest.TestCase):
         self.assertEqual(self.facts.get("load"), "done")
 
     def test_the_pattern_is_in_the_image_file(self) -> None:
-        fd = os.open(self.image, os.O_RDONLY)
-        try:
-            on_disk = os.pread(fd, PATTERN_SIZE, PATTERN_OFFSET)
-            before = os.pread(fd, PATTERN_OFFSET, 0)
-        finally:
-            os.close(fd)
-        self.assertTrue(on_disk == self.pattern, "the image does not hold the guest's 1 MiB at offset 1 MiB")
-        self.assertEqual(before, bytes(PATTERN_OFFSET), "the guest wrote before the offset it was given")
+        self.assertTrue(read_image(self.image, PATTERN_OFFSET, PATTERN_SIZE) == self.pattern,
+                        "the image does not hold the guest's 1 MiB at offset 1 MiB")
+        self.assertEqual(read_image(self.image, 0, PATTERN_OFFSET), bytes(PATTERN_OFFSET),
+                         "the guest wrote before the offset it was given")
 
     def test_the_guest_sees_the_image_size(self) -> None:
         self.assertEqual(self.facts.get("sectors"), str(IMAGE_SIZE // 512), self.result.output)
-        # vda is a virtio-blk PCI function (1af4:1001 transitional, as vhost-user-blk-pci is, or
-        # 1af4:1042): the guest has no other disk.
+        # The main disk is a virtio-blk PCI function (1af4:1001 transitional, as vhost-user-blk-pci
+        # is, or 1af4:1042).
         self.assertIn(self.facts.get("pci_device"), ("0x1001", "0x1042"), self.result.output)
 
     def test_the_backend_ran_cleanly_and_exited_with_its_front_end(self) -> None:
-        self.assertEqual(self.backend_exit, 0, self.backend_log)
-        self.assertIn("serving a front-end", self.backend_log)
-        for level in ("ERROR", "WARNING", "Traceback"):
-            self.assertNotIn(level, self.backend_log)
+        for exit_status, log in ((self.backend_exit, self.backend_log), (self.packed_exit, self.packed_log)):
+            self.assertEqual(exit_status, 0, log)
+            self.assertIn("serving a front-end", log)
+            for level in ("ERROR", "WARNING", "Traceback"):
+                self.assertNotIn(level, log)
 
     def test_backend_resident_memory_apart_from_guest_memory(self) -> None:
         self.assertGreaterEqual(len(self.io_samples), 5, "too few memory samples while the guest did I/O")
@@ -273,6 +389,33 @@ class BlkGuestTest(unittest.TestCase):
                      f" MiB = {peak.other / 1e6:.1f} MB; limit {RSS_LIMIT / 1e6:.0f} MB)")
         self.assertTrue(any(s.guest for s in self.io_samples), f"no resident mapping of {GUEST_MEMFD} seen")
         self.assertLess(peak.other, RSS_LIMIT)
+
+    # -- the second disk: a packed ring end to end
+
+    def test_packed_ring_disk_read_back_and_the_image_holds_it(self) -> None:
+        self.assertEqual(self.facts.get("packed_readback"), "ok", f"{self.result.output}\n--- back-end:\n"
+                                                                  f"{self.packed_log[-4000:]}")
+        self.assertNotEqual(self.facts.get("packed"), self.facts.get("main"))
+        self.assertTrue(read_image(self.packed_image, PACKED_OFFSET, PACKED_SIZE) == self.packed_pattern,
+                        "the packed-ring image does not hold the guest's 512 KiB at offset 3 MiB")
+        self.assertEqual(read_image(self.packed_image, 0, PACKED_OFFSET), bytes(PACKED_OFFSET))
+
+    def test_packed_ring_negotiated_on_that_disk_only(self) -> None:
+        # The guest's driver, our back-end and QEMU agree: RING_PACKED on blk1, not on blk0.
+        self.assertTrue(guest_feature_bit(self.facts.get("packed_features", ""), VIRTIO_F_RING_PACKED_BIT),
+                        self.result.output)
+        self.assertFalse(guest_feature_bit(self.facts.get("features", ""), VIRTIO_F_RING_PACKED_BIT),
+                         self.result.output)
+        packed, split = negotiated_features(self.packed_log), negotiated_features(self.backend_log)
+        self.assertTrue(packed and split, "no negotiated features logged")
+        self.assertTrue(packed[-1] >> VIRTIO_F_RING_PACKED_BIT & 1, f"{packed[-1]:#x}")
+        self.assertFalse(split[-1] >> VIRTIO_F_RING_PACKED_BIT & 1, f"{split[-1]:#x}")
+        qemu_packed = self.watch.started("/machine/peripheral/blk1/virtio-backend")
+        qemu_split = self.watch.started("/machine/peripheral/blk0/virtio-backend")
+        self.assertIn("VIRTIO_F_RING_PACKED", feature_names(qemu_packed["guest-features"]))
+        self.assertNotIn("VIRTIO_F_RING_PACKED", feature_names(qemu_split["guest-features"]))
+        report(self, f"packed disk: our back-end negotiated {packed[-1]:#x}; QEMU's guest features "
+                     f"{sorted(feature_names(qemu_packed['guest-features']))}")
 
 
 # --------------------------------------------------------------------------------------------
