@@ -333,16 +333,17 @@ def config_sizes(device_type: str | None) -> Callable[[int], list[int]]:
     """For Frontend.probe: the config sizes to ask, given the offered features — the given type's
     layout, else the type the features suggest first and the other known layouts after, largest
     first (a back-end accepts any size up to its own, and logs each size it must refuse)."""
-    from .blk import VIRTIO_BLK_CONFIG
-    sizes = {"blk": VIRTIO_BLK_CONFIG.size, "fs": VIRTIO_FS_CONFIG.size, "net": VIRTIO_NET_CONFIG.size,
-             "vsock": VIRTIO_VSOCK_CONFIG.size}
+    from .blk import VIRTIO_BLK_CONFIG, VIRTIO_BLK_CONFIG_OFFSETS
+    # blk: the whole struct, or up to the secure-erase fields (QEMU 7.2's 60-byte config space).
+    sizes = {"blk": [VIRTIO_BLK_CONFIG.size, VIRTIO_BLK_CONFIG_OFFSETS["max_secure_erase_sectors"]],
+             "fs": [VIRTIO_FS_CONFIG.size], "net": [VIRTIO_NET_CONFIG.size], "vsock": [VIRTIO_VSOCK_CONFIG.size]}
 
     def for_features(features: int) -> list[int]:
         if device_type is not None:
-            return [sizes[device_type]]
+            return sizes[device_type]
         first = guess_device_type(features, None)
-        ordered = sorted(sizes.values(), reverse=True)
-        return ordered if first is None else [sizes[first]] + [n for n in ordered if n != sizes[first]]
+        ordered = sorted((n for ns in sizes.values() for n in ns), reverse=True)
+        return ordered if first is None else sizes[first] + [n for n in ordered if n not in sizes[first]]
     return for_features
 
 
