@@ -4,6 +4,7 @@
   "Backend program conventions" (``--socket-path`` / ``--fd``, ``--print-capabilities``, exit 0 on
   SIGTERM, never daemonizes). The ``vhost-min-blk`` program is the same command on its own, for
   the JSON descriptor in QEMU's vhost-user folder (``50-vhost-min-blk.json``, beside this file).
+* ``vduse-blk`` -- the same blk device as a VDUSE (vDPA) device of this kernel, until SIGTERM.
 * ``probe`` -- connect as a front-end and print what a back-end offers, leaving it as it was.
 * ``demo``  -- a blk back-end in a child process, our front-end in this one, every byte checked.
 
@@ -184,6 +185,39 @@ def cmd_blk(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# vduse-blk: the same blk device as a VDUSE (vDPA) device of this machine's kernel
+# --------------------------------------------------------------------------------------------
+
+def cmd_vduse_blk(args: argparse.Namespace) -> int:
+    """Serve a raw image as the VDUSE virtio-blk device NAME until SIGTERM (0) or SIGINT (130)."""
+    from .blk import SECTOR_SIZE, BlkDevice
+    from .vduse import VduseDevice
+
+    device: VduseDevice | None = None
+    got: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        got.append(signum)
+        if device is not None:
+            device.stop()       # run() returns between requests: none is left unanswered
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with BlkDevice(args.image, read_only=args.read_only, num_queues=args.num_queues) as blk, \
+                VduseDevice(blk, args.name) as device:
+            print(f"{PROG}: serving {args.image} ({_human(blk.image.capacity * SECTOR_SIZE)}, "
+                  f"{'read-only' if args.read_only else 'read-write'}) as VDUSE device {args.name} "
+                  f"(/dev/vduse/{args.name}); attach it with: vdpa dev add mgmtdev vduse name {args.name}",
+                  flush=True)
+            if not got:
+                device.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 130 if signal.SIGINT in got else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,6 +635,21 @@ def build_parser() -> argparse.ArgumentParser:
         "blk", help="serve a raw disk image as a vhost-user-blk device",
         description=_BLK_DESCRIPTION, epilog=_BLK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_blk_arguments(blk)
+
+    vduse = sub.add_parser(
+        "vduse-blk", help="serve a raw disk image as a VDUSE (vDPA) virtio-blk device of this kernel",
+        description="Create the VDUSE device NAME (/dev/vduse/NAME, needs the vduse module and root) serving "
+                    "a raw image with the same blk device as the blk command, and serve it until SIGTERM or "
+                    "Ctrl-C, then destroy it. Attach it with `vdpa dev add mgmtdev vduse name NAME` (virtio_vdpa "
+                    "gives a /dev/vdX disk, vhost_vdpa a /dev/vhost-vdpa-N for a VMM); detach it with "
+                    "`vdpa dev del NAME` before stopping, or the kernel keeps the device.")
+    vduse.add_argument("image", metavar="IMAGE", help="raw disk image: a regular file or block device")
+    vduse.add_argument("--name", default="vhost-min-blk0", help="the device name (default vhost-min-blk0)")
+    vduse.add_argument("--read-only", action="store_true", help="open the image read-only and offer VIRTIO_BLK_F_RO")
+    vduse.add_argument("--num-queues", type=_queue_count, default=1, metavar="N",
+                       help="request queues (default 1; more offers VIRTIO_BLK_F_MQ)")
+    vduse.add_argument("-v", "--verbose", action="store_true", help="log the kernel's requests")
+    vduse.set_defaults(func=cmd_vduse_blk, parser=vduse)
 
     probe = sub.add_parser(
         "probe", help="show what a vhost-user back-end offers",
