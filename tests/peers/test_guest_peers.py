@@ -1,17 +1,23 @@
 """Our back-ends under QEMU 7.2 with a real Linux guest (tests/guest.py: Debian's 6.12 kernel,
 TCG, guest RAM in a shared memfd): the guest's own drivers use devices that vhost_min serves from a
 separate process, and each test checks what a user would -- the bytes in the image file, the
-disk size the guest sees, random bytes in /dev/hwrng -- and measures the back-end's memory.
+disk size the guest sees, random bytes in /dev/hwrng -- what QEMU itself did (QMP, polled while the
+guest runs: QemuWatch), and the back-end's own log and memory.
 
-- BlkGuestTest: vhost_min.blk.BlkDevice behind ``-device vhost-user-blk-pci``. The guest writes
-  1 MiB of seeded random bytes at 1 MiB with dd (O_DIRECT, fsync), drops its caches, reads them
-  back and compares; the test finds them in the image with os.pread. While the guest then keeps
-  the disk busy, the back-end's resident memory is sampled: the project promises < 30 MB apart
-  from guest memory (the guest's memfd, mapped MAP_SHARED, is subtracted mapping by mapping).
+- BlkGuestTest: two vhost_min.blk.BlkDevice back-ends behind ``-device vhost-user-blk-pci`` in one
+  boot. The main disk: the guest writes 1 MiB of seeded random bytes at 1 MiB with dd (O_DIRECT,
+  fsync), drops its caches, reads them back and compares; the test finds them in the image with
+  os.pread. While the guest then keeps the disk busy, the back-end's resident memory is sampled:
+  the project promises < 30 MB apart from guest memory (the guest's memfd, mapped MAP_SHARED, is
+  subtracted mapping by mapping). The second disk has ``packed=on``: 512 KiB written, read back
+  and found in its image, VIRTIO_F_RING_PACKED negotiated on it (guest, back-end and QEMU agree).
+- ViommuBlkGuestTest: the blk back-end behind QEMU's intel-iommu (device-IOTLB, ATS) with
+  ``iommu_platform=on``, the guest booted ``intel_iommu=on iommu=strict``: data through IOVAs,
+  every IOTLB miss answered by QEMU, its device-IOTLB flushes survived by the rings.
 - ReadmeRngGuestTest: README.md's complete custom device, run as the script it is (argv[1] is the
-  socket) behind ``-device vhost-user-rng-pci`` as README's QEMU line gives it. The guest unbinds
-  every other virtio-rng (the harness always has one) so that /dev/hwrng can only be ours, then
-  reads 1 KiB from it.
+  socket) behind ``-device vhost-user-rng-pci`` as README's QEMU line gives it. QEMU shows that
+  device realized and started on it; the guest unbinds every other virtio-rng (the harness always
+  has one) so that /dev/hwrng can only be ours, then reads 1 KiB from it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dataclasses import dataclass
 from tests import guest, support
 from tests.peers import launch
 from tests.unit.test_readme import RNG_HEADING, block_after, rng_example
+from vhost_min.virtio import DeviceId
 
 ROOT = guest.PROJECT_ROOT
 MiB = 1 << 20
@@ -167,7 +174,8 @@ def facts(stdout: str) -> dict[str, str]:
 
 class QemuWatch:
     """What QEMU itself did with the guest's devices, asked over QMP while the guest runs (a thread):
-    ``devices`` from x-query-virtio (QOM path -> virtio name), ``pci`` from query-pci, and for each
+    ``devices`` from x-query-virtio (QOM path -> virtio name), ``types`` (QOM path -> the type of
+    the device that holds it, "vhost-user-rng-pci" say), ``pci`` from query-pci, and for each
     virtio device whose vhost back-end QEMU started, the last x-query-virtio-status seen while it
     was (``running``, by QOM path). Give QEMU ``args`` (a QMP socket) and call :meth:`start` once
     it runs; the thread ends when QEMU exits (``ended`` says how) or :meth:`stop` is called."""
@@ -179,6 +187,7 @@ class QemuWatch:
         self.devices: dict[str, str] = {}
         self.pci: list = []
         self.running: dict[str, dict] = {}
+        self.types: dict[str, str] = {}
         self.ended: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -200,6 +209,9 @@ class QemuWatch:
                 while not self._stop.is_set():
                     self.devices = {d["path"]: d["name"] for d in qmp.execute("x-query-virtio")}
                     for path in self.devices:
+                        if path not in self.types:      # the proxy's QOM type: what -device said
+                            self.types[path] = qmp.execute("qom-get", path=path.rsplit("/", 1)[0],
+                                                           property="type")
                         status = qmp.execute("x-query-virtio-status", path=path)
                         if status["vhost-started"]:
                             self.running[path] = status
@@ -419,6 +431,150 @@ class BlkGuestTest(unittest.TestCase):
 
 
 # --------------------------------------------------------------------------------------------
+# vhost-user-blk behind QEMU's intel-iommu: rings and buffers at IOVAs, our IOTLB filled on demand
+# --------------------------------------------------------------------------------------------
+
+#: QEMU's vIOMMU with device-IOTLB (ATS) support; interrupt remapping needs the split irqchip.
+VIOMMU_MACHINE = "q35,kernel-irqchip=split"
+VIOMMU_DEVICE = "intel-iommu,intremap=on,device-iotlb=on"
+#: The guest translates every DMA and unmaps (and flushes) each buffer at once.
+VIOMMU_APPEND = ["intel_iommu=on", "iommu=strict"]
+VIOMMU_PATTERN_OFFSET = 2 * MiB
+VIOMMU_PATTERN_SIZE = 1 * MiB
+#: The extended capability list of PCIe config space (<linux/pci_regs.h>): ATS is id 0x000f, its
+#: control register at +6 with Enable in bit 15. Read from sysfs in the guest.
+ATS_STATE = r"""
+import struct, sys
+config = open(sys.argv[1], "rb").read()
+state, offset = "absent", 0x100
+while offset and len(config) >= offset + 8:
+    header, = struct.unpack_from("<I", config, offset)
+    if header & 0xFFFF == 0x000F:
+        state = "enabled" if struct.unpack_from("<H", config, offset + 6)[0] & 0x8000 else "disabled"
+        break
+    offset = header >> 20
+print("ats=" + state)
+"""
+
+VIOMMU_SCRIPT = f"""\
+set -e
+pci=$(readlink -f /sys/block/vda/device/..)
+echo "pci=${{pci##*/}}"
+echo "iommu=$(basename "$(readlink $pci/iommu)")"
+echo "features=$(cat /sys/block/vda/device/features)"
+python3 -c '{ATS_STATE}' $pci/config
+{pattern_script("/dev/vda", "/mnt/data/pattern", VIOMMU_PATTERN_OFFSET, VIOMMU_PATTERN_SIZE, "readback")}
+"""
+
+IOTLB_MISS = re.compile(r"IOTLB miss at (0x[0-9a-f]+)")
+IOTLB_UPDATE = re.compile(r"IOTLB update (0x[0-9a-f]+)\+(0x[0-9a-f]+) perm (\d)")
+IOTLB_INVALIDATE = re.compile(r"IOTLB invalidate (0x[0-9a-f]+)\+(0x[0-9a-f]+)")
+
+
+class ViommuBlkGuestTest(unittest.TestCase):
+    """Our BlkDevice with VIRTIO_F_ACCESS_PLATFORM behind QEMU 7.2's intel-iommu, as a user with a
+    vIOMMU runs it: ``-device intel-iommu,intremap=on,device-iotlb=on``, ``vhost-user-blk-pci,...,
+    iommu_platform=on,ats=on,disable-legacy=on``, the guest booted ``intel_iommu=on iommu=strict``.
+    Ring and buffer addresses are IOVAs; the back-end asks for each translation it lacks with
+    BACKEND_IOTLB_MSG and QEMU answers with IOTLB_MSG updates; the guest's device-IOTLB flushes
+    reach the back-end as invalidations, after which even the rings' own pages are asked for again.
+
+    The device sits behind a pcie-root-port: on pcie.0 a virtio-pci device is conventional PCI,
+    without the ATS capability, so the guest never sends device-IOTLB invalidations, and QEMU 7.2's
+    vhost listens to those only (IOMMU_NOTIFIER_DEVIOTLB_UNMAP; 8.1 falls back to plain unmaps).
+    There, no back-end ever hears that a page was unmapped: seen with ours, stale translations of
+    reused IOVAs made chains unparsable and writes vanish while dd reported success.
+    """
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        guest.require_guest()
+        rng = support.seeded_random(cls("test_the_guest_read_back_what_it_wrote"))
+        cls.pattern = rng.randbytes(VIOMMU_PATTERN_SIZE)
+        work = tempfile.TemporaryDirectory(prefix="vhost_min-guest-viommu-")
+        cls.addClassCleanup(work.cleanup)
+        data = os.path.join(work.name, "data")
+        os.mkdir(data)
+        with open(os.path.join(data, "pattern"), "wb") as f:
+            f.write(cls.pattern)
+        cls.image = os.path.join(work.name, "disk.img")
+        with open(cls.image, "wb") as f:
+            f.truncate(IMAGE_SIZE)
+        sock = os.path.join(work.name, "blk.sock")
+        script = os.path.join(work.name, "blk_backend.py")
+        with open(script, "w") as f:
+            f.write(BLK_BACKEND)
+        cls.watch = watch = QemuWatch(work.name)
+        qemu_args = ["-device", VIOMMU_DEVICE,
+                     "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
+                     "-chardev", f"socket,id=blk0,path={sock}",
+                     "-device", "vhost-user-blk-pci,id=blk0,bus=rp0,chardev=blk0,num-queues=1,"
+                                "iommu_platform=on,ats=on,disable-legacy=on", *watch.args]
+        with backend_process("vhost_min-blk", [sys.executable, script, cls.image, sock], sock, work.name) as peer:
+            with guest.Guest(qemu_args, memfd_memory=True, modules=["virtio_blk"], shares={"data": data},
+                             machine=VIOMMU_MACHINE, append=VIOMMU_APPEND, boot_timeout=BOOT_TIMEOUT) as vm:
+                vm.start(VIOMMU_SCRIPT, timeout=GUEST_TIMEOUT)
+                watch.start(vm.process)
+                try:
+                    cls.result = vm.wait()
+                except guest.GuestError as exc:
+                    raise AssertionError(f"{exc}\n--- back-end output:\n{peer.log()}") from None
+                finally:
+                    watch.stop()
+            cls.backend_exit = peer.wait_exit(10)
+            cls.backend_log = peer.log(1 << 24)
+        cls.facts = facts(cls.result.stdout)
+        cls.misses = [int(a, 16) for a in IOTLB_MISS.findall(cls.backend_log)]
+        cls.updates = [(int(a, 16), int(n, 16), int(p)) for a, n, p in IOTLB_UPDATE.findall(cls.backend_log)]
+        cls.invalidates = [(int(a, 16), int(n, 16)) for a, n in IOTLB_INVALIDATE.findall(cls.backend_log)]
+
+    def test_the_guest_read_back_what_it_wrote(self) -> None:
+        self.assertEqual(self.result.status, 0, f"{self.result.output}\n--- back-end:\n{self.backend_log[-6000:]}")
+        self.assertFalse(self.result.timed_out)
+        self.assertEqual(self.facts.get("readback"), "ok")
+
+    def test_the_pattern_is_in_the_image_file(self) -> None:
+        self.assertTrue(read_image(self.image, VIOMMU_PATTERN_OFFSET, VIOMMU_PATTERN_SIZE) == self.pattern,
+                        "the image does not hold the guest's 1 MiB at offset 2 MiB")
+        self.assertEqual(read_image(self.image, 0, VIOMMU_PATTERN_OFFSET), bytes(VIOMMU_PATTERN_OFFSET))
+
+    def test_the_disk_is_translated_by_the_viommu_with_ats(self) -> None:
+        self.assertEqual(self.facts.get("iommu"), "dmar0", self.result.output)
+        self.assertEqual(self.facts.get("ats"), "enabled", self.result.output)
+        self.assertTrue(guest_feature_bit(self.facts.get("features", ""), VIRTIO_F_ACCESS_PLATFORM_BIT),
+                        self.result.output)
+
+    def test_access_platform_negotiated_by_our_backend_and_by_qemu(self) -> None:
+        negotiated = negotiated_features(self.backend_log)
+        self.assertTrue(negotiated, "no SET_FEATURES logged")
+        self.assertTrue(negotiated[-1] >> VIRTIO_F_ACCESS_PLATFORM_BIT & 1, f"{negotiated[-1]:#x}")
+        status = self.watch.started("/machine/peripheral/blk0/virtio-backend")
+        self.assertIn("VIRTIO_F_IOMMU_PLATFORM", feature_names(status["guest-features"]))
+
+    def test_every_iotlb_miss_was_answered_by_an_update(self) -> None:
+        """Our misses went out on the back-end channel; QEMU answered each with an update that
+        covers it (a translation of the guest's page tables, read-write or one-way)."""
+        self.assertGreater(len(self.misses), 0, self.backend_log[-4000:])
+        self.assertGreaterEqual(len(self.updates), len(set(self.misses)))
+        unanswered = [hex(iova) for iova in self.misses
+                      if not any(start <= iova < start + size for start, size, _ in self.updates)]
+        self.assertEqual(unanswered, [])
+        self.assertTrue(all(perm in (1, 2, 3) for _, _, perm in self.updates), self.updates[:10])
+
+    def test_device_iotlb_flushes_reached_the_backend_and_the_rings_went_on(self) -> None:
+        """The guest's flushes arrive as invalidations while the ring is in use; afterwards the
+        ring's pages are missed and mapped again, and nothing broke (a ring broken on an
+        invalidated page is an ERROR line, and the guest's I/O would hang)."""
+        self.assertGreater(len(self.invalidates), 0, self.backend_log[-4000:])
+        self.assertEqual(self.backend_exit, 0, self.backend_log[-4000:])
+        self.assertEqual([line for line in self.backend_log.splitlines()
+                          if any(level in line for level in ("ERROR", "WARNING", "Traceback"))], [])
+        report(self, f"QEMU answered {len(self.misses)} IOTLB misses with {len(self.updates)} updates "
+                     f"and sent {len(self.invalidates)} invalidations; negotiated "
+                     f"{negotiated_features(self.backend_log)[-1]:#x}; guest run {self.result.seconds:.1f} s")
+
+
+# --------------------------------------------------------------------------------------------
 # README's virtio-rng device, QEMU's vhost-user-rng-pci, the guest's virtio_rng and /dev/hwrng
 # --------------------------------------------------------------------------------------------
 
@@ -462,20 +618,42 @@ class ReadmeRngGuestTest(unittest.TestCase):
             f.write(rng_example().code)
         sock = os.path.join(work.name, "rng.sock")
         cls.qemu_args = readme_rng_qemu_args(sock)
+        cls.watch = watch = QemuWatch(work.name)
         with backend_process("readme-rng", [sys.executable, script, sock], sock, work.name) as peer, \
                 ResidentSampler(peer.pid) as sampler:
-            try:
-                cls.result = guest.Guest(cls.qemu_args, memfd_memory=True, modules=["virtio_rng"],
-                                         boot_timeout=BOOT_TIMEOUT).run(RNG_SCRIPT, timeout=GUEST_TIMEOUT)
-            except guest.GuestError as exc:
-                raise AssertionError(f"{exc}\n--- back-end output:\n{peer.log()}") from None
+            with guest.Guest([*cls.qemu_args, *watch.args], memfd_memory=True, modules=["virtio_rng"],
+                             boot_timeout=BOOT_TIMEOUT) as vm:
+                vm.start(RNG_SCRIPT, timeout=GUEST_TIMEOUT)
+                watch.start(vm.process)
+                try:
+                    cls.result = vm.wait()
+                except guest.GuestError as exc:
+                    raise AssertionError(f"{exc}\n--- back-end output:\n{peer.log()}") from None
+                finally:
+                    watch.stop()
             peer.check_alive()
             cls.backend_log = peer.log()
             cls.samples = sampler.samples
         cls.facts = facts(cls.result.stdout)
 
-    def test_qemu_got_readmes_device(self) -> None:
-        self.assertIn("vhost-user-rng-pci", self.qemu_args[3])
+    def test_qemu_realized_readmes_device_and_started_it_on_our_backend(self) -> None:
+        """What QEMU did with README's -device line, over QMP while the guest ran: a vhost-user-rng-pci
+        holds a virtio-rng device, a modern-only PCI function (1af4:1044) is on the bus, and the
+        guest's driver brought it to DRIVER_OK with its vhost back-end -- README's script -- started."""
+        self.assertTrue(any(opt.startswith("vhost-user-rng-pci,") for opt in self.qemu_args), self.qemu_args)
+        ours = [path for path, kind in self.watch.types.items() if kind == "vhost-user-rng-pci"]
+        self.assertEqual(len(ours), 1, f"QOM types {self.watch.types}; the watch ended with {self.watch.ended!r}")
+        self.assertEqual(self.watch.devices[ours[0]], "virtio-rng")
+        functions = [(dev["id"]["vendor"], dev["id"]["device"]) for bus in self.watch.pci for dev in bus["devices"]]
+        self.assertEqual(functions.count((0x1AF4, 0x1044)), 1, functions)
+        status = self.watch.started(ours[0])
+        self.assertEqual(status["device-id"], DeviceId.RNG)
+        self.assertTrue(any(s.startswith("VIRTIO_CONFIG_S_DRIVER_OK") for s in status["status"]["statuses"]),
+                        status["status"])
+        self.assertIn("VIRTIO_F_VERSION_1", feature_names(status["guest-features"]))
+        self.assertFalse(status["broken"])
+        # The harness's own virtio-rng-pci has no vhost back-end: only README's device was started.
+        self.assertEqual(list(self.watch.running), ours)
 
     def test_the_only_hwrng_left_is_ours(self) -> None:
         self.assertEqual(self.result.status, 0, f"{self.result.output}\n--- back-end:\n{self.backend_log}")
