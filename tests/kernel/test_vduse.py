@@ -1,0 +1,451 @@
+"""VDUSE for real (vhost_min.vduse), inside a QEMU guest booting Debian's 6.12 kernel: our Python
+virtio-blk device (BlkDevice, the very code the vhost-user back-end serves) becomes a kernel block
+device through vDPA.
+
+In the guest, one boot:
+
+- ``vduse_blk``: VduseDevice(BlkDevice(image)) served by its own loop in a thread; ``vdpa dev add
+  mgmtdev vduse name NAME`` binds it to virtio_vdpa and virtio_blk gives /dev/vdX. Its capacity
+  (/sys/block/vdX/size) is the image's; bytes put in the image beforehand read back through
+  /dev/vdX with O_DIRECT; dd writes a pattern with O_DIRECT and it is in the image file itself
+  (os.pread), and reads back through the device. ``vdpa dev del`` removes the disk, close()
+  destroys the device (VDUSE_DESTROY_DEV): /dev/vduse/NAME is gone, and no fd or mapping of ours
+  is left. What the kernel asked (request types in order, status bytes, IOTLB entries fetched,
+  ring layouts) and the features it negotiated are reported as facts.
+- ``vduse_create``: a second device under a taken name is refused with EEXIST, by name; closing
+  while the vDPA device exists is refused with EBUSY, saying what to do; the device outlives our
+  fd, and a new VduseDevice on a freshly opened /dev/vduse/NAME answers the reset ``vdpa dev del``
+  sends (without it the kernel waits 30 s per request and marks the device broken).
+- ``vduse_cli``: ``python3 -m vhost_min vduse-blk IMAGE --name NAME --read-only --num-queues 2``
+  serves until SIGTERM: a read-only disk with two request queues (the guest has two vCPUs:
+  virtio_blk uses no more queues than CPUs) appears and reads, and after ``vdpa dev del`` SIGTERM
+  ends it with status 0 and the device gone.
+
+About 22 s under TCG: the boot (~8 s) and three devices (~8 s), the kernel's own I/O (partition
+scan) included, all through Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import json
+import mmap
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import unittest
+
+GUEST_MODULES = ("vduse", "virtio_vdpa", "virtio_blk")
+IMAGE_SIZE = 8 << 20
+SECTOR = 512
+#: Bound on every wait for the kernel inside the guest; a hang fails the check, it never passes it.
+WAIT = 60.0
+
+
+# --------------------------------------------------------------------------------------------
+# Guest side
+# --------------------------------------------------------------------------------------------
+
+def vdpa(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
+    return subprocess.run([shutil.which("vdpa") or "vdpa", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(what: str, predicate, timeout: float = WAIT):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.05)
+
+
+def disk_of(name: str) -> str | None:
+    """The block device virtio_blk made for vDPA device ``name`` (vda...), or None yet."""
+    found = glob.glob(f"/sys/bus/vdpa/devices/{name}/virtio*/block/vd*")
+    return os.path.basename(found[0]) if found else None
+
+
+def vduse_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("vduse" in line for line in f)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def direct_read(path: str, offset: int, length: int) -> bytes:
+    """Read through O_DIRECT into a page-aligned buffer: the bytes come from the device, not a cache."""
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        n = os.preadv(fd, [buf], offset)
+        return bytes(buf[:n])
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def dd_write(source: str, target: str, block: int, seek: int, count: int) -> dict:
+    """busybox dd with oflag=direct (buffered + fsync where busybox's buffer is not aligned for it)."""
+    args = ["dd", f"if={source}", f"of={target}", f"bs={block}", f"seek={seek}", f"count={count}"]
+    direct = subprocess.run(args + ["oflag=direct", "conv=notrunc"], capture_output=True, text=True, timeout=WAIT)
+    if direct.returncode == 0:
+        return {"direct": True, "stderr": direct.stderr.strip()}
+    buffered = subprocess.run(args + ["conv=notrunc,fsync"], capture_output=True, text=True, timeout=WAIT)
+    if buffered.returncode != 0:
+        raise RuntimeError(f"dd failed: {direct.stderr} / {buffered.stderr}")
+    return {"direct": False, "direct_error": direct.stderr.strip(), "stderr": buffered.stderr.strip()}
+
+
+@contextlib.contextmanager
+def served(vd):
+    """Run the device's loop in a thread while the body runs; stop and join it afterwards."""
+    thread = threading.Thread(target=vd.run, name=f"vduse {vd.name}", daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        vd.stop()
+        thread.join(WAIT)
+
+
+def check_vduse_blk() -> dict:
+    from vhost_min.blk import BlkDevice
+    from vhost_min.vduse import VduseDevice
+
+    name = "vhost-min-vduse0"
+    rng = random.Random(20261203)
+    facts: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        image = os.path.join(tmp, "disk.img")
+        marker = rng.randbytes(8 * SECTOR)
+        with open(image, "wb") as f:
+            f.truncate(IMAGE_SIZE)
+            f.seek(IMAGE_SIZE - len(marker))
+            f.write(marker)                         # the last 4 KiB: read back through the disk
+        fds_before, maps_before = open_fds(), vduse_mappings()
+        device = BlkDevice(image)
+        vd = VduseDevice(device, name)
+        facts["device_features"] = vd.device_features
+        facts["node_after_create"] = os.path.exists(f"/dev/vduse/{name}")
+        try:
+            with served(vd) as thread:
+                t0 = time.monotonic()
+                added = vdpa("dev", "add", "mgmtdev", "vduse", "name", name)
+                facts["vdpa_add"] = [added.returncode, added.stderr.strip()]
+                disk = wait_for("/dev/vdX", lambda: disk_of(name))
+                facts["attach_seconds"] = round(time.monotonic() - t0, 1)
+                facts["disk"] = disk
+                facts["driver"] = os.path.basename(os.readlink(f"/sys/bus/vdpa/devices/{name}/driver"))
+                with open(f"/sys/block/{disk}/size") as f:
+                    facts["sys_size_sectors"] = int(f.read())
+                facts["image_sectors"] = IMAGE_SIZE // SECTOR
+                dev = f"/dev/{disk}"
+                wait_for(dev, lambda: os.path.exists(dev))
+                facts["marker_read_back"] = direct_read(dev, IMAGE_SIZE - len(marker), len(marker)) == marker
+
+                pattern = rng.randbytes(64 << 10)
+                source = os.path.join(tmp, "pattern")
+                with open(source, "wb") as f:
+                    f.write(pattern)
+                offset = 1 << 20
+                t0 = time.monotonic()
+                facts["dd"] = dd_write(source, dev, 4096, offset // 4096, len(pattern) // 4096)
+                facts["dd_seconds"] = round(time.monotonic() - t0, 2)
+                with open(image, "rb") as f:
+                    facts["pattern_in_image"] = os.pread(f.fileno(), len(pattern), offset) == pattern
+                    facts["image_untouched_before"] = os.pread(f.fileno(), offset, 0) == bytes(offset)
+                facts["pattern_read_back"] = direct_read(dev, offset, len(pattern)) == pattern
+                back = subprocess.run(["dd", f"if={dev}", "bs=4096", f"skip={offset // 4096}",
+                                       f"count={len(pattern) // 4096}", "iflag=direct"],
+                                      capture_output=True, timeout=WAIT)
+                facts["dd_read_direct"] = [back.returncode, back.stdout == pattern]
+
+                facts["negotiated_features"] = vd.features
+                facts["status"] = vd.status
+                facts["rings"] = [[r.index, r.num, r.started, r.broken] for r in vd.rings]
+                deleted = vdpa("dev", "del", name)
+                facts["vdpa_del"] = [deleted.returncode, deleted.stderr.strip()]
+                wait_for("the disk to go", lambda: not os.path.exists(dev))
+                facts["disk_gone"] = not os.path.exists(dev)
+                facts["status_after_del"] = vd.status
+                facts["loop_alive"] = thread.is_alive()
+            facts["history"] = [list(map(str, entry)) for entry in vd.history]
+            facts["last_error"] = repr(vd.last_error) if vd.last_error else None
+        finally:
+            vd.close()
+            device.close()
+        facts["node_after_close"] = os.path.exists(f"/dev/vduse/{name}")
+        shown = vdpa("-j", "dev", "show")
+        facts["vdpa_dev_show_after"] = shown.stdout.strip()
+        facts["fds_leaked"] = open_fds() - fds_before
+        facts["mappings_left"] = vduse_mappings() - maps_before
+    return facts
+
+
+def destroy_by_name(name: str) -> None:
+    """VDUSE_DESTROY_DEV as any process may issue it (the kernel refuses while the device is open or attached)."""
+    import ctypes
+    from vhost_min.ioctl import VDUSE_NAME_MAX, VduseIoctl, ioctl
+    ctl = os.open("/dev/vduse/control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ioctl(ctl, VduseIoctl.VDUSE_DESTROY_DEV, (ctypes.c_char * VDUSE_NAME_MAX)(*name.encode()),
+              name="VDUSE_DESTROY_DEV")
+    finally:
+        os.close(ctl)
+
+
+def check_vduse_create() -> dict:
+    """A taken name, closing while attached (EBUSY), and serving the device again from a new fd."""
+    from vhost_min.blk import BlkDevice
+    from vhost_min.errors import IoctlError
+    from vhost_min.vduse import VduseDevice
+
+    facts: dict = {}
+    name = "vhost-min-vduse1"
+    with tempfile.TemporaryDirectory() as tmp:
+        image = os.path.join(tmp, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        with BlkDevice(image) as first, BlkDevice(image) as second:
+            vd = VduseDevice(first, name)
+            try:
+                try:
+                    VduseDevice(second, name)
+                except IoctlError as exc:
+                    facts["eexist"] = [exc.ioctl, exc.errno, str(exc)]
+                facts["second_free"] = second.backend is None
+                with served(vd):
+                    facts["vdpa_add"] = vdpa("dev", "add", "mgmtdev", "vduse", "name", name).returncode
+                    facts["disk"] = wait_for("/dev/vdX", lambda: disk_of(name))
+            finally:
+                try:
+                    vd.close()          # the vDPA device exists: refused, after our fds are released
+                except IoctlError as exc:
+                    facts["ebusy"] = [exc.ioctl, exc.errno, str(exc)]
+            facts["closed"] = vd.closed
+            facts["node_while_attached"] = os.path.exists(f"/dev/vduse/{name}")
+            # The device outlives our fd (the kernel queues its requests): a new fd serves it again.
+            fd = os.open(f"/dev/vduse/{name}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            again = VduseDevice(second, name, fd=fd)
+            try:
+                with served(again):
+                    facts["vdpa_del"] = vdpa("dev", "del", name).returncode
+                    wait_for("the disk to go", lambda: not disk_of(name) and not os.path.exists(f"/dev/{facts['disk']}"))
+                facts["again_history"] = [list(map(str, entry)) for entry in again.history]
+            finally:
+                again.close()           # fd mode: the device is not ours to destroy
+            facts["node_after_fd_close"] = os.path.exists(f"/dev/vduse/{name}")
+            destroy_by_name(name)
+        facts["node_after_destroy"] = os.path.exists(f"/dev/vduse/{name}")
+    return facts
+
+
+def check_vduse_cli() -> dict:
+    facts: dict = {}
+    name = "vhost-min-cli"
+    with tempfile.TemporaryDirectory() as tmp:
+        image = os.path.join(tmp, "disk.img")
+        data = random.Random(7).randbytes(4096)
+        with open(image, "wb") as f:
+            f.write(data)
+            f.truncate(2 << 20)
+        proc = subprocess.Popen([sys.executable, "-m", "vhost_min", "vduse-blk", image, "--name", name,
+                                 "--read-only", "--num-queues", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(f"/dev/vduse/{name}", lambda: os.path.exists(f"/dev/vduse/{name}") or proc.poll() is not None)
+            facts["running"] = proc.poll() is None
+            added = vdpa("dev", "add", "mgmtdev", "vduse", "name", name)
+            facts["vdpa_add"] = [added.returncode, added.stderr.strip()]
+            disk = wait_for("/dev/vdX", lambda: disk_of(name))
+            wait_for(f"/dev/{disk}", lambda: os.path.exists(f"/dev/{disk}"))
+            with open(f"/sys/block/{disk}/ro") as f:
+                facts["ro"] = f.read().strip()
+            facts["mq"] = sorted(os.listdir(f"/sys/block/{disk}/mq"))
+            facts["read_back"] = direct_read(f"/dev/{disk}", 0, 4096) == data
+            deleted = vdpa("dev", "del", name)
+            facts["vdpa_del"] = deleted.returncode
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=WAIT)
+            facts["status"] = proc.returncode
+            facts["stdout"] = out.strip()
+            facts["stderr"] = err.strip()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        facts["node_after"] = os.path.exists(f"/dev/vduse/{name}")
+    return facts
+
+
+CHECKS = {"vduse_blk": check_vduse_blk, "vduse_create": check_vduse_create, "vduse_cli": check_vduse_cli}
+
+
+def run_in_guest() -> int:
+    """Run every check, one JSON line each: ``{"check": name, "result": {...}}`` or ``"error"``."""
+    for name, check in CHECKS.items():
+        t0 = time.monotonic()
+        try:
+            line = {"check": name, "result": check()}
+        except Exception:                      # reported to the host test, which fails on it
+            line = {"check": name, "error": traceback.format_exc()}
+        line["seconds"] = round(time.monotonic() - t0, 1)
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+class VduseTest(unittest.TestCase):
+    results: dict[str, dict]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        from tests import guest
+        guest.require_guest()
+        # Two vCPUs: virtio_blk uses no more request queues than CPUs (the CLI check serves two).
+        cls.run_result = guest.Guest(modules=GUEST_MODULES, smp=2).run(
+            "exec python3 -m tests.kernel.test_vduse --in-guest", timeout=240)
+        cls.results = {}
+        for line in cls.run_result.stdout.splitlines():
+            if line.startswith("{"):
+                entry = json.loads(line)
+                cls.results[entry["check"]] = entry
+        print(f"\n[vduse facts] {json.dumps(cls.results, indent=1)[:6000]}", file=sys.stderr)
+
+    def result(self, name: str) -> dict:
+        entry = self.results.get(name)
+        if entry is None:
+            self.fail(f"the guest reported nothing for {name} (status {self.run_result.status}):\n"
+                      f"{self.run_result.output}\n--- console tail:\n{self.run_result.console[-3000:]}")
+        if "error" in entry:
+            self.fail(f"{name} failed in the guest:\n{entry['error']}\n--- stderr:\n{self.run_result.stderr[-3000:]}")
+        return entry["result"]
+
+    def test_the_guest_ran_every_check(self) -> None:
+        self.run_result.check()
+        self.assertEqual(sorted(self.results), sorted(CHECKS))
+
+    # -- vduse_blk: the disk
+    def test_attached_with_vdpa_to_virtio_vdpa(self) -> None:
+        r = self.result("vduse_blk")
+        self.assertTrue(r["node_after_create"])
+        self.assertEqual(r["vdpa_add"], [0, ""])
+        self.assertEqual(r["driver"], "virtio_vdpa")
+        self.assertRegex(r["disk"], r"^vd[a-z]+$")
+
+    def test_capacity_is_the_images(self) -> None:
+        r = self.result("vduse_blk")
+        self.assertEqual(r["sys_size_sectors"], IMAGE_SIZE // SECTOR)
+        self.assertEqual(r["image_sectors"], IMAGE_SIZE // SECTOR)
+
+    def test_image_bytes_read_through_the_disk(self) -> None:
+        self.assertIs(self.result("vduse_blk")["marker_read_back"], True)
+
+    def test_dd_direct_write_lands_in_the_image_and_reads_back(self) -> None:
+        r = self.result("vduse_blk")
+        self.assertIs(r["dd"]["direct"], True, r["dd"])
+        self.assertIs(r["pattern_in_image"], True)
+        self.assertIs(r["image_untouched_before"], True)
+        self.assertIs(r["pattern_read_back"], True)
+        self.assertEqual(r["dd_read_direct"], [0, True])
+
+    def test_negotiated_features(self) -> None:
+        from vhost_min.blk import VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH
+        from vhost_min.virtio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1
+        r = self.result("vduse_blk")
+        offered, negotiated = r["device_features"], r["negotiated_features"]
+        self.assertEqual(negotiated & ~offered, 0)
+        for bit in (VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_BLK_F_FLUSH):
+            self.assertTrue(negotiated & bit, hex(bit))
+        self.assertFalse(offered & (VIRTIO_BLK_F_CONFIG_WCE | VIRTIO_F_RING_PACKED))
+        self.assertEqual(r["status"], 0xF)
+        self.assertEqual(r["rings"], [[0, 1024, True, None]])
+
+    def test_requests_the_kernel_sent(self) -> None:
+        r = self.result("vduse_blk")
+        requests = [entry for entry in r["history"] if entry[0].startswith("VDUSE_")]
+        self.assertTrue(all(result == "OK" for _, _, result in requests), requests)
+        statuses = [detail for kind, detail, _ in requests if kind == "VDUSE_SET_STATUS"]
+        # virtio_vdpa's probe: reset, ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK; `vdpa dev del`:
+        # reset, then ACKNOWLEDGE again (virtio_dev_remove acknowledges the device it keeps).
+        self.assertEqual(statuses, ["0x0", "0x1", "0x3", "0xb", "0xf", "0x0", "0x1"])
+        self.assertEqual(r["status_after_del"], 1)
+        self.assertEqual({kind for kind, _, _ in requests}, {"VDUSE_SET_STATUS"})
+
+    def test_iotlb_entries_cover_the_rings_and_the_bounce_area(self) -> None:
+        r = self.result("vduse_blk")
+        entries = [tuple(map(int, e[1:])) for e in r["history"] if e[0] == "IOTLB_GET_FD"]
+        self.assertIn((0, (64 << 20) - 1, 3, 0), entries)          # the 64 MiB bounce area, read-write
+        info = [list(map(int, e[1:7])) for e in r["history"] if e[0] == "VQ_GET_INFO"]
+        self.assertEqual(len(info), 1)
+        index, num, desc, driver, device, avail = info[0]
+        self.assertEqual((index, num, avail), (0, 1024, 0))
+        for iova in (desc, driver, device):
+            self.assertTrue(any(start <= iova <= last for start, last, _, _ in entries), hex(iova))
+
+    def test_destroyed_cleanly(self) -> None:
+        r = self.result("vduse_blk")
+        self.assertEqual(r["vdpa_del"], [0, ""])
+        self.assertIs(r["disk_gone"], True)
+        self.assertIs(r["loop_alive"], True)
+        self.assertIsNone(r["last_error"])
+        self.assertIs(r["node_after_close"], False)
+        self.assertEqual(json.loads(r["vdpa_dev_show_after"]), {"dev": {}})
+        self.assertEqual((r["fds_leaked"], r["mappings_left"]), (0, 0))
+
+    # -- vduse_create
+    def test_a_taken_name_is_refused(self) -> None:
+        r = self.result("vduse_create")
+        self.assertEqual(r["eexist"][:2], ["VDUSE_CREATE_DEV", errno.EEXIST])
+        self.assertIn("'vhost-min-vduse1' exists already", r["eexist"][2])
+        self.assertIs(r["second_free"], True)
+
+    def test_closing_while_attached_says_what_to_do(self) -> None:
+        r = self.result("vduse_create")
+        self.assertEqual(r["ebusy"][:2], ["VDUSE_DESTROY_DEV", errno.EBUSY])
+        self.assertIn("vdpa dev del vhost-min-vduse1", r["ebusy"][2])
+        self.assertIs(r["closed"], True)
+        self.assertIs(r["node_while_attached"], True)
+
+    def test_a_new_fd_serves_the_device_again(self) -> None:
+        r = self.result("vduse_create")
+        self.assertEqual(r["vdpa_del"], 0)
+        statuses = [e[1] for e in r["again_history"] if e[0] == "VDUSE_SET_STATUS" and e[2] == "OK"]
+        self.assertEqual(statuses[:1], ["0x0"])       # the reset `vdpa dev del` sent, answered by the new fd
+        self.assertIs(r["node_after_fd_close"], True)   # an fd passed in: not ours to destroy
+        self.assertIs(r["node_after_destroy"], False)
+
+    # -- vduse_cli
+    def test_cli_serves_until_sigterm(self) -> None:
+        r = self.result("vduse_cli")
+        self.assertIs(r["running"], True)
+        self.assertEqual(r["vdpa_add"], [0, ""])
+        self.assertEqual(r["ro"], "1")
+        self.assertEqual(r["mq"], ["0", "1"])            # --num-queues 2: two request queues
+        self.assertIs(r["read_back"], True)
+        self.assertEqual(r["vdpa_del"], 0)
+        self.assertEqual((r["status"], r["stderr"]), (0, ""))
+        self.assertIn("as VDUSE device vhost-min-cli", r["stdout"])
+        self.assertIs(r["node_after"], False)
+
+
+if __name__ == "__main__":
+    if "--in-guest" in sys.argv:
+        sys.exit(run_in_guest())
+    unittest.main()
