@@ -637,6 +637,13 @@ class Backend:
                 continue
             try:
                 wanted = vq.push_batch(done)
+            except IOTLBMiss as miss:
+                # The used ring's pages were invalidated while the device held these chains (a
+                # vIOMMU flush): keep them, ask for the pages, push when the update comes.
+                with self._posted_lock:
+                    self._posted[index] = done + self._posted.get(index, [])
+                self._iotlb_miss(ring, miss)
+                continue
             except VhostError as exc:
                 log.error("%s: ring %d: the device posted chains the ring does not hold: %s", self.name, index, exc)
                 continue
@@ -1226,9 +1233,11 @@ class Backend:
         if entry.type == VHOST_IOTLB_UPDATE:
             log.debug("%s: IOTLB update %#x+%#x perm %d", self.name, entry.iova, entry.size, entry.perm)
             self.iotlb.update(entry.iova, entry.size, entry.uaddr, entry.perm)
-            for ring in self.rings:
-                if ring.waiting_iotlb:
-                    ring.waiting_iotlb, ring.again = False, ring.started
+            waiting = [ring for ring in self.rings if ring.waiting_iotlb]
+            for ring in waiting:
+                ring.waiting_iotlb, ring.again = False, ring.started
+            if waiting:
+                self._push_posted()         # completions kept back by a miss on the used ring
         elif entry.type == VHOST_IOTLB_INVALIDATE:
             log.debug("%s: IOTLB invalidate %#x+%#x", self.name, entry.iova, entry.size)
             self.iotlb.invalidate(entry.iova, entry.size)
