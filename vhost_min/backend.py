@@ -944,7 +944,7 @@ class Backend:
             return
         ring.waiting_iotlb = True
         perm = VHOST_ACCESS_WO if miss.write else VHOST_ACCESS_RO
-        log.info("%s: ring %d: IOTLB miss at %#x, asking the front-end", self.name, ring.index, miss.iova)
+        log.debug("%s: ring %d: IOTLB miss at %#x, asking the front-end", self.name, ring.index, miss.iova)
         if not self._channel_send(BackendRequest.IOTLB_MSG, IotlbMsg(miss.iova, 0, 0, perm, VHOST_IOTLB_MISS).pack()):
             self._break(ring, miss, driver=False)
 
