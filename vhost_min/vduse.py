@@ -45,6 +45,7 @@ import functools
 import logging
 import mmap
 import os
+import select
 import selectors
 import threading
 import time
@@ -388,7 +389,11 @@ class VduseDevice:
         while not self.closed:
             try:
                 data = os.read(self._fd, REQUEST_SIZE)
-            except (BlockingIOError, InterruptedError):
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                if not answered:
+                    self._check_broken()
                 return answered
             except OSError as exc:
                 raise VhostError(f"reading a request from VDUSE device {self.name!r} failed: {exc.strerror}",
@@ -403,6 +408,16 @@ class VduseDevice:
             self._answer(response)
             answered += 1
         return answered
+
+    def _check_broken(self) -> None:
+        """The fd was readable but held no request: the kernel flags a broken device with POLLERR
+        (a request went unanswered for its timeout, 30 s). Nothing will work again: say so rather
+        than spin on an fd that stays ready."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        if any(events & select.POLLERR for _, events in poller.poll(0)):
+            raise VhostError(f"the kernel marked VDUSE device {self.name!r} broken (a request was not answered "
+                             f"in time); destroy it and create it again", errno.EIO)
 
     def handle_request(self, data: bytes) -> vduse_dev_response:
         """The response to one vduse_dev_request (``REQUEST_SIZE`` bytes): OK, or FAILED where the

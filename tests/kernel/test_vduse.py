@@ -16,12 +16,15 @@ In the guest, one boot:
   while the vDPA device exists is refused with EBUSY, saying what to do; the device outlives our
   fd, and a new VduseDevice on a freshly opened /dev/vduse/NAME answers the reset ``vdpa dev del``
   sends (without it the kernel waits 30 s per request and marks the device broken).
+- ``vduse_unanswered``: nobody answers (msg_timeout set to 1 s, no loop running) while ``vdpa
+  dev add`` probes: the kernel marks the device broken (POLLERR on its fd) and
+  ``handle_requests()`` raises saying so; ``vdpa dev del`` and destroying it still work.
 - ``vduse_cli``: ``python3 -m vhost_min vduse-blk IMAGE --name NAME --read-only --num-queues 2``
   serves until SIGTERM: a read-only disk with two request queues (the guest has two vCPUs:
   virtio_blk uses no more queues than CPUs) appears and reads, and after ``vdpa dev del`` SIGTERM
   ends it with status 0 and the device gone.
 
-About 22 s under TCG: the boot (~8 s) and three devices (~8 s), the kernel's own I/O (partition
+About 28 s under TCG: the boot (~8 s) and four devices (~10 s), the kernel's own I/O (partition
 scan) included, all through Python.
 """
 
@@ -291,7 +294,43 @@ def check_vduse_cli() -> dict:
     return facts
 
 
-CHECKS = {"vduse_blk": check_vduse_blk, "vduse_create": check_vduse_create, "vduse_cli": check_vduse_cli}
+def check_vduse_unanswered() -> dict:
+    """What the kernel does when nobody answers: msg_timeout set to 1 s, `vdpa dev add` while no
+    loop runs. The device is marked broken; handle_requests() says so instead of spinning."""
+    from vhost_min.blk import BlkDevice
+    from vhost_min.errors import VhostError
+    from vhost_min.vduse import VduseDevice
+
+    facts: dict = {}
+    name = "vhost-min-vduse2"
+    with tempfile.TemporaryDirectory() as tmp:
+        image = os.path.join(tmp, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        with BlkDevice(image) as blk, VduseDevice(blk, name) as vd:
+            timeout_path = f"/sys/class/vduse/{name}/msg_timeout"
+            with open(timeout_path) as f:
+                facts["default_msg_timeout"] = int(f.read())
+            with open(timeout_path, "w") as f:
+                f.write("1")
+            t0 = time.monotonic()
+            added = vdpa("dev", "add", "mgmtdev", "vduse", "name", name)
+            facts["vdpa_add"] = [added.returncode, added.stderr.strip()]
+            facts["add_seconds"] = round(time.monotonic() - t0, 1)
+            facts["disk"] = disk_of(name)
+            try:
+                vd.handle_requests()
+            except VhostError as exc:
+                facts["error"] = [exc.errno, str(exc)]
+            t0 = time.monotonic()
+            facts["vdpa_del"] = vdpa("dev", "del", name).returncode
+            facts["del_seconds"] = round(time.monotonic() - t0, 1)
+        facts["node_after"] = os.path.exists(f"/dev/vduse/{name}")
+    return facts
+
+
+CHECKS = {"vduse_blk": check_vduse_blk, "vduse_create": check_vduse_create, "vduse_cli": check_vduse_cli,
+          "vduse_unanswered": check_vduse_unanswered}
 
 
 def run_in_guest() -> int:
@@ -430,6 +469,19 @@ class VduseTest(unittest.TestCase):
         self.assertEqual(statuses[:1], ["0x0"])       # the reset `vdpa dev del` sent, answered by the new fd
         self.assertIs(r["node_after_fd_close"], True)   # an fd passed in: not ours to destroy
         self.assertIs(r["node_after_destroy"], False)
+
+    # -- vduse_unanswered
+    def test_an_unanswered_request_breaks_the_device_and_we_say_so(self) -> None:
+        r = self.result("vduse_unanswered")
+        self.assertEqual(r["default_msg_timeout"], 30)
+        # `vdpa dev add` succeeds (the vDPA device exists) but virtio_vdpa's probe fails: no disk.
+        self.assertEqual(r["vdpa_add"], [0, ""])
+        self.assertIsNone(r["disk"])
+        self.assertEqual(r["error"][0], errno.EIO)
+        self.assertIn("marked VDUSE device 'vhost-min-vduse2' broken", r["error"][1])
+        # A broken device fails its requests at once: del does not wait, and the device is destroyed.
+        self.assertEqual(r["vdpa_del"], 0)
+        self.assertIs(r["node_after"], False)
 
     # -- vduse_cli
     def test_cli_serves_until_sigterm(self) -> None:
