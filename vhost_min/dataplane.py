@@ -96,6 +96,13 @@ class Dataplane:
         kernel devices map it to their own switch, their docstrings say which)."""
         raise self._unsupported("set_vring_enable")
 
+    # -- start ------------------------------------------------------------------------------------
+    def start_device(self) -> None:
+        """The device-wide start, once every ring is set up and enabled (QEMU's vhost_dev_start
+        op): vhost-vdpa writes DRIVER_OK to the device status. Kernel vhost devices run once their
+        backend or endpoint is attached, vhost-user ones once their rings are kicked: for them
+        (the default) there is nothing to do."""
+
     def close(self) -> None:
         """Release the device (close the fd or connection)."""
 

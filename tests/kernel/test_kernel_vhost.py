@@ -86,7 +86,8 @@ def start_dataplane(dp: Dataplane, regions: Sequence[MemoryRegion], rings: Seque
     """Bring a device up through the Dataplane interface only, as a VMM does: own it, negotiate
     ``wanted`` against what it offers, give it the memory table, then per ring its size, addresses,
     base, kick and call; then enable every ring (after all are set up: enabling may start the
-    device, and a started ring refuses a new size). Returns the features set."""
+    device, and a started ring refuses a new size) and start the device (vDPA's DRIVER_OK; nothing
+    for kernel vhost). Returns the features set."""
     dp.set_owner()
     features = dp.get_features() & wanted
     dp.set_features(features)
@@ -102,6 +103,7 @@ def start_dataplane(dp: Dataplane, regions: Sequence[MemoryRegion], rings: Seque
     if enable:
         for ring in rings:
             dp.set_vring_enable(ring.index, True)
+        dp.start_device()
     return features
 
 

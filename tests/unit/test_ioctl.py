@@ -419,7 +419,9 @@ class EnableTest(unittest.TestCase):
 
     def test_every_dataplane_message_is_implemented(self) -> None:
         for name, member in vars(Dataplane).items():
-            if callable(member) and not name.startswith("_") and name not in ("close", "set_vring_enable"):
+            # start_device: nothing to do for kernel vhost (Dataplane's default)
+            optional = ("close", "set_vring_enable", "start_device")
+            if callable(member) and not name.startswith("_") and name not in optional:
                 with self.subTest(name):
                     self.assertIsNot(getattr(vi.VhostKernel, name), member)
         for cls in (vi.VhostNet, vi.VhostVsock, vi.VhostScsi):
