@@ -7,6 +7,7 @@
 * ``vduse-blk`` -- the same blk device as a VDUSE (vDPA) device of this kernel, until SIGTERM.
 * ``probe`` -- connect as a front-end and print what a back-end offers, leaving it as it was.
 * ``demo``  -- a blk back-end in a child process, our front-end in this one, every byte checked.
+* ``kernel`` -- list the machine's vhost and vhost-vdpa device nodes and what each offers.
 
 Errors a person can act on (a missing socket, a peer that is not vhost-user, an image that cannot
 be opened) end as one line on stderr, ``vhost-min: what and why``, and exit status 1; Ctrl-C is 130.
@@ -397,6 +398,125 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# kernel: the vhost and vhost-vdpa device nodes of this machine
+# --------------------------------------------------------------------------------------------
+# Each node is opened and asked (nothing is set: no owner, no features). Opening a vhost-vdpa
+# node resets its device, and one open at a time is allowed: a node a VMM holds reports EBUSY.
+
+_NO_NODES = ("no vhost or vhost-vdpa device nodes in {dev} (load vhost_net, vhost_vsock, vhost_scsi or "
+             "vhost_vdpa; a vDPA device appears as vhost-vdpa-N once `vdpa dev add` binds one to vhost_vdpa)")
+
+
+def _bit_names(value: int, flags: type[enum.IntFlag]) -> list[str]:
+    names = {int(f): f.name for f in flags}
+    return [names.get(1 << bit, f"bit {bit}") for bit in range(64) if value >> bit & 1]
+
+
+def _kernel_node(path: str, cls) -> dict:
+    """What a kernel vhost node (VhostNet, VhostVsock, VhostScsi) offers."""
+    from .errors import IoctlError
+    from .frontend import feature_names
+    from .ioctl import VhostBackendFeature
+    from .virtio import VHOST_NET_F_VIRTIO_NET_HDR
+    kind = {"VhostNet": "net", "VhostVsock": "vsock", "VhostScsi": "scsi"}[cls.__name__]
+    entry: dict = {"node": path, "kind": f"vhost-{kind}", "device_type": kind}
+    with cls(path) as dev:
+        features = entry["features"] = dev.get_features()
+        flags = _device_types()[kind].features if kind in ("net", "vsock") else None
+        # vhost-net's bit 27 is its own (the legacy ANY_LAYOUT bit, reused), as feature_names cannot know
+        own = {VHOST_NET_F_VIRTIO_NET_HDR: "VHOST_NET_F_VIRTIO_NET_HDR"} if kind == "net" else {}
+        entry["feature_names"] = [own.get(1 << bit) or feature_names(1 << bit, flags)[0]
+                                  for bit in range(64) if features >> bit & 1]
+        try:
+            backend = dev.get_backend_features()
+        except IoctlError:              # vhost-scsi has none (ENOTTY)
+            backend = None
+        entry["backend_features"] = None if backend is None else int(backend)
+        entry["backend_feature_names"] = [] if backend is None else _bit_names(backend, VhostBackendFeature)
+    return entry
+
+
+def _vdpa_node(path: str) -> dict:
+    """What a vhost-vdpa node's device is: id, features, backend features, queues, config."""
+    from .frontend import feature_names
+    from .ioctl import VhostBackendFeature
+    from .vdpa import VhostVdpa
+    from .virtio import DeviceId
+    with VhostVdpa(path) as dev:
+        device_id = dev.get_device_id()
+        kind = {DeviceId.NET: "net", DeviceId.BLOCK: "blk"}.get(device_id)
+        decoder = _device_types().get(kind)
+        features, backend = dev.get_features(), dev.get_backend_features()
+        config = dev.get_config() if dev.get_config_size() else b""
+        first, last = dev.get_iova_range()
+        return {
+            "node": path, "kind": "vhost-vdpa", "device_id": device_id, "device_type": kind,
+            "features": features, "feature_names": list(feature_names(features, decoder.features if decoder else None)),
+            "backend_features": int(backend), "backend_feature_names": _bit_names(backend, VhostBackendFeature),
+            "vqs_count": dev.get_vqs_count(), "vring_num": dev.get_vring_num(), "group_num": dev.get_group_num(),
+            "as_num": dev.get_as_num(), "iova_range": [first, last], "config_size": len(config),
+            "config": decoder.decode(config, features) if decoder else None, "config_hex": config.hex(),
+        }
+
+
+def kernel_report(dev_dir: str = "/dev") -> dict:
+    """Every vhost and vhost-vdpa node under ``dev_dir`` with what it offers; a node that cannot
+    be opened or asked carries ``error`` instead (what the ``kernel`` command prints)."""
+    from .ioctl import VhostNet, VhostScsi, VhostVsock
+    from .vdpa import vdpa_nodes
+    found = [(os.path.join(dev_dir, os.path.basename(cls.DEVICE)), lambda p, cls=cls: _kernel_node(p, cls))
+             for cls in (VhostNet, VhostVsock, VhostScsi)]
+    found = [(path, ask) for path, ask in found if os.path.exists(path)]
+    found += [(path, _vdpa_node) for path in vdpa_nodes(os.path.join(dev_dir, "vhost-vdpa-*"))]
+    devices = []
+    for path, ask in found:
+        try:
+            devices.append(ask(path))
+        except OSError as exc:
+            devices.append({"node": path, "error": " ".join(str(exc).split())})
+    return {"dev": dev_dir, "devices": devices}
+
+
+def _print_kernel(report: dict) -> None:
+    if not report["devices"]:
+        print(_NO_NODES.format(dev=report["dev"]))
+        return
+    for entry in report["devices"]:
+        if "error" in entry:
+            print(f"{entry['node']}: {entry['error']}")
+            continue
+        if entry["kind"] == "vhost-vdpa":
+            kind = entry["device_type"] or "no decoder for this type"
+            print(f"{entry['node']}: vhost-vdpa, virtio device id {entry['device_id']} ({kind})")
+        else:
+            print(f"{entry['node']}: kernel {entry['kind']}")
+        _row("virtio features", f"{entry['features']:#x}: {' '.join(entry['feature_names']) or 'none'}")
+        backend = entry["backend_features"]
+        _row("backend features", "none (ENOTTY)" if backend is None
+             else f"{backend:#x}: {' '.join(entry['backend_feature_names']) or 'none'}")
+        if entry["kind"] != "vhost-vdpa":
+            continue
+        _row("queues", f"{entry['vqs_count']} (largest size {entry['vring_num']}), {entry['group_num']} groups, "
+                       f"{entry['as_num']} address spaces")
+        _row("IOVA range", "{:#x}-{:#x}".format(*entry["iova_range"]))
+        _row("config space", f"{entry['config_size']} bytes")
+        for name, value in (entry["config"] or {"raw": entry["config_hex"]}).items():
+            if name == "capacity":
+                value = f"{value} sectors ({_human(value * 512)})"
+            _row(f"  {name}", value)
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    """List the vhost and vhost-vdpa nodes with what each offers (nothing is set or claimed)."""
+    report = kernel_report(args.dev)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_kernel(report)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # demo: a blk back-end in a child process, our front-end here, every byte checked
 # --------------------------------------------------------------------------------------------
 
@@ -664,6 +784,17 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--timeout", type=_positive, default=5.0, metavar="SECONDS",
                        help="how long each answer may take (default 5)")
     probe.set_defaults(func=cmd_probe, parser=probe)
+
+    kernel = sub.add_parser(
+        "kernel", help="list this machine's vhost and vhost-vdpa device nodes and what they offer",
+        description="Open each kernel vhost node (/dev/vhost-net, /dev/vhost-vsock, /dev/vhost-scsi) and each "
+                    "vhost-vdpa node (/dev/vhost-vdpa-N) and print its virtio and backend features by name; for "
+                    "vDPA also the device id, queues, IOVA range and the config space (decoded for blk and net). "
+                    "Nothing is set or claimed; opening a vhost-vdpa node resets its device, and a node in use "
+                    "reports EBUSY.")
+    kernel.add_argument("--json", action="store_true", help="print one JSON object")
+    kernel.add_argument("--dev", default="/dev", metavar="DIR", help="where the nodes are (default /dev)")
+    kernel.set_defaults(func=cmd_kernel, parser=kernel)
 
     demo = sub.add_parser(
         "demo", help="run a blk back-end and our front-end against each other, checking every byte",
