@@ -195,6 +195,11 @@ class RequestTest(unittest.TestCase):
 
 
 class ArgumentTest(unittest.TestCase):
+    def test_lazy_top_level_name(self) -> None:
+        import vhost_min
+        self.assertIs(vhost_min.VduseDevice, VduseDevice)
+        self.assertIn("VduseDevice", vhost_min.__all__)
+
     def test_names(self) -> None:
         self.assertEqual(check_name("vduse-blk0"), b"vduse-blk0")
         for bad in ("", "a/b", "control", "x" * 256, "tab\there", "é"):
