@@ -177,8 +177,10 @@ class VduseDevice:
         self.rings = [_Ring(i) for i in range(nq)]
         for ring in self.rings:
             ring.on_kick = functools.partial(self._on_kick, ring)
-        #: What the kernel asked, in order: (request type name, detail, result) tuples; and the
-        #: IOTLB entries fetched, as ("IOTLB_GET_FD", start, last, perm, offset).
+        #: What happened, in order (facts for logs and tests): the kernel's requests as (type name,
+        #: detail, "OK"/"FAILED"); the ring layouts read at DRIVER_OK as ("VQ_GET_INFO", index, num,
+        #: desc, driver, device, avail_index, ready); the IOTLB entries fetched as ("IOTLB_GET_FD",
+        #: start, last, perm, offset).
         self.history: collections.deque[tuple] = collections.deque(maxlen=4096)
         self.last_error: BaseException | None = None
         #: Called with every exception that failed a request or broke a ring.
@@ -192,6 +194,7 @@ class VduseDevice:
         self._control = -1
         self._fd = -1
         self._created = False
+        self.config_size = config_size if config_size is not None else 0   # set by _create
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             if fd is not None:
@@ -229,6 +232,7 @@ class VduseDevice:
 
     def _create(self, raw_name: bytes, control: str, config_size: int | None, vq_align: int) -> None:
         size = _config_size(self.device) if config_size is None else config_size
+        self.config_size = size
         if not isinstance(size, int) or not 0 <= size <= PAGE_SIZE:
             raise ValueError(f"config size {size!r} is not 0..{PAGE_SIZE} (VDUSE's limit: a page)")
         if not isinstance(vq_align, int) or not 0 < vq_align <= PAGE_SIZE or vq_align & (vq_align - 1):
@@ -680,7 +684,7 @@ class VduseDevice:
     def notify_config_change(self) -> bool:
         """Re-read the device's config space into the kernel (VDUSE_DEV_SET_CONFIG) and send the
         driver a config interrupt (VDUSE_DEV_INJECT_CONFIG_IRQ; refused before DRIVER_OK: False)."""
-        size = _config_size(self.device)
+        size = self.config_size
         data = self.config_space(size)
         buf = (c_char * (ctypes.sizeof(vduse_config_data) + size))()
         head = vduse_config_data.from_buffer(buf)
