@@ -194,7 +194,7 @@ class VduseDevice:
         self._control = -1
         self._fd = -1
         self._created = False
-        self.config_size = config_size if config_size is not None else 0   # set by _create
+        self.config_size = config_size      # what VDUSE_CREATE_DEV was given (None: the device type's)
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             if fd is not None:
@@ -684,7 +684,7 @@ class VduseDevice:
     def notify_config_change(self) -> bool:
         """Re-read the device's config space into the kernel (VDUSE_DEV_SET_CONFIG) and send the
         driver a config interrupt (VDUSE_DEV_INJECT_CONFIG_IRQ; refused before DRIVER_OK: False)."""
-        size = self.config_size
+        size = _config_size(self.device) if self.config_size is None else self.config_size
         data = self.config_space(size)
         buf = (c_char * (ctypes.sizeof(vduse_config_data) + size))()
         head = vduse_config_data.from_buffer(buf)

@@ -11,7 +11,8 @@ In the guest, one boot:
   (os.pread), and reads back through the device. ``vdpa dev del`` removes the disk, close()
   destroys the device (VDUSE_DESTROY_DEV): /dev/vduse/NAME is gone, and no fd or mapping of ours
   is left. What the kernel asked (request types in order, status bytes, IOTLB entries fetched,
-  ring layouts) and the features it negotiated are reported as facts.
+  ring layouts) and the features it negotiated are reported as facts. A config change (the
+  device reports another capacity, notify_config_change()) resizes /dev/vdX.
 - ``vduse_create``: a second device under a taken name is refused with EEXIST, by name; closing
   while the vDPA device exists is refused with EBUSY, saying what to do; the device outlives our
   fd, and a new VduseDevice on a freshly opened /dev/vduse/NAME answers the reset ``vdpa dev del``
@@ -128,8 +129,22 @@ def served(vd):
         thread.join(WAIT)
 
 
-def check_vduse_blk() -> dict:
+def resizable_blk(image: str):
+    """A BlkDevice whose config space can report another capacity (``reported``), to watch the
+    kernel re-read it after a config interrupt."""
     from vhost_min.blk import BlkDevice
+
+    class ResizableBlk(BlkDevice):
+        reported: int | None = None
+
+        def config(self):
+            config = super().config()
+            return config if self.reported is None else config._replace(capacity=self.reported)
+
+    return ResizableBlk(image)
+
+
+def check_vduse_blk() -> dict:
     from vhost_min.vduse import VduseDevice
 
     name = "vhost-min-vduse0"
@@ -143,7 +158,7 @@ def check_vduse_blk() -> dict:
             f.seek(IMAGE_SIZE - len(marker))
             f.write(marker)                         # the last 4 KiB: read back through the disk
         fds_before, maps_before = open_fds(), vduse_mappings()
-        device = BlkDevice(image)
+        device = resizable_blk(image)
         vd = VduseDevice(device, name)
         facts["device_features"] = vd.device_features
         facts["node_after_create"] = os.path.exists(f"/dev/vduse/{name}")
@@ -179,6 +194,14 @@ def check_vduse_blk() -> dict:
                                        f"count={len(pattern) // 4096}", "iflag=direct"],
                                       capture_output=True, timeout=WAIT)
                 facts["dd_read_direct"] = [back.returncode, back.stdout == pattern]
+
+                # A config change: the device reports half the capacity, the driver is told
+                # (VDUSE_DEV_SET_CONFIG + INJECT_CONFIG_IRQ) and virtio_blk re-reads it.
+                device.reported = IMAGE_SIZE // SECTOR // 2
+                facts["config_irq"] = vd.notify_config_change()
+                size_path = f"/sys/block/{disk}/size"
+                facts["resized_sectors"] = wait_for("the new capacity", lambda: int(open(size_path).read())
+                                                    if int(open(size_path).read()) != IMAGE_SIZE // SECTOR else 0)
 
                 facts["negotiated_features"] = vd.features
                 facts["status"] = vd.status
@@ -510,6 +533,11 @@ class VduseTest(unittest.TestCase):
         r = self.result("vduse_blk")
         self.assertEqual(r["sys_size_sectors"], IMAGE_SIZE // SECTOR)
         self.assertEqual(r["image_sectors"], IMAGE_SIZE // SECTOR)
+
+    def test_a_config_change_reaches_the_driver(self) -> None:
+        r = self.result("vduse_blk")
+        self.assertIs(r["config_irq"], True)
+        self.assertEqual(r["resized_sectors"], IMAGE_SIZE // SECTOR // 2)
 
     def test_image_bytes_read_through_the_disk(self) -> None:
         self.assertIs(self.result("vduse_blk")["marker_read_back"], True)

@@ -255,6 +255,8 @@ class FakeIoctls:
             return os.dup(self.domain)
         elif request == VduseIoctl.VDUSE_VQ_INJECT_IRQ:
             self.irqs.append(arg.value)
+        elif request == VduseIoctl.VDUSE_DEV_SET_CONFIG:
+            self.config = bytes(arg)
         return 0
 
 
@@ -324,6 +326,15 @@ class DataPathTest(unittest.TestCase):
         self.assertEqual(self.fake.calls.count("VDUSE_IOTLB_GET_FD"), 2)
         resp = self.kernel.ask(self.vd, request(VduseReqType.VDUSE_GET_VQ_STATE, 10, index=0))
         self.assertEqual(resp.vq_state.split.avail_index, 2)
+
+    def test_config_change(self) -> None:
+        self.bring_up()
+        self.assertIs(self.vd.notify_config_change(), True)
+        self.assertEqual(self.fake.calls[-2:], ["VDUSE_DEV_SET_CONFIG", "VDUSE_DEV_INJECT_CONFIG_IRQ"])
+        offset, length = struct.unpack_from("<II", self.fake.config)
+        self.assertEqual((offset, length), (0, VIRTIO_BLK_CONFIG.size))
+        self.assertEqual(self.fake.config[8:], self.blk.get_config(0, VIRTIO_BLK_CONFIG.size))
+        self.assertEqual(struct.unpack_from("<Q", self.fake.config, 8)[0], (1 << 20) // 512)
 
     def test_reset_and_close_leave_no_fd_and_no_mapping(self) -> None:
         self.bring_up()
