@@ -356,7 +356,12 @@ def _print_probe(report: dict) -> None:
     if report["config"] is None:
         _row("  raw", report["config_hex"])
         return
-    for name, value in report["config"].items():
+    _config_rows(report["config"])
+
+
+def _config_rows(config: dict) -> None:
+    """A decoded config space, one field a row (probe's and kernel's output)."""
+    for name, value in config.items():
         if name == "capacity":
             value = f"{value} sectors ({_human(value * 512)})"
         elif name == "read_only":
@@ -500,10 +505,7 @@ def _print_kernel(report: dict) -> None:
                        f"{entry['as_num']} address spaces")
         _row("IOVA range", "{:#x}-{:#x}".format(*entry["iova_range"]))
         _row("config space", f"{entry['config_size']} bytes")
-        for name, value in (entry["config"] or {"raw": entry["config_hex"]}).items():
-            if name == "capacity":
-                value = f"{value} sectors ({_human(value * 512)})"
-            _row(f"  {name}", value)
+        _config_rows(entry["config"] or {"raw": entry["config_hex"]})
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ from vhost_min.user import (VHOST_IOTLB_BATCH_BEGIN, VHOST_IOTLB_BATCH_END, VHOS
 from vhost_min.vdpa import VdpaDriver, VhostVdpa
 from vhost_min.virtio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, DeviceId, DeviceStatus
 
-GUEST_MODULES = ("vhost_vdpa", "vdpa_sim_blk", "vdpa_sim_net", "vhost_net", "vhost_vsock")
+GUEST_MODULES = ("vhost_vdpa", "vdpa_sim_blk", "vdpa_sim_net", "vhost_net", "vhost_vsock", "vhost_scsi")
 BLK, NET = "vdpa0", "vdpa1"
 NET_MAC = "02:11:22:33:44:55"
 SETUP = f"""
@@ -490,8 +490,9 @@ class VdpaTest(unittest.TestCase):
         r = self.result("cli")
         self.assertEqual((r["status"], r["stderr"]), (0, ""))
         devices = {d["node"]: d for d in r["report"]["devices"]}
-        for path in ("/dev/vhost-net", "/dev/vhost-vsock", r["nodes"][BLK], r["nodes"][NET]):
+        for path in ("/dev/vhost-net", "/dev/vhost-vsock", "/dev/vhost-scsi", r["nodes"][BLK], r["nodes"][NET]):
             self.assertIn(path, devices)
+        self.assertEqual(devices["/dev/vhost-scsi"]["backend_features"], None)    # ENOTTY: it has none
         blk, net = devices[r["nodes"][BLK]], devices[r["nodes"][NET]]
         self.assertEqual((blk["device_type"], blk["device_id"]), ("blk", 2))
         self.assertEqual(blk["config"]["capacity"], 0x40000)
@@ -503,6 +504,7 @@ class VdpaTest(unittest.TestCase):
         self.assertEqual(r["text_status"], 0)
         self.assertIn(r["nodes"][NET], r["text"])
         self.assertIn(NET_MAC, r["text"])
+        self.assertRegex(r["text"], r"read_only\s+no\n")
 
 
 if __name__ == "__main__":
