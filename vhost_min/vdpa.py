@@ -483,8 +483,11 @@ class VdpaDriver:
     def request(self, index: int, out: Sequence[bytes], in_sizes: Sequence[int] = ()) -> tuple[int, list[bytes]]:
         """One chain on ring ``index``: ``out`` buffers the device reads, then buffers of
         ``in_sizes`` it writes; kick, wait for it to be used. Returns (used length, the written
-        buffers' bytes). Buffers come from :meth:`alloc`, so keep requests few or the memory large."""
+        buffers' bytes). The buffers are taken from :meth:`alloc`'s memory for the request only
+        (copied in and out), so requests do not use memory up; not for rings with other chains in
+        flight (their completions would be taken here)."""
         q = self.queues[index]
+        mark = self._next
         readable = []
         for data in out:
             iova = self.alloc(len(data))
@@ -495,10 +498,12 @@ class VdpaDriver:
         q.ring.add(readable, writable, token)
         if q.ring.publish():
             q.kick()
-        used = q.wait(self.timeout)
+        used = q.wait(self.timeout)      # on a timeout the buffers stay allocated: the device may still write
         if [t for t, _ in used] != [token]:
             raise VirtqueueError(f"ring {index}: expected our one chain back, got {len(used)} used entries")
-        return used[0][1], [self.memory.read(iova, n) for iova, n in writable]
+        result = used[0][1], [self.memory.read(iova, n) for iova, n in writable]
+        self._next = mark                # the device is done with them
+        return result
 
     def close(self) -> None:
         """Reset the device (status 0: rings stopped), unmap our memory, close the eventfds, the

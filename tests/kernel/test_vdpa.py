@@ -193,6 +193,15 @@ def check_blk() -> dict:
         out["unwritten"] = {"status": status, "zero": data == bytes(SECTOR_SIZE)}
         status, _, _ = blk_request(driver, VIRTIO_BLK_T_IN, config.capacity, read=SECTOR_SIZE)
         out["past_capacity_status"] = status
+
+        # Many requests, more bytes than the driver's memory holds (its request buffers are reused):
+        # 256 blocks of 4 KiB, each its own bytes, written, then read back.
+        blocks = [bytes([i]) * 8 + os.urandom(4096 - 8) for i in range(256)]
+        statuses = [blk_request(driver, VIRTIO_BLK_T_OUT, 8 * (1000 + i), data=b)[0] for i, b in enumerate(blocks)]
+        reads = [blk_request(driver, VIRTIO_BLK_T_IN, 8 * (1000 + i), read=4096) for i in range(len(blocks))]
+        out["many"] = {"bytes": 2 * len(blocks) * 4096, "memory": driver.mapped[1],
+                       "write_statuses": sorted(set(statuses)), "read_statuses": sorted({r[0] for r in reads}),
+                       "mismatched": [i for i, (r, b) in enumerate(zip(reads, blocks)) if r[1] != b]}
         driver.close()
         out["status_after_driver_close"] = int(dev.get_status())      # reset: status 0
         out["messages_at_close"] = log[len(out["iotlb_messages"]):]   # the unmap
@@ -443,6 +452,12 @@ class VdpaTest(unittest.TestCase):
         self.assertTrue(r["read_middle_equal"])
         self.assertEqual(r["unwritten"], {"status": VIRTIO_BLK_S_OK, "zero": True})
         self.assertEqual(r["past_capacity_status"], VIRTIO_BLK_S_IOERR)
+
+    def test_blk_many_blocks_through_reused_request_buffers(self) -> None:
+        many = self.result("blk")["many"]
+        self.assertGreater(many["bytes"], many["memory"])
+        self.assertEqual((many["write_statuses"], many["read_statuses"]), ([VIRTIO_BLK_S_OK], [VIRTIO_BLK_S_OK]))
+        self.assertEqual(many["mismatched"], [])
 
     # -- net through our driver
     def test_net_frame_comes_back_byte_exact(self) -> None:
