@@ -120,6 +120,12 @@ def device_facts(path: str) -> dict:
         out["vring_size"] = attempt(lambda: dev.get_vring_size(0))
         out["desc_group"] = attempt(lambda: dev.get_vring_desc_group(0))
         out["second_open"] = attempt(lambda: VhostVdpa(path).close())
+        config_call = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            out["config_call"] = [attempt(lambda: dev.set_config_call(config_call)),
+                                  attempt(lambda: dev.set_config_call(None))]
+        finally:
+            os.close(config_call)
         if out["as_num"] > 1 and out["group_num"] > 1:
             dev.ack_backend_features()
             dev.set_group_asid(1, 1)
@@ -393,6 +399,10 @@ class VdpaTest(unittest.TestCase):
     def test_ring_ioctls_need_an_owner(self) -> None:
         facts = self.result("facts")["net"]["vring_group_before_owner"]["error"]
         self.assertEqual((facts["ioctl"], facts["errno"]), ("VHOST_VDPA_GET_VRING_GROUP", errno.EPERM), facts)
+
+    def test_config_call_is_taken_and_dropped(self) -> None:
+        for dev in ("blk", "net"):
+            self.assertEqual(self.result("facts")[dev]["config_call"], [{"value": None}, {"value": None}])
 
     def test_a_node_opens_once_at_a_time(self) -> None:
         facts = self.result("facts")["blk"]["second_open"]["error"]

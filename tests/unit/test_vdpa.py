@@ -232,6 +232,15 @@ class VdpaFdTest(unittest.TestCase):
             self.dev.set_status(256)
 
 
+class DataplaneTest(unittest.TestCase):
+    def test_every_dataplane_message_is_vdpas_own_or_kernel_vhosts(self) -> None:
+        from vhost_min.dataplane import Dataplane
+        for name, member in vars(Dataplane).items():
+            if callable(member) and not name.startswith("_") and name != "close":
+                with self.subTest(name):
+                    self.assertIsNot(getattr(VhostVdpa, name), member)
+
+
 class StructTest(unittest.TestCase):
     def test_uapi_layouts(self) -> None:
         self.assertEqual((ctypes.sizeof(vhost_vdpa_config), ctypes.sizeof(vhost_vdpa_iova_range), MSG), (8, 16, 72))
