@@ -62,6 +62,7 @@ VDPA_DEVICE_GLOB = "/dev/vhost-vdpa-*"
 VDPA_BACKEND_FEATURES = (VhostBackendFeature.VHOST_BACKEND_F_IOTLB_MSG_V2
                          | VhostBackendFeature.VHOST_BACKEND_F_IOTLB_BATCH
                          | VhostBackendFeature.VHOST_BACKEND_F_IOTLB_ASID)
+#: VdpaDriver maps whole pages (the kernel pins and maps page by page).
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -349,6 +350,7 @@ class VhostVdpa(VhostKernel):
         raise NotSupportedError("vhost-vdpa has no dirty log (VHOST_SET_LOG_BASE)")
 
     def set_log_base_address(self, address: int) -> None:
+        """Not a vhost-vdpa ioctl, as set_log_base."""
         raise NotSupportedError("vhost-vdpa has no dirty log (VHOST_SET_LOG_BASE)")
 
     def set_log_fd(self, fd: int | None) -> None:
