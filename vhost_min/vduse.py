@@ -20,9 +20,10 @@ Life of a device (:class:`VduseDevice`):
   :class:`~vhost_min.memory.IOTLB`; the rings and the device read and write through it.
 * Rings: at DRIVER_OK, VDUSE_VQ_GET_INFO gives each ready ring's size and IOVAs; a kick eventfd
   per ring is handed over with VDUSE_VQ_SETUP_KICKFD. A kick runs ``Device.process`` in the loop
-  thread; completions signal the driver with VDUSE_VQ_INJECT_IRQ. Split rings only
-  (VIRTIO_F_RING_PACKED is not offered); VERSION_1, ACCESS_PLATFORM (VDUSE requires it),
-  INDIRECT_DESC and EVENT_IDX are.
+  thread; completions signal the driver with VDUSE_VQ_INJECT_IRQ. Split and packed rings
+  (``packed=False`` leaves VIRTIO_F_RING_PACKED out); VERSION_1, ACCESS_PLATFORM (VDUSE requires
+  it), INDIRECT_DESC and EVENT_IDX are offered too. A ring's state (GET_VQ_STATE, VQ_GET_INFO) is
+  kept in vhost-user's vring base encoding: the split avail index, or packed.encode_base().
 * Destroy: ``close()`` stops the rings, closes the device fd and issues VDUSE_DESTROY_DEV, which
   the kernel refuses (EBUSY) while the vDPA device exists: ``vdpa dev del NAME`` first.
 
@@ -61,7 +62,8 @@ from .ioctl import (VDUSE_ACCESS_RO, VDUSE_ACCESS_RW, VDUSE_API_VERSION, VDUSE_E
 from .memory import IOTLB, PAGE_SIZE, IOTLBMiss, map_fd
 from .virtio import (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX,
                      VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, DeviceId, DeviceStatus,
-                     split_ring_sizes)
+                     ring_sizes)
+from .packed import PackedDeviceQueue, decode_base, encode_base
 from .vring import SplitDeviceQueue
 
 __all__ = ["VduseDevice", "VDUSE_CONTROL", "REQUEST_SIZE", "RESPONSE_SIZE"]
@@ -79,10 +81,10 @@ RESPONSE_SIZE = ctypes.sizeof(vduse_dev_response)
 _VIRTIO_BLK_F_CONFIG_WCE = 1 << 11
 _VIRTIO_NET_F_CTRL_VQ = 1 << 17
 _REFUSED = {DeviceId.BLOCK: _VIRTIO_BLK_F_CONFIG_WCE, DeviceId.NET: _VIRTIO_NET_F_CTRL_VQ}
-#: What this transport adds to a device's own features (RING_PACKED is not served here).
+#: What this transport adds to a device's own features (and RING_PACKED unless ``packed=False``).
 TRANSPORT_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
-#: Bits a device may carry that this transport does not serve: packed rings, and vhost-user's own.
-_NOT_SERVED = VIRTIO_F_RING_PACKED | VHOST_F_LOG_ALL | VHOST_USER_F_PROTOCOL_FEATURES
+#: Bits a device may carry that mean nothing here: vhost-user's own.
+_NOT_SERVED = VHOST_F_LOG_ALL | VHOST_USER_F_PROTOCOL_FEATURES
 #: How many IOTLB entries one ring run may fetch before the ring is declared broken.
 _MISS_LIMIT = 64
 #: How long close() retries VDUSE_DESTROY_DEV while the kernel still releases the vDPA device.
@@ -115,7 +117,7 @@ def check_name(name: str) -> bytes:
 class _Ring:
     """One queue as the kernel described it (VDUSE_VQ_GET_INFO) and our state for it."""
 
-    __slots__ = ("index", "num", "desc", "driver", "device", "avail_index", "started", "kick_fd", "queue",
+    __slots__ = ("index", "num", "desc", "driver", "device", "base", "started", "kick_fd", "queue",
                  "broken", "again", "on_kick")
 
     def __init__(self, index: int) -> None:
@@ -127,9 +129,9 @@ class _Ring:
     def clear(self) -> None:
         self.num = 0
         self.desc = self.driver = self.device = 0
-        self.avail_index = 0                 # vduse_vq_info.split.avail_index at DRIVER_OK
+        self.base = 0                        # VQ_GET_INFO's state at DRIVER_OK, as a vring base
         self.started = False
-        self.queue: SplitDeviceQueue | None = None
+        self.queue: SplitDeviceQueue | PackedDeviceQueue | None = None
         self.broken: str | None = None
         self.again = False
 
@@ -154,8 +156,8 @@ class VduseDevice:
     """
 
     def __init__(self, device: Device, name: str = "vhost-min", *, queue_size: int | None = None,
-                 config_size: int | None = None, vq_align: int = PAGE_SIZE, control: str = VDUSE_CONTROL,
-                 fd: int | None = None) -> None:
+                 config_size: int | None = None, vq_align: int = PAGE_SIZE, packed: bool = True,
+                 control: str = VDUSE_CONTROL, fd: int | None = None) -> None:
         if not isinstance(device, Device):
             raise TypeError(f"{device!r} is not a vhost_min.device.Device")
         if device.backend is not None and not getattr(device.backend, "closed", True):
@@ -170,6 +172,7 @@ class VduseDevice:
         raw_name = check_name(name)
         self.device = device
         self.queue_size = size
+        self.packed = bool(packed)
         self.device_features = self._offer_features()
         self.features = 0                   # what the driver took (VDUSE_DEV_GET_FEATURES at FEATURES_OK)
         self.status = 0
@@ -179,7 +182,7 @@ class VduseDevice:
             ring.on_kick = functools.partial(self._on_kick, ring)
         #: What happened, in order (facts for logs and tests): the kernel's requests as (type name,
         #: detail, "OK"/"FAILED"); the ring layouts read at DRIVER_OK as ("VQ_GET_INFO", index, num,
-        #: desc, driver, device, avail_index, ready); the IOTLB entries fetched as ("IOTLB_GET_FD",
+        #: desc, driver, device, base, ready); the IOTLB entries fetched as ("IOTLB_GET_FD",
         #: start, last, perm, offset).
         self.history: collections.deque[tuple] = collections.deque(maxlen=4096)
         self.last_error: BaseException | None = None
@@ -221,6 +224,7 @@ class VduseDevice:
     # -- creation and destruction ----------------------------------------------------------------
     def _offer_features(self) -> int:
         features = int(self.device.features) | TRANSPORT_FEATURES
+        features = features | VIRTIO_F_RING_PACKED if self.packed else features & ~VIRTIO_F_RING_PACKED
         return int(features & ~_NOT_SERVED & ~_REFUSED.get(self.device.device_id, 0))
 
     def config_space(self, size: int) -> bytes:
@@ -448,7 +452,13 @@ class VduseDevice:
             elif kind == VduseReqType.VDUSE_GET_VQ_STATE:
                 detail = str(req.vq_state.index)
                 resp.vq_state.index = req.vq_state.index
-                resp.vq_state.split.avail_index = self._vq_state(req.vq_state.index)
+                base = self._vq_state(req.vq_state.index)
+                if self.features & VIRTIO_F_RING_PACKED:
+                    state = resp.vq_state.packed
+                    (state.last_avail_idx, state.last_avail_counter,
+                     state.last_used_idx, state.last_used_counter) = decode_base(base)
+                else:
+                    resp.vq_state.split.avail_index = base
             else:
                 detail = f"{req.iova.start:#x}-{req.iova.last:#x}"
                 self._update_iotlb(req.iova.start, req.iova.last)
@@ -510,11 +520,12 @@ class VduseDevice:
         self.device.reset()
 
     def _vq_state(self, index: int) -> int:
-        """VDUSE_GET_VQ_STATE: the next avail index of ring ``index``."""
+        """VDUSE_GET_VQ_STATE: ring ``index``'s state as a vring base (the next avail index, or
+        packed.encode_base of both indices and wrap counters)."""
         if not 0 <= index < len(self.rings):
             raise ProtocolError(f"GET_VQ_STATE for queue {index}; the device has {len(self.rings)}")
         ring = self.rings[index]
-        return ring.queue.get_base() if ring.queue is not None else ring.avail_index
+        return ring.queue.get_base() if ring.queue is not None else ring.base
 
     def _update_iotlb(self, start: int, last: int) -> None:
         """VDUSE_UPDATE_IOTLB: mappings of [start, last] changed: drop ours (looked up again on
@@ -531,12 +542,17 @@ class VduseDevice:
         for ring in self.rings:
             info = vduse_vq_info(index=ring.index)
             self._ioctl(VduseIoctl.VDUSE_VQ_GET_INFO, info)
+            if self.features & VIRTIO_F_RING_PACKED:
+                p = info.packed
+                base = encode_base(p.last_avail_idx, p.last_avail_counter, p.last_used_idx, p.last_used_counter)
+            else:
+                base = info.split.avail_index
             self.history.append(("VQ_GET_INFO", ring.index, info.num, info.desc_addr, info.driver_addr,
-                                 info.device_addr, info.split.avail_index, info.ready))
+                                 info.device_addr, base, info.ready))
             if not info.ready:
                 continue
             ring.num, ring.desc, ring.driver, ring.device = info.num, info.desc_addr, info.driver_addr, info.device_addr
-            ring.avail_index = info.split.avail_index
+            ring.base = base
             if ring.kick_fd is None:
                 ring.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._ioctl(VduseIoctl.VDUSE_VQ_SETUP_KICKFD, vduse_vq_eventfd(index=ring.index, fd=ring.kick_fd))
@@ -574,7 +590,7 @@ class VduseDevice:
             except Exception:   # noqa: BLE001
                 log.exception("%s: device stopped(%d) failed", self.name, ring.index)
             self._push_posted(ring.index)
-        ring.avail_index = vq.get_base()
+        ring.base = vq.get_base()
         ring.queue = None
         ring.again = ring.started
 
@@ -620,17 +636,19 @@ class VduseDevice:
         log.error("%s: ring %d broken: %s", self.name, ring.index, ring.broken)
         self._error(exc, logged=True)
 
-    def _queue_for(self, ring: _Ring) -> SplitDeviceQueue:
+    def _queue_for(self, ring: _Ring) -> SplitDeviceQueue | PackedDeviceQueue:
         vq = ring.queue
         if vq is not None:
             return vq
+        packed = bool(self.features & VIRTIO_F_RING_PACKED)
         event_idx = bool(self.features & VIRTIO_F_EVENT_IDX)
-        sizes = split_ring_sizes(ring.num, event_idx)
-        for iova, length, write in zip((ring.desc, ring.driver, ring.device), sizes, (False, False, True)):
+        sizes = ring_sizes(ring.num, packed=packed, event_idx=event_idx)
+        for iova, length, write in zip((ring.desc, ring.driver, ring.device), sizes, (packed, False, True)):
             self.iotlb.segments(iova, length, write)           # IOTLBMiss: fetched, and retried
-        vq = SplitDeviceQueue(self.iotlb, ring.num, ring.desc, ring.driver, ring.device, event_idx=event_idx,
-                              indirect=bool(self.features & VIRTIO_F_INDIRECT_DESC))
-        vq.set_base(ring.avail_index)
+        cls = PackedDeviceQueue if packed else SplitDeviceQueue
+        vq = cls(self.iotlb, ring.num, ring.desc, ring.driver, ring.device, event_idx=event_idx,
+                 indirect=bool(self.features & VIRTIO_F_INDIRECT_DESC))
+        vq.set_base(ring.base)
         ring.queue = vq
         return vq
 

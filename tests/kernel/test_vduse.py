@@ -11,8 +11,9 @@ In the guest, one boot:
   (os.pread), and reads back through the device. ``vdpa dev del`` removes the disk, close()
   destroys the device (VDUSE_DESTROY_DEV): /dev/vduse/NAME is gone, and no fd or mapping of ours
   is left. What the kernel asked (request types in order, status bytes, IOTLB entries fetched,
-  ring layouts) and the features it negotiated are reported as facts. A config change (the
-  device reports another capacity, notify_config_change()) resizes /dev/vdX.
+  ring layouts) and the features it negotiated (a packed ring: Linux takes it when offered) are
+  reported as facts. A config change (the device reports another capacity,
+  notify_config_change()) resizes /dev/vdX.
 - ``vduse_create``: a second device under a taken name is refused with EEXIST, by name; closing
   while the vDPA device exists is refused with EBUSY, saying what to do; the device outlives our
   fd, and a new VduseDevice on a freshly opened /dev/vduse/NAME answers the reset ``vdpa dev del``
@@ -20,9 +21,9 @@ In the guest, one boot:
 - ``vduse_unanswered``: nobody answers (msg_timeout set to 1 s, no loop running) while ``vdpa
   dev add`` probes: the kernel marks the device broken (POLLERR on its fd) and
   ``handle_requests()`` raises saying so; ``vdpa dev del`` and destroying it still work.
-- ``vduse_net``: a virtio-net device over VDUSE (a test device that echoes every frame): virtio_net
-  makes eth0 with our MAC; a frame sent on it comes out of our TX ring byte for byte and its echo
-  is received through our RX ring.
+- ``vduse_net``: a virtio-net device over VDUSE on split rings (a test device that echoes every
+  frame): virtio_net makes eth0 with our MAC; a frame sent on it comes out of our TX ring byte for
+  byte and its echo is received through our RX ring.
 - ``vduse_vhost_vdpa``: the same device bound to vhost_vdpa (virtio_vdpa unloaded first) and
   driven from the guest process as a VMM would (owner, features, status, IOTLB update of a memfd,
   ring, DRIVER_OK): a write lands in the image, a read returns its bytes; the kernel's
@@ -276,7 +277,8 @@ def check_vduse_create() -> dict:
             try:
                 with served(again):
                     facts["vdpa_del"] = vdpa("dev", "del", name).returncode
-                    wait_for("the disk to go", lambda: not disk_of(name) and not os.path.exists(f"/dev/{facts['disk']}"))
+                    gone = f"/dev/{facts['disk']}"
+                    wait_for("the disk to go", lambda: not disk_of(name) and not os.path.exists(gone))
                 facts["again_history"] = [list(map(str, entry)) for entry in again.history]
             finally:
                 again.close()           # fd mode: the device is not ours to destroy
@@ -543,7 +545,7 @@ def check_vduse_net() -> dict:
     facts: dict = {}
     name = "vhost-min-net0"
     net = echo_net()
-    with VduseDevice(net, name) as vd:
+    with VduseDevice(net, name, packed=False) as vd:        # split rings here: blk runs packed ones
         facts["device_features"] = vd.device_features
         with served(vd):
             facts["vdpa_add"] = vdpa("dev", "add", "mgmtdev", "vduse", "name", name).returncode
@@ -670,9 +672,10 @@ class VduseTest(unittest.TestCase):
         r = self.result("vduse_blk")
         offered, negotiated = r["device_features"], r["negotiated_features"]
         self.assertEqual(negotiated & ~offered, 0)
-        for bit in (VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_BLK_F_FLUSH):
+        # Linux's virtio_ring takes packed rings when offered: this disk runs on a packed ring.
+        for bit in (VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_BLK_F_FLUSH, VIRTIO_F_RING_PACKED):
             self.assertTrue(negotiated & bit, hex(bit))
-        self.assertFalse(offered & (VIRTIO_BLK_F_CONFIG_WCE | VIRTIO_F_RING_PACKED))
+        self.assertFalse(offered & VIRTIO_BLK_F_CONFIG_WCE)
         self.assertEqual(r["status"], 0xF)
         self.assertEqual(r["rings"], [[0, 1024, True, None]])
 
@@ -693,8 +696,9 @@ class VduseTest(unittest.TestCase):
         self.assertIn((0, (64 << 20) - 1, 3, 0), entries)          # the 64 MiB bounce area, read-write
         info = [list(map(int, e[1:7])) for e in r["history"] if e[0] == "VQ_GET_INFO"]
         self.assertEqual(len(info), 1)
-        index, num, desc, driver, device, avail = info[0]
-        self.assertEqual((index, num, avail), (0, 1024, 0))
+        index, num, desc, driver, device, base = info[0]
+        # virtio_vdpa starts a packed ring with both wrap counters 1 (packed.encode_base(0, 1, 0, 1)).
+        self.assertEqual((index, num, base), (0, 1024, 0x80008000))
         for iova in (desc, driver, device):
             self.assertTrue(any(start <= iova <= last for start, last, _, _ in entries), hex(iova))
 
@@ -746,7 +750,7 @@ class VduseTest(unittest.TestCase):
     # -- vduse_net
     def test_net_frames_go_through_our_rings_both_ways(self) -> None:
         from vhost_min.net import VirtioNetFeature
-        from vhost_min.virtio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1
+        from vhost_min.virtio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1
         r = self.result("vduse_net")
         self.assertEqual(r["vdpa_add"], 0)
         self.assertEqual(r["mac"], "52:54:00:c0:ff:ee")            # our config space, as virtio_net read it
@@ -756,6 +760,7 @@ class VduseTest(unittest.TestCase):
         self.assertEqual(r["dropped"], 0)
         for bit in (VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM, VirtioNetFeature.VIRTIO_NET_F_MAC):
             self.assertTrue(r["negotiated_features"] & bit, hex(bit))
+        self.assertFalse(r["device_features"] & VIRTIO_F_RING_PACKED)    # packed=False: split rings
         self.assertFalse(r["device_features"] & VirtioNetFeature.VIRTIO_NET_F_CTRL_VQ)
         self.assertEqual([ring[2:] for ring in r["rings"]], [[True, None], [True, None]])
         self.assertTrue(all(e[2] == "OK" for e in r["requests"]))

@@ -26,6 +26,7 @@ from vhost_min.memory import GuestMemory
 from vhost_min.vduse import REQUEST_SIZE, RESPONSE_SIZE, VduseDevice, check_name
 from vhost_min.virtio import (VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
                               DeviceStatus)
+from vhost_min.packed import PackedDriverQueue
 from vhost_min.vring import SplitDriverQueue
 
 S = DeviceStatus
@@ -154,7 +155,7 @@ class RequestTest(unittest.TestCase):
         resp = self.kernel.ask(self.vd, request(VduseReqType.VDUSE_GET_VQ_STATE, 3, index=0))
         self.assertEqual((resp.result, resp.vq_state.index, resp.vq_state.split.avail_index),
                          (VDUSE_REQ_RESULT_OK, 0, 0))
-        self.vd.rings[0].avail_index = 0x1234
+        self.vd.rings[0].base = 0x1234
         resp = self.kernel.ask(self.vd, request(VduseReqType.VDUSE_GET_VQ_STATE, 4, index=0))
         self.assertEqual(resp.vq_state.split.avail_index, 0x1234)
         with self.assertLogs("vhost_min.vduse", "ERROR"):
@@ -176,10 +177,14 @@ class RequestTest(unittest.TestCase):
 
     def test_offered_features(self) -> None:
         offered = self.vd.device_features
-        for bit in (VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX, 1 << 6):
+        for bit in (VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX, VIRTIO_F_RING_PACKED, 1 << 6):
             self.assertTrue(offered & bit, hex(bit))
-        # VDUSE refuses CONFIG_WCE (its config space is read-only); packed rings are not served here.
-        self.assertFalse(offered & (VIRTIO_BLK_F_CONFIG_WCE | VIRTIO_F_RING_PACKED))
+        # VDUSE refuses CONFIG_WCE (its config space is read-only).
+        self.assertFalse(offered & VIRTIO_BLK_F_CONFIG_WCE)
+        kernel = Kernel()
+        self.addCleanup(kernel.close)
+        with VduseDevice(Recorder(), "split", packed=False, fd=kernel.fd) as split:
+            self.assertEqual(split.device_features, offered & ~VIRTIO_F_RING_PACKED)
 
     def test_close_owns_the_fd(self) -> None:
         fd = self.vd.fileno()
@@ -233,6 +238,7 @@ class FakeIoctls:
 
     def __init__(self, features: int, ring: dict, name: str) -> None:
         self.features, self.ring, self.name = features, ring, name
+        self.packed = bool(features & VIRTIO_F_RING_PACKED)
         self.domain = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(self.domain, DOMAIN)
         self.calls: list[str] = []
@@ -245,7 +251,10 @@ class FakeIoctls:
             arg.value = self.features
         elif request == VduseIoctl.VDUSE_VQ_GET_INFO:
             arg.num, arg.ready = QUEUE, 1
-            arg.desc_addr, arg.driver_addr, arg.device_addr = self.ring["desc"], self.ring["driver"], self.ring["device"]
+            ring = self.ring
+            arg.desc_addr, arg.driver_addr, arg.device_addr = ring["desc"], ring["driver"], ring["device"]
+            if self.packed:         # what virtio_vdpa sets for a fresh packed ring: both wrap counters 1
+                arg.packed.last_avail_counter = arg.packed.last_used_counter = 1
         elif request == VduseIoctl.VDUSE_VQ_SETUP_KICKFD:
             self.kick_fd = None if arg.fd < 0 else arg.fd
         elif request == VduseIoctl.VDUSE_IOTLB_GET_FD:
@@ -261,6 +270,10 @@ class FakeIoctls:
 
 
 class DataPathTest(unittest.TestCase):
+    """A split ring (the packed variant below runs the same tests)."""
+
+    PACKED = False
+
     def setUp(self) -> None:
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
@@ -275,15 +288,21 @@ class DataPathTest(unittest.TestCase):
         self.vd = VduseDevice(self.blk, "blk0", fd=self.kernel.fd)
         self.addCleanup(self.vd.close)
         # The driver's view of the domain: the same memfd, the ring at 0x1000.
-        self.ring = SplitDriverQueue.layout(QUEUE, 0x1000)
-        self.fake = FakeIoctls(self.vd.device_features & ~VIRTIO_F_EVENT_IDX, self.ring, f"fake-vduse-{id(self):x}")
+        self.driver_class = PackedDriverQueue if self.PACKED else SplitDriverQueue
+        self.ring = self.driver_class.layout(QUEUE, 0x1000)
+        features = self.vd.device_features & ~VIRTIO_F_EVENT_IDX
+        features = features if self.PACKED else features & ~VIRTIO_F_RING_PACKED
+        self.fake = FakeIoctls(features, self.ring, f"fake-vduse-{id(self):x}")
         self.addCleanup(lambda: self.fake.domain >= 0 and os.close(self.fake.domain))
         self.vd._ioctl = self.fake
         self.memory = GuestMemory()
         self.memory.add_region(0, DOMAIN, fd=self.fake.domain)
         self.addCleanup(self.memory.clear)
         self.addCleanup(setattr, self, "driver", None)
-        self.driver = SplitDriverQueue(self.memory, QUEUE, self.ring["desc"], self.ring["driver"], self.ring["device"])
+        self.driver = self.new_driver()
+
+    def new_driver(self):
+        return self.driver_class(self.memory, QUEUE, self.ring["desc"], self.ring["driver"], self.ring["device"])
 
     def bring_up(self) -> None:
         for i, status in enumerate((S.ACKNOWLEDGE, S.ACKNOWLEDGE | S.DRIVER,
@@ -325,7 +344,12 @@ class DataPathTest(unittest.TestCase):
         self.assertEqual(self.write_sector(9, data), 0)
         self.assertEqual(self.fake.calls.count("VDUSE_IOTLB_GET_FD"), 2)
         resp = self.kernel.ask(self.vd, request(VduseReqType.VDUSE_GET_VQ_STATE, 10, index=0))
-        self.assertEqual(resp.vq_state.split.avail_index, 2)
+        if self.PACKED:         # indices count descriptor slots: two chains of three
+            p = resp.vq_state.packed
+            self.assertEqual((p.last_avail_idx, p.last_avail_counter, p.last_used_idx, p.last_used_counter),
+                             (6, 1, 6, 1))
+        else:
+            self.assertEqual(resp.vq_state.split.avail_index, 2)
 
     def test_config_change(self) -> None:
         self.bring_up()
@@ -347,7 +371,7 @@ class DataPathTest(unittest.TestCase):
             os.fstat(kick)
         # a new negotiation works, on a ring the driver set up afresh (as after any reset)
         self.memory.write(0x1000, bytes(self.ring["end"] - 0x1000))
-        self.driver = SplitDriverQueue(self.memory, QUEUE, self.ring["desc"], self.ring["driver"], self.ring["device"])
+        self.driver = self.new_driver()
         self.bring_up()
         self.assertEqual(self.write_sector(2, bytes(512)), 0)
         self.vd.close()
@@ -374,6 +398,10 @@ class DataPathTest(unittest.TestCase):
         resp = self.kernel.ask(self.vd, request(VduseReqType.VDUSE_SET_STATUS, 30, status=0))
         self.assertEqual(resp.result, VDUSE_REQ_RESULT_OK)
         self.assertIsNone(self.vd.rings[0].broken)               # a reset clears it
+
+
+class PackedDataPathTest(DataPathTest):
+    PACKED = True
 
 
 if __name__ == "__main__":
