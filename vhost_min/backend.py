@@ -893,7 +893,10 @@ class Backend:
     # -- back-end requests a device may send (each needs its protocol feature negotiated) ---------------
     def send_iotlb_msg(self, msg: IotlbMsg) -> None:
         """VHOST_USER_BACKEND_IOTLB_MSG: an IOTLB miss (VHOST_IOTLB_MISS) or access failure
-        (VHOST_IOTLB_ACCESS_FAIL) for the front-end to resolve with VHOST_USER_IOTLB_MSG."""
+        (VHOST_IOTLB_ACCESS_FAIL) for the front-end to resolve with VHOST_USER_IOTLB_MSG. Only
+        with VIRTIO_F_ACCESS_PLATFORM negotiated (the spec: nobody translates IOVAs otherwise)."""
+        if not self.features & VIRTIO_F_ACCESS_PLATFORM:
+            raise NotNegotiatedError("VHOST_USER_BACKEND_IOTLB_MSG needs VIRTIO_F_ACCESS_PLATFORM negotiated")
         self.backend_request(BackendRequest.IOTLB_MSG, msg.pack())
 
     def set_host_notifier(self, queue: int, fd: int | None, size: int = 0, offset: int = 0) -> None:

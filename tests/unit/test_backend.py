@@ -24,7 +24,7 @@ from tests.support import memfd, open_fds
 from vhost_min.backend import POLL_INTERVAL, Backend, Device, Server, serve
 from vhost_min.errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, NotSupportedError, ProtocolError,
                               VhostError, VirtqueueError)
-from vhost_min.memory import MAX_MEM_SLOTS, GuestMemory
+from vhost_min.memory import MAX_MEM_SLOTS, VHOST_ACCESS_RO, GuestMemory
 from vhost_min.user import (FRONTEND_REQUESTS, VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_MISS, VHOST_USER_NEED_REPLY_MASK,
                             VHOST_USER_VRING_NOFD_MASK, BackendRequest,
                             Config, Connection, DeviceState, FrontendRequest, Inflight, IotlbMsg, Log, MemoryRegion,
@@ -1519,6 +1519,17 @@ class ConformanceTests(BackendCase):
         self.assertEqual(fired(call), 1)
         self.fe.send(F.SET_VRING_CALL, VringFd(1, True).pack())     # poll mode: no fd to signal
         self.assertEqual(fired(call), 0)
+
+    def test_iotlb_miss_only_with_access_platform(self) -> None:
+        """The spec sends BACKEND_IOTLB_MSG only when VIRTIO_F_ACCESS_PLATFORM was negotiated."""
+        self.fe.negotiate()
+        channel, peer = Connection.pair(requests=BackendRequest)
+        self.addCleanup(peer.close)
+        self.fe.send(F.SET_BACKEND_REQ_FD, b"", [channel.fileno()])
+        channel.close()
+        with self.assertRaises(NotNegotiatedError):
+            self.backend.send_iotlb_msg(IotlbMsg(0x1000, 0, 0, VHOST_ACCESS_RO, VHOST_IOTLB_MISS))
+        self.assertFalse(select.select([peer.fileno()], [], [], 0)[0], "sent anyway")
 
     def test_set_vring_enable_between_set_protocol_features_and_set_features(self) -> None:
         """QEMU 7.2's vhost-user netdev enables its rings during realize, after

@@ -23,10 +23,11 @@ from vhost_min.errors import (DisconnectedError, NotNegotiatedError, NotSupporte
                               VhostError)
 from vhost_min.frontend import (FRONTEND_FEATURES, FRONTEND_PROTOCOL_FEATURES, PROBE_PROTOCOL_FEATURES, Frontend,
                                 SharedObjects, _Allocator, feature_names)
-from vhost_min.memory import GuestMemory
+from vhost_min.memory import VHOST_ACCESS_RO, GuestMemory
 from vhost_min.user import (FRONTEND_REQUESTS, U64, BackendRequest, Config, Connection, DeviceState,
                             FrontendRequest, Inflight, IotlbMsg, Listener, MemoryRegion, MemoryTable, Message,
-                            ProtocolFeature, SharedObject, ShmemConfig, ShmemMap, VringAddr, VringFd, VringState)
+                            VHOST_IOTLB_MISS, ProtocolFeature, SharedObject, ShmemConfig, ShmemMap, VringAddr, VringFd,
+                            VringState)
 from vhost_min.virtio import (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG, VirtioFeature)
 
 F = FrontendRequest
@@ -1245,6 +1246,95 @@ class TestWithOurBackend(FrontendTestCase):
                 fe.wait_call(0, timeout=0.1)
             self.assertEqual(fe.config_changes, 1)
             self.assertEqual(fe.get_config(0, 1), b"\xaa")
+
+    def test_every_backend_request_a_device_can_send(self) -> None:
+        """A device sends each back-end request (1-10) through its backend's methods; our front-end
+        acts on each: what it did is checked on the front-end side."""
+        memfd = os.memfd_create("shmem-source")
+        self.addCleanup(os.close, memfd)
+        os.ftruncate(memfd, 0x4000)
+        os.pwrite(memfd, b"from the back-end", 0x1000)
+
+        class Exporter(UpperDevice):
+            features = DEVICE_BIT | VirtioFeature.VIRTIO_F_ACCESS_PLATFORM
+
+            def get_shmem_config(self):
+                return [0x10000]
+
+            def get_shared_object(self, wanted):
+                return memfd
+
+        device, server = Exporter(), Server()
+        server.add(device, self.path)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._run_server, args=(server, stop), daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(stop.set)
+        with Frontend.connect(self.path, timeout=TIMEOUT) as fe:
+            fe.negotiate(FRONTEND_FEATURES | DEVICE_BIT | VirtioFeature.VIRTIO_F_ACCESS_PLATFORM,
+                         protocol_features=FRONTEND_PROTOCOL_FEATURES & ~P.INBAND_NOTIFICATIONS)
+            self.assertTrue(fe.protocol_features & (P.SHARED_OBJECT | P.SHMEM | P.BACKEND_SEND_FD | P.REPLY_ACK)
+                            == P.SHARED_OBJECT | P.SHMEM | P.BACKEND_SEND_FD | P.REPLY_ACK, fe.protocol_features)
+            fe.setup_memory(1 << 18)
+            fe.setup_queue(0, 16)
+            self.roundtrip(fe, 0, b"start")
+            backend = device.backend
+            iotlb: list[IotlbMsg] = []
+            fe.on_iotlb_msg = iotlb.append
+            # The front-end serves its back-end channel in a thread while the device waits for answers.
+            serving = threading.Event()
+            serving.set()
+
+            def serve_channel() -> None:
+                while serving.is_set():
+                    if select.select([fe.fileno()], [], [], 0.05)[0] and not fe.handle_backend_request():
+                        return
+            channel_thread = threading.Thread(target=serve_channel, daemon=True)
+            channel_thread.start()
+            try:
+                # 1 IOTLB_MSG: a miss reported to the front-end.
+                backend.send_iotlb_msg(IotlbMsg(0x5000, 0, 0, VHOST_ACCESS_RO, VHOST_IOTLB_MISS))
+                # 2 CONFIG_CHANGE_MSG
+                backend.notify_config_change()
+                # 3 VRING_HOST_NOTIFIER_MSG: our front-end never negotiates HOST_NOTIFIER, so the
+                # device is told before anything is sent.
+                with self.assertRaises(NotNegotiatedError):
+                    backend.set_host_notifier(0, memfd, 0x1000)
+                # 4 and 5 (in-band VRING_CALL / VRING_ERR) need INBAND_NOTIFICATIONS, not negotiated here.
+                for request in (BackendRequest.VRING_CALL, BackendRequest.VRING_ERR):
+                    with self.assertRaises(NotNegotiatedError):
+                        backend.backend_request(request, VringState(0, 0).pack())
+                # 6, 8, 7: SHARED_OBJECT add, lookup (of another exporter's object), remove.
+                mine, theirs = uuid.uuid4(), uuid.uuid4()
+                backend.shared_object_add(mine)
+                self.assertIs(fe.shared_objects.owner(mine), fe)
+                other = os.memfd_create("dmabuf")
+                os.write(other, b"an exported buffer")
+                fe.shared_objects.add_fd(theirs, other)
+                os.close(other)
+                looked_up = backend.shared_object_lookup(theirs)
+                try:
+                    self.assertEqual(os.pread(looked_up, 18, 0), b"an exported buffer")
+                finally:
+                    os.close(looked_up)
+                with self.assertRaises(VhostError) as caught:
+                    backend.shared_object_lookup(uuid.uuid4())
+                self.assertEqual(caught.exception.errno, errno.ENOENT)
+                backend.shared_object_remove(mine)
+                self.assertIsNone(fe.shared_objects.owner(mine))
+                # 9, 10: SHMEM_MAP then UNMAP of region 0.
+                backend.shmem_map(0, memfd, 0x1000, 0x2000, 0x1000, writable=False)
+                self.assertEqual(fe.shmem_mappings[(0, 0x2000)][:17], b"from the back-end")
+                with self.assertRaises(VhostError):          # the front-end refuses (REPLY_ACK non-zero)
+                    backend.shmem_map(0, memfd, 0, 0xF000, 0x2000)     # past the region's 64 KiB
+                backend.shmem_unmap(0, 0x2000, 0x1000)
+                self.assertEqual(fe.shmem_mappings, {})
+            finally:
+                serving.clear()
+                channel_thread.join(5)
+            self.assertEqual(iotlb, [IotlbMsg(0x5000, 0, 0, VHOST_ACCESS_RO, VHOST_IOTLB_MISS)])
+            self.assertEqual(fe.config_changes, 1)
 
     def test_reconnect_to_a_restarted_backend(self) -> None:
         _device, stop, thread = self.start_backend()
