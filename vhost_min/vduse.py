@@ -284,7 +284,8 @@ class VduseDevice:
     def close(self) -> None:
         """Stop the rings, drop every mapping, close the device fd and (when this object created
         the device) VDUSE_DESTROY_DEV. Raises IoctlError EBUSY, after releasing everything of
-        ours, when the vDPA device still exists (``vdpa dev del NAME`` first)."""
+        ours, when the vDPA device still exists (``vdpa dev del NAME`` first). Call it from the
+        loop's thread or after :meth:`run` returned (``stop()`` first): the loop uses these fds."""
         if self.closed:
             return
         self.closed = True

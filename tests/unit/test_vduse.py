@@ -13,6 +13,8 @@ import errno
 import os
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import unittest
 
@@ -30,6 +32,7 @@ from vhost_min.packed import PackedDriverQueue
 from vhost_min.vring import SplitDriverQueue
 
 S = DeviceStatus
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def request(kind: int, request_id: int, **fields) -> bytes:
@@ -223,6 +226,33 @@ class ArgumentTest(unittest.TestCase):
         with self.assertRaisesRegex(VhostError, "cannot open /nonexistent/control.*vduse module"):
             VduseDevice(Recorder(), "x", control="/nonexistent/control")
         self.assertEqual(open_fds(), before)
+
+
+class CommandTest(unittest.TestCase):
+    """``python3 -m vhost_min vduse-blk`` where there is no VDUSE (the kernel tier runs it for real)."""
+
+    def test_without_vduse_one_line_and_status_1(self) -> None:
+        if os.path.exists("/dev/vduse/control"):
+            self.skipTest("this machine has VDUSE: the command would create a device (the kernel tier runs it)")
+        with tempfile.TemporaryDirectory() as tmp:
+            image = os.path.join(tmp, "disk.img")
+            with open(image, "wb") as f:
+                f.truncate(1 << 20)
+            result = subprocess.run([sys.executable, "-m", "vhost_min", "vduse-blk", image], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, "vhost-min: cannot open /dev/vduse/control: No such file or directory "
+                                        "(is the vduse module loaded?)\n")
+        self.assertEqual(result.stdout, "")
+
+    def test_help_names_the_vdpa_commands(self) -> None:
+        result = subprocess.run([sys.executable, "-m", "vhost_min", "vduse-blk", "--help"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0)
+        text = " ".join(result.stdout.split())
+        for words in ("vdpa dev add mgmtdev vduse name NAME", "vdpa dev del NAME", "--read-only", "--num-queues",
+                      "--name NAME"):
+            self.assertIn(words, text)
 
 
 # --------------------------------------------------------------------------------------------
