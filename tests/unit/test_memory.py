@@ -6,9 +6,11 @@ import ctypes
 import mmap
 import os
 import struct
+import subprocess
+import tempfile
 import unittest
 
-from tests.support import memfd, open_fds, seeded_random
+from tests.support import IN_CI, memfd, open_fds, require_commands, seeded_random
 from vhost_min.errors import GuestMemoryError, VhostError
 from vhost_min.memory import (IOTLB, MAX_MEM_SLOTS, VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO,
                               DirtyLog, GuestMemory, IOTLBMiss, barriers)
@@ -270,46 +272,94 @@ class BarrierTest(unittest.TestCase):
         self.assertTrue(b.how)
 
     def test_store_buffering_litmus(self):
-        """Dekker's test across two processes: each stores its flag, full barrier, loads the other's.
-        With a real full barrier both loads can never see 0 in the same round."""
-        page = mmap.mmap(-1, 4096)
-        mem = memoryview(page)
-        full = barriers().full
-        rounds = 3000
-        u32 = struct.Struct("<I")
-        # layout: 0 flag A, 4 flag B, 8 round go (parent), 12 round ack (child), 16.. child's observations
-        pid = os.fork()
-        if pid == 0:
-            try:
-                for r in range(1, rounds + 1):
-                    while u32.unpack_from(mem, 8)[0] != r:
-                        pass
-                    u32.pack_into(mem, 4, r)
-                    full()
-                    seen = u32.unpack_from(mem, 0)[0]
-                    mem[16 + (r % 1024)] = 1 if seen == r else 0
-                    u32.pack_into(mem, 12, r)
-                os._exit(0)
-            except BaseException:
-                os._exit(1)
-        both_zero = 0
-        try:
-            for r in range(1, rounds + 1):
-                u32.pack_into(mem, 8, r)
-                u32.pack_into(mem, 0, r)
-                full()
-                parent_saw = u32.unpack_from(mem, 4)[0] == r
-                while u32.unpack_from(mem, 12)[0] != r:
-                    pass
-                if not parent_saw and not mem[16 + (r % 1024)]:
-                    both_zero += 1
-        finally:
-            _, status = os.waitpid(pid, 0)
-        self.assertEqual(status, 0)
-        self.assertEqual(both_zero, 0)
-        mem.release()
-        page.close()
+        """Dekker's store-buffering test, both sides racing from the same instant: each stores its
+        flag, calls the barrier, loads the other's flag. Under sequential consistency at least one
+        side sees the other's store; x86-64 lets a load pass an earlier store still in the store
+        buffer, so without a full barrier both can read the old value. The control run, with a
+        no-op in the barrier's place, must show that happen: it proves the test can fail."""
+        if not _X86_64:
+            self.skipTest("the litmus loop is x86-64 code (rdtsc, pause)")
+        full = barriers()
+        if not full.how.startswith("machine code"):
+            self.skipTest(f"the barrier is {full.how}, not a C function a C loop can call")
+        require_commands("gcc", install="apt-get install -y gcc")
+        with tempfile.TemporaryDirectory(prefix="vhost_min-litmus-") as tmp:
+            source, library = os.path.join(tmp, "litmus.c"), os.path.join(tmp, "litmus.so")
+            with open(source, "w") as f:
+                f.write(_LITMUS_C)
+            subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", library, source], check=True, timeout=60,
+                           capture_output=True)
+            lib = ctypes.CDLL(library)
+        lib.now.restype = ctypes.c_ulonglong
+        fence = ctypes.cast(full.full, ctypes.c_void_p).value
+        no_fence = ctypes.cast(lib.no_fence, ctypes.c_void_p).value
+        reordered = [_store_buffering(lib, no_fence) for _ in range(3)]
+        for _ in range(20):             # on a loaded machine the two sides may not run at once
+            if any(reordered):
+                break
+            reordered.append(_store_buffering(lib, no_fence))
+        if not any(reordered):
+            # Both sides never ran at the same instant (other work on every core): without a control
+            # that fails, a pass would prove nothing. In CI (nothing else running) that is a failure.
+            message = f"the no-op control showed no reordering in {len(reordered)} runs (a loaded machine?)"
+            if IN_CI:
+                self.fail(message)
+            self.skipTest(message)
+        self.assertEqual([_store_buffering(lib, fence) for _ in range(3)], [0, 0, 0])
 
+
+#: Each side waits for round r's start on the time-stamp counter (the same instant on both cores),
+#: stores r in its flag, calls ``fence``, and records whether the other flag had reached r.
+_LITMUS_C = r"""
+typedef void (*fence_fn)(void);
+void no_fence(void) {}
+static inline unsigned long long tsc(void) {
+    unsigned int lo, hi;
+    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((unsigned long long)hi << 32) | lo;
+}
+unsigned long long now(void) { return tsc(); }
+void side(unsigned long long start, unsigned long long step, volatile int *mine, volatile int *other,
+          unsigned char *saw, int rounds, fence_fn fence) {
+    for (int r = 1; r <= rounds; r++) {
+        while (tsc() < start + step * r) __asm__ __volatile__("pause");
+        *mine = r;
+        fence();
+        saw[r] = *other >= r;
+    }
+}
+"""
+
+_X86_64 = os.uname().machine == "x86_64"
+
+
+def _store_buffering(lib: ctypes.CDLL, fence: int, rounds: int = 200_000) -> int:
+    """Rounds in which both sides missed the other's store (forbidden with a full barrier)."""
+    shm = mmap.mmap(-1, 4096 + 2 * (rounds + 1))
+    base = ctypes.addressof(ctypes.c_char.from_buffer(shm))
+    flags = (base, base + 128)                  # two cache lines
+    saw = (base + 4096, base + 4096 + rounds + 1)
+    start = lib.now() + 20_000_000              # a few ms: both children are running by then
+    pids = []
+    try:
+        for side in (0, 1):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    lib.side(ctypes.c_ulonglong(start), ctypes.c_ulonglong(3000), ctypes.c_void_p(flags[side]),
+                             ctypes.c_void_p(flags[1 - side]), ctypes.c_void_p(saw[side]), rounds,
+                             ctypes.c_void_p(fence))
+                finally:
+                    os._exit(0)
+            pids.append(pid)
+    finally:
+        for pid in pids:
+            os.waitpid(pid, 0)
+    a, b = shm[4096:4096 + rounds + 1], shm[4096 + rounds + 1:4096 + 2 * (rounds + 1)]
+    missed = sum(1 for r in range(1, rounds + 1) if not a[r] and not b[r])
+    del base
+    shm.close()
+    return missed
 
 if __name__ == "__main__":
     unittest.main()
