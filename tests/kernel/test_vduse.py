@@ -18,6 +18,8 @@ In the guest, one boot:
   while the vDPA device exists is refused with EBUSY, saying what to do; the device outlives our
   fd, and a new VduseDevice on a freshly opened /dev/vduse/NAME answers the reset ``vdpa dev del``
   sends (without it the kernel waits 30 s per request and marks the device broken).
+- ``vduse_mq``: two request queues (the guest has two vCPUs): an O_DIRECT read from each vCPU is
+  served by its own ring.
 - ``vduse_unanswered``: nobody answers (msg_timeout set to 1 s, no loop running) while ``vdpa
   dev add`` probes: the kernel marks the device broken (POLLERR on its fd) and
   ``handle_requests()`` raises saying so; ``vdpa dev del`` and destroying it still work.
@@ -29,11 +31,11 @@ In the guest, one boot:
   ring, DRIVER_OK): a write lands in the image, a read returns its bytes; the kernel's
   UPDATE_IOTLB and GET_VQ_STATE requests are answered (GET_VRING_BASE returns our avail index).
 - ``vduse_cli``: ``python3 -m vhost_min vduse-blk IMAGE --name NAME --read-only --num-queues 2``
-  serves until SIGTERM: a read-only disk with two request queues (the guest has two vCPUs:
-  virtio_blk uses no more queues than CPUs) appears and reads, and after ``vdpa dev del`` SIGTERM
+  serves until SIGTERM: a read-only disk with two request queues (virtio_blk uses no more queues
+  than CPUs: hence two vCPUs) appears and reads, and after ``vdpa dev del`` SIGTERM
   ends it with status 0 and the device gone.
 
-About 33 s under TCG: the boot (~8 s) and six devices (~13 s), the kernel's own I/O (partition
+About 35 s under TCG: the boot (~8 s) and seven devices (~20 s), the kernel's own I/O (partition
 scan) included, all through Python.
 """
 
@@ -305,6 +307,51 @@ def check_vduse_create() -> dict:
             facts["node_after_fd_close"] = os.path.exists(f"/dev/vduse/{name}")
             destroy_by_name(name)
         facts["node_after_destroy"] = os.path.exists(f"/dev/vduse/{name}")
+    return facts
+
+
+def check_vduse_mq() -> dict:
+    """Two request queues: a read issued from each vCPU is served by the ring blk-mq maps it to."""
+    from vhost_min.blk import BlkDevice
+    from vhost_min.vduse import VduseDevice
+
+    class CountingBlk(BlkDevice):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.chains = [0, 0]
+
+        def handle(self, queue, readable, writable):
+            self.chains[queue] += 1
+            return super().handle(queue, readable, writable)
+
+    facts: dict = {}
+    name = "vhost-min-mq"
+    with tempfile.TemporaryDirectory() as tmp:
+        image = os.path.join(tmp, "disk.img")
+        data = random.Random(9).randbytes(2 << 20)
+        with open(image, "wb") as f:
+            f.write(data)
+        with CountingBlk(image, num_queues=2) as blk, VduseDevice(blk, name) as vd:
+            with served(vd):
+                facts["vdpa_add"] = vdpa("dev", "add", "mgmtdev", "vduse", "name", name).returncode
+                disk = wait_for("/dev/vdX", lambda: disk_of(name))
+                wait_for(f"/dev/{disk}", lambda: os.path.exists(f"/dev/{disk}"))
+                facts["mq"] = sorted(os.listdir(f"/sys/block/{disk}/mq"))
+                before = list(blk.chains)
+                facts["reads"] = []
+                cpus = os.sched_getaffinity(0)
+                try:
+                    for cpu in (0, 1):
+                        os.sched_setaffinity(0, {cpu})
+                        counted = list(blk.chains)
+                        offset = (1 + cpu) << 19
+                        ok = direct_read(f"/dev/{disk}", offset, 64 << 10) == data[offset:offset + (64 << 10)]
+                        facts["reads"].append([cpu, ok, [a - b for a, b in zip(blk.chains, counted)]])
+                finally:
+                    os.sched_setaffinity(0, cpus)
+                facts["chains_before"] = before
+                facts["rings"] = [[r.index, r.num, r.started, r.broken] for r in vd.rings]
+                facts["vdpa_del"] = vdpa("dev", "del", name).returncode
     return facts
 
 
@@ -605,7 +652,8 @@ def select_readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0.1)[0])
 
 
-CHECKS = {"vduse_blk": check_vduse_blk, "vduse_create": check_vduse_create, "vduse_cli": check_vduse_cli,
+CHECKS = {"vduse_blk": check_vduse_blk, "vduse_create": check_vduse_create, "vduse_mq": check_vduse_mq,
+          "vduse_cli": check_vduse_cli,
           "vduse_unanswered": check_vduse_unanswered, "vduse_net": check_vduse_net,
           "vduse_vhost_vdpa": check_vduse_vhost_vdpa}         # last: it unloads virtio_vdpa
 
@@ -757,6 +805,19 @@ class VduseTest(unittest.TestCase):
         self.assertEqual(statuses[:1], ["0x0"])       # the reset `vdpa dev del` sent, answered by the new fd
         self.assertIs(r["node_after_fd_close"], True)   # an fd passed in: not ours to destroy
         self.assertIs(r["node_after_destroy"], False)
+
+    # -- vduse_mq
+    def test_each_vcpu_reads_through_its_own_ring(self) -> None:
+        r = self.result("vduse_mq")
+        self.assertEqual((r["vdpa_add"], r["vdpa_del"]), (0, 0))
+        self.assertEqual(r["mq"], ["0", "1"])
+        self.assertEqual([ring[1:] for ring in r["rings"]], [[1024, True, None], [1024, True, None]])
+        (cpu0, ok0, counts0), (cpu1, ok1, counts1) = r["reads"]
+        self.assertTrue(ok0 and ok1, r["reads"])
+        # blk-mq maps CPU 0 to the first queue and CPU 1 to the second: each read used only its ring.
+        self.assertEqual((counts0[1], counts1[0]), (0, 0), r["reads"])
+        self.assertGreater(counts0[0], 0)
+        self.assertGreater(counts1[1], 0)
 
     # -- vduse_unanswered
     def test_an_unanswered_request_breaks_the_device_and_we_say_so(self) -> None:
