@@ -12,10 +12,12 @@ Life of a device (:class:`VduseDevice`):
 * Requests: the kernel writes vduse_dev_request on the device fd and waits (30 s, then the
   device is broken) for our vduse_dev_response. Every request is answered at once from the loop
   thread: SET_STATUS (features read back with VDUSE_DEV_GET_FEATURES at FEATURES_OK, rings
-  started at DRIVER_OK, everything reset at 0), GET_VQ_STATE (the next avail index), UPDATE_IOTLB
-  (our mappings of the range dropped), and any other type answered VDUSE_REQ_RESULT_FAILED.
-* Memory: ring and buffer addresses are IOVAs of the kernel's VDUSE domain (a bounce area at 0
-  and coherent allocations above it). An IOVA we have not mapped yet is looked up with
+  started at DRIVER_OK, everything reset at 0), GET_VQ_STATE (the ring's next avail index),
+  UPDATE_IOTLB (our mappings of the range dropped), and any other type answered
+  VDUSE_REQ_RESULT_FAILED.
+* Memory: ring and buffer addresses are IOVAs of the kernel's VDUSE domain: behind virtio_vdpa a
+  bounce area at 0 (64 MiB) and coherent allocations above it (the rings), behind vhost_vdpa the
+  VMM's own memory as it mapped it. An IOVA we have not mapped yet is looked up with
   VDUSE_IOTLB_GET_FD and the whole entry is mmapped from the fd it returns, into an
   :class:`~vhost_min.memory.IOTLB`; the rings and the device read and write through it.
 * Rings: at DRIVER_OK, VDUSE_VQ_GET_INFO gives each ready ring's size and IOVAs; a kick eventfd
@@ -31,6 +33,12 @@ What VDUSE refuses at creation (vduse_dev.c): devices other than blk, net (and f
 kernels), features without ACCESS_PLATFORM, and writable config space (blk's CONFIG_WCE, net's
 CTRL_VQ): those two bits are not offered here. The config space is read once, at creation;
 :meth:`VduseDevice.notify_config_change` re-reads it (VDUSE_DEV_SET_CONFIG) and tells the driver.
+
+What Debian's 6.12 kernel asked (tests/kernel/test_vduse.py): behind virtio_vdpa, SET_STATUS
+0, 1, 3, 0xb, 0xf at probe and 0 then 1 at ``vdpa dev del``, nothing else; IOTLB entries for the
+ring parts (RW, fd offset = IOVA) and the bounce area [0, 64 MiB). Behind vhost_vdpa, opening the
+node sends SET_STATUS 0, each IOTLB update an UPDATE_IOTLB of the whole space [0, 2^64 - 1], and
+GET_VRING_BASE a GET_VQ_STATE. Linux's virtio_ring takes a packed ring when offered.
 
 Event-loop agnostic like the vhost-user back-end: :meth:`VduseDevice.watched` lists the fds and
 their handlers, :meth:`VduseDevice.poll` runs rings with work left over (``poll_interval``);
