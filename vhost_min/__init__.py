@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import (DisconnectedError, GuestMemoryError, NotNegotiatedError, NotSupportedError,
+from .errors import (DisconnectedError, GuestMemoryError, IoctlError, NotNegotiatedError, NotSupportedError,
                      ProtocolError, VhostError, VirtqueueError)
 
 __version__ = "0.1.0"
@@ -24,11 +24,12 @@ _LAZY = {
     "Frontend": "frontend",
     "BlkDevice": "blk", "BlkClient": "blk",
     "VhostKernel": "ioctl", "VhostNet": "ioctl", "VhostVsock": "ioctl", "VhostScsi": "ioctl",
+    "VhostVdpa": "vdpa", "VdpaDriver": "vdpa",
     "VduseDevice": "vduse",
 }
 
 __all__ = ["VhostError", "GuestMemoryError", "VirtqueueError", "ProtocolError", "NotNegotiatedError",
-           "NotSupportedError", "DisconnectedError", *_LAZY]
+           "NotSupportedError", "DisconnectedError", "IoctlError", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -1336,6 +1336,47 @@ class TestWithOurBackend(FrontendTestCase):
             self.assertEqual(iotlb, [IotlbMsg(0x5000, 0, 0, VHOST_ACCESS_RO, VHOST_IOTLB_MISS)])
             self.assertEqual(fe.config_changes, 1)
 
+    def test_the_bring_up_routine_of_kernel_vhost_and_vdpa_drives_vhost_user_too(self) -> None:
+        """One interface for the three dataplanes: the kernel tier's start_dataplane (run there over
+        VhostNet, VhostVsock, VhostScsi and VhostVdpa) brings our back-end up through Frontend, and
+        chains then flow on rings from our driver side in memory the routine handed over."""
+        from tests.kernel.test_kernel_vhost import Ring, start_dataplane
+        from vhost_min.memory import address_of
+        from vhost_min.vring import SplitDriverQueue
+        self.start_backend()
+        size = 1 << 20
+        fd = os.memfd_create("dataplane-routine", os.MFD_CLOEXEC)
+        self.addCleanup(os.close, fd)
+        os.ftruncate(fd, size)
+        memory = GuestMemory()
+        self.addCleanup(memory.clear)
+        view = memory.add_region(0x100000, size, fd=fd).view
+        region = MemoryRegion(0x100000, size, address_of(view), 0)
+        rings, kicks = [], []
+        for index in range(2):
+            parts = SplitDriverQueue.layout(16, 0x100000 + index * 0x10000)
+            queue = SplitDriverQueue(memory, 16, parts["desc"], parts["driver"], parts["device"])
+            kick, call = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.addCleanup(os.close, kick)
+            self.addCleanup(os.close, call)
+            rings.append(Ring(index, queue, kick, call))
+        with Frontend.connect(self.path, timeout=TIMEOUT) as fe:
+            wanted = VirtioFeature.VIRTIO_F_VERSION_1 | DEVICE_BIT | VHOST_USER_F_PROTOCOL_FEATURES
+            self.assertEqual(start_dataplane(fe, [region], rings, wanted, fds=[fd]), wanted)
+            for ring in rings:
+                src, dst = 0x180000 + ring.index * 0x1000, 0x1A0000 + ring.index * 0x1000
+                memory.write(src, b"ring %d" % ring.index)
+                ring.queue.add([(src, 6)], [(dst, 6)], token=ring.index)
+                ring.queue.publish()
+                os.eventfd_write(ring.kick, 1)
+                used, deadline = [], time.monotonic() + TIMEOUT
+                while not used and select.select([ring.call], [], [], deadline - time.monotonic())[0]:
+                    os.eventfd_read(ring.call)      # the first may be SET_VRING_CALL's own signal
+                    used = ring.queue.reap()
+                self.assertEqual(used, [(ring.index, 6)])
+                self.assertEqual(memory.read(dst, 6), b"RING %d" % ring.index)
+            self.assertEqual(fe.get_vring_base(1).num, 1)
+
     def test_reconnect_to_a_restarted_backend(self) -> None:
         _device, stop, thread = self.start_backend()
         fe = Frontend.connect(self.path, timeout=TIMEOUT)
