@@ -27,9 +27,9 @@ In the guest, one boot:
   frame): virtio_net makes eth0 with our MAC; a frame sent on it comes out of our TX ring byte for
   byte and its echo is received through our RX ring.
 - ``vduse_vhost_vdpa``: the same device bound to vhost_vdpa (virtio_vdpa unloaded first) and
-  driven from the guest process as a VMM would (owner, features, status, IOTLB update of a memfd,
-  ring, DRIVER_OK): a write lands in the image, a read returns its bytes; the kernel's
-  UPDATE_IOTLB and GET_VQ_STATE requests are answered (GET_VRING_BASE returns our avail index).
+  driven by the package's own userspace driver (vdpa.VdpaDriver) as a VMM would: a write lands in
+  the image, a read returns its bytes; the kernel's UPDATE_IOTLB and GET_VQ_STATE requests are
+  answered (GET_VRING_BASE returns our avail index).
 - ``vduse_cli``: ``python3 -m vhost_min vduse-blk IMAGE --name NAME --read-only --num-queues 2``
   serves until SIGTERM: a read-only disk with two request queues (virtio_blk uses no more queues
   than CPUs: hence two vCPUs) appears and reads, and after ``vdpa dev del`` SIGTERM
@@ -429,107 +429,48 @@ def check_vduse_unanswered() -> dict:
 
 
 def check_vduse_vhost_vdpa() -> dict:
-    """Our VDUSE blk device bound to vhost_vdpa and driven from this process as a VMM would: the
-    vhost-vdpa IOTLB update reaches us as UPDATE_IOTLB (the memfd behind it comes back from
-    VDUSE_IOTLB_GET_FD), GET_VRING_BASE as GET_VQ_STATE; a write and a read go through the ring."""
-    import ctypes
+    """Our VDUSE blk device bound to vhost_vdpa and driven by vdpa.VdpaDriver, the package's
+    userspace virtio driver, as a VMM would: both ends of the kernel's vDPA bus in Python. The
+    IOTLB batch reaches us as UPDATE_IOTLB (the driver's memfd comes back from VDUSE_IOTLB_GET_FD),
+    GET_VRING_BASE as GET_VQ_STATE; a write and a read go through the ring."""
     import struct
     from vhost_min.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BlkDevice
-    from vhost_min.ioctl import (VHOST_BACKEND_F_IOTLB_MSG_V2, VhostIoctl, VhostKernel, ioctl, vhost_vdpa_config,
-                                 vhost_vring_state)
-    from vhost_min.memory import VHOST_ACCESS_RW, GuestMemory, address_of
-    from vhost_min.user import VHOST_IOTLB_UPDATE, IotlbMsg, VringAddr
+    from vhost_min.vdpa import VdpaDriver
     from vhost_min.vduse import VduseDevice
-    from vhost_min.virtio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, DeviceStatus as S
-    from vhost_min.vring import SplitDriverQueue
 
     facts: dict = {}
     # New vDPA devices bind to the first vdpa driver registered: make it vhost_vdpa.
     facts["rmmod_virtio_vdpa"] = subprocess.run(["rmmod", "virtio_vdpa"], capture_output=True).returncode
     facts["modprobe_vhost_vdpa"] = subprocess.run(["modprobe", "vhost_vdpa"], capture_output=True).returncode
     name = "vhost-min-vduse3"
-    size, queue = 1 << 20, 64
     with tempfile.TemporaryDirectory() as tmp:
         image = os.path.join(tmp, "disk.img")
         marker = random.Random(3).randbytes(SECTOR)
         with open(image, "wb") as f:
             f.write(marker)
             f.truncate(2 << 20)
-        with BlkDevice(image) as blk, VduseDevice(blk, name) as vd, contextlib.ExitStack() as stack:
+        with BlkDevice(image) as blk, VduseDevice(blk, name) as vd:
             with served(vd):
                 facts["vdpa_add"] = vdpa("dev", "add", "mgmtdev", "vduse", "name", name).returncode
                 found = wait_for("/dev/vhost-vdpa-N", lambda: glob.glob(f"/sys/bus/vdpa/devices/{name}/vhost-vdpa-*"))
                 node = "/dev/" + os.path.basename(found[0])
                 wait_for(node, lambda: os.path.exists(node))
                 facts["driver"] = os.path.basename(os.readlink(f"/sys/bus/vdpa/devices/{name}/driver"))
-                dev = VhostKernel(node)             # opening resets the device: SET_STATUS 0, answered
-                stack.callback(dev.close)
-                fd = dev.fileno()
-
-                def set_status(value: int) -> None:
-                    ioctl(fd, VhostIoctl.VHOST_VDPA_SET_STATUS, ctypes.c_uint8(value))
-
-                device_id = ctypes.c_uint32()
-                ioctl(fd, VhostIoctl.VHOST_VDPA_GET_DEVICE_ID, device_id)
-                facts["device_id"] = device_id.value
-                dev.set_owner()
-                offered = dev.get_features()
-                dev.set_backend_features(int(dev.get_backend_features()) & VHOST_BACKEND_F_IOTLB_MSG_V2)
-                set_status(S.ACKNOWLEDGE | S.DRIVER)
-                features = offered & (VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM | VIRTIO_BLK_F_FLUSH)
-                dev.set_features(features)
-                set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
-                facts["features"] = [offered, features]
-                config = (ctypes.c_char * (ctypes.sizeof(vhost_vdpa_config) + 8))()
-                vhost_vdpa_config.from_buffer(config).len = 8
-                ioctl(fd, VhostIoctl.VHOST_VDPA_GET_CONFIG, config)
-                facts["capacity"] = int.from_bytes(bytes(config)[8:16], "little")
-
-                # Our "guest memory": a memfd, mapped here, IOVA = offset.
-                mem_fd = os.memfd_create("vhost-min-vdpa-driver", os.MFD_CLOEXEC)
-                os.ftruncate(mem_fd, size)
-                memory = GuestMemory()
-                view = memory.add_region(0, size, fd=mem_fd).view
-                os.close(mem_fd)
-                stack.callback(memory.clear)
-                dev.send_iotlb_msg(IotlbMsg(0, size, address_of(view), VHOST_ACCESS_RW, VHOST_IOTLB_UPDATE))
-                parts = SplitDriverQueue.layout(queue, 0)
-                ring = SplitDriverQueue(memory, queue, parts["desc"], parts["driver"], parts["device"])
-                kick, call = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2))
-                stack.callback(os.close, kick)
-                stack.callback(os.close, call)
-                dev.set_vring_num(0, queue)
-                dev.set_vring_addr(VringAddr(0, 0, parts["desc"], parts["device"], parts["driver"], 0))
-                dev.set_vring_base(0, 0)
-                dev.set_vring_kick(0, kick)
-                dev.set_vring_call(0, call)
-                ioctl(fd, VhostIoctl.VHOST_VDPA_SET_VRING_ENABLE, vhost_vring_state(0, 1))
-                set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
-
-                def request(kind: int, sector: int, data: bytes = b"", read: int = 0) -> tuple[int, bytes]:
-                    hdr, buf, status = 0x10000, 0x11000, 0x20000
-                    memory.write(hdr, struct.pack("<IIQ", kind, 0, sector))
-                    memory.write(buf, data)
-                    memory.write(status, b"\xff")
-                    out = [(hdr, 16)] + ([(buf, len(data))] if data else [])
-                    ring.add(out, ([(buf, read)] if read else []) + [(status, 1)])
-                    ring.publish()
-                    os.eventfd_write(kick, 1)
-                    while not ring.reap():
-                        wait_for("the call eventfd", lambda: select_readable(call), timeout=WAIT)
-                        with contextlib.suppress(BlockingIOError):
-                            os.eventfd_read(call)
-                    return memory.read(status, 1)[0], memory.read(buf, read)
-
-                pattern = random.Random(4).randbytes(4096)
-                facts["write_status"] = request(VIRTIO_BLK_T_OUT, 16, pattern)[0]
-                with open(image, "rb") as f:
-                    facts["pattern_in_image"] = os.pread(f.fileno(), 4096, 16 * SECTOR) == pattern
-                status, data = request(VIRTIO_BLK_T_IN, 0, read=SECTOR)
-                facts["read"] = [status, data == marker]
-                facts["vring_base"] = dev.get_vring_base(0).num     # GET_VQ_STATE, answered by us
-                set_status(0)
-                stack.close()                       # release vhost-vdpa (the kernel resets it once more)
+                with VdpaDriver(node, VIRTIO_BLK_F_FLUSH, [0], queue_size=64) as driver:
+                    facts["device_id"] = driver.device_id
+                    facts["features"] = [driver.offered, driver.features]
+                    facts["backend_features"] = int(driver.backend_features)
+                    facts["capacity"] = int.from_bytes(driver.config(0, 8), "little")
+                    pattern = random.Random(4).randbytes(4096)
+                    written, (status,) = driver.request(0, [struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 16), pattern],
+                                                        [1])
+                    facts["write"] = [written, status.hex()]
+                    with open(image, "rb") as f:
+                        facts["pattern_in_image"] = os.pread(f.fileno(), 4096, 16 * SECTOR) == pattern
+                    read, (data, status) = driver.request(0, [struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0)],
+                                                          [SECTOR, 1])
+                    facts["read"] = [read, status.hex(), data == marker]
+                    facts["vring_base"] = driver.device.get_vring_base(0).num    # GET_VQ_STATE, answered by us
                 facts["vdpa_del"] = vdpa("dev", "del", name).returncode
             facts["history"] = [list(map(str, entry)) for entry in vd.history]
             facts["last_error"] = repr(vd.last_error) if vd.last_error else None
@@ -852,7 +793,7 @@ class VduseTest(unittest.TestCase):
         self.assertEqual((r["vdpa_del"], r["last_error"], r["node_after"]), (0, None, False))
 
     # -- vduse_vhost_vdpa
-    def test_vhost_vdpa_drives_our_device_like_a_vmm(self) -> None:
+    def test_vdpa_driver_drives_our_device_through_vhost_vdpa(self) -> None:
         from vhost_min.virtio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1
         r = self.result("vduse_vhost_vdpa")
         self.assertEqual((r["rmmod_virtio_vdpa"], r["modprobe_vhost_vdpa"], r["vdpa_add"]), (0, 0, 0))
@@ -861,9 +802,9 @@ class VduseTest(unittest.TestCase):
         self.assertEqual(offered, self.result("vduse_blk")["device_features"])
         self.assertTrue(taken & VIRTIO_F_VERSION_1 and taken & VIRTIO_F_ACCESS_PLATFORM)
         self.assertEqual(r["capacity"], (2 << 20) // SECTOR)        # VHOST_VDPA_GET_CONFIG: our config space
-        self.assertEqual(r["write_status"], 0)
+        self.assertEqual(r["write"], [1, "00"])                     # used length: the status byte; S_OK
         self.assertIs(r["pattern_in_image"], True)
-        self.assertEqual(r["read"], [0, True])
+        self.assertEqual(r["read"], [SECTOR + 1, "00", True])
         self.assertIsNone(r["last_error"])
         self.assertEqual(r["vdpa_del"], 0)
         self.assertIs(r["node_after"], False)
@@ -871,11 +812,12 @@ class VduseTest(unittest.TestCase):
     def test_vhost_vdpa_sends_update_iotlb_and_get_vq_state(self) -> None:
         r = self.result("vduse_vhost_vdpa")
         kinds = [e[0] for e in r["history"]]
-        # The IOTLB update of vhost-vdpa reaches us as UPDATE_IOTLB of the whole space, before DRIVER_OK...
+        # The driver's IOTLB batch reaches us as UPDATE_IOTLB of the whole space, before DRIVER_OK...
         self.assertIn(["VDUSE_UPDATE_IOTLB", "0x0-0xffffffffffffffff", "OK"], r["history"])
         self.assertLess(kinds.index("VDUSE_UPDATE_IOTLB"), r["history"].index(["VDUSE_SET_STATUS", "0xf", "OK"]))
-        # ...and VDUSE_IOTLB_GET_FD then gives the driver's memfd: the 1 MiB it mapped, read-write, offset 0.
-        self.assertIn(["IOTLB_GET_FD", "0", str((1 << 20) - 1), "3", "0"], r["history"])
+        # ...and VDUSE_IOTLB_GET_FD then gives the driver's memfd: the 1 MiB it mapped, read-write.
+        fetched = [tuple(map(int, e[1:])) for e in r["history"] if e[0] == "IOTLB_GET_FD"]
+        self.assertEqual([(last - start + 1, perm) for start, last, perm, _ in fetched], [(1 << 20, 3)])
         # GET_VRING_BASE is our GET_VQ_STATE answer: two requests consumed.
         self.assertIn(["VDUSE_GET_VQ_STATE", "0", "OK"], r["history"])
         self.assertEqual(r["vring_base"], 2)
