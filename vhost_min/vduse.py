@@ -226,6 +226,13 @@ class VduseDevice:
     def __enter__(self) -> VduseDevice:
         return self
 
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            try:
+                self.close()
+            except OSError:
+                pass
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 

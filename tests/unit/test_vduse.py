@@ -189,6 +189,15 @@ class RequestTest(unittest.TestCase):
         with VduseDevice(Recorder(), "split", packed=False, fd=kernel.fd) as split:
             self.assertEqual(split.device_features, offered & ~VIRTIO_F_RING_PACKED)
 
+    def test_a_forgotten_device_releases_its_fds(self) -> None:
+        kernel = Kernel()
+        self.addCleanup(kernel.close)
+        before = open_fds()
+        VduseDevice(Recorder(), "forgotten", fd=os.dup(kernel.fd))     # device and transport both dropped
+        import gc
+        gc.collect()                                                   # (they refer to each other)
+        self.assertEqual(open_fds(), before)
+
     def test_close_owns_the_fd(self) -> None:
         fd = self.vd.fileno()
         self.assertFalse(os.get_blocking(fd))
