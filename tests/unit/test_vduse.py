@@ -8,7 +8,6 @@ The real kernel is in tests/kernel/test_vduse.py.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
