@@ -1,6 +1,6 @@
 """vhost_min: the vhost dataplanes of Linux virtualization in pure Python.
 
-Kernel vhost (``ioctl``), vhost-user (``user``), vDPA (``vdpa``) and VDUSE (``vduse``), and the virtqueue
+Kernel vhost (``ioctl``), vhost-user (``user``), vDPA and VDUSE (``vdpa``), and the virtqueue
 engine they share (``vring`` for split rings, ``packed`` for packed rings, ``memory`` for guest
 memory). Standard library only; submodules load on first use so ``import vhost_min`` stays cheap.
 """
@@ -25,7 +25,7 @@ _LAZY = {
     "BlkDevice": "blk", "BlkClient": "blk",
     "VhostKernel": "ioctl", "VhostNet": "ioctl", "VhostVsock": "ioctl", "VhostScsi": "ioctl",
     "VhostVdpa": "vdpa", "VdpaDriver": "vdpa",
-    "VduseDevice": "vduse",
+    "VduseDevice": "vdpa",
 }
 
 __all__ = ["VhostError", "GuestMemoryError", "VirtqueueError", "ProtocolError", "NotNegotiatedError",

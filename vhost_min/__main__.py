@@ -195,7 +195,7 @@ def cmd_blk(args: argparse.Namespace) -> int:
 def cmd_vduse_blk(args: argparse.Namespace) -> int:
     """Serve a raw image as the VDUSE virtio-blk device NAME until SIGTERM (0) or SIGINT (130)."""
     from .blk import SECTOR_SIZE, BlkDevice
-    from .vduse import VduseDevice
+    from .vdpa import VduseDevice
 
     device: VduseDevice | None = None
     got: list[int] = []

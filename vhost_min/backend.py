@@ -91,7 +91,7 @@ from .virtio import (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRIN
                      VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
                      VIRTQ_MAX_SIZE, DeviceStatus, misaligned_ring_part, ring_sizes)
 from . import inflight as _inflight
-from .device import Device
+from .device import Completions, Device
 from .packed import PackedDeviceQueue, decode_base, encode_base
 from .vring import SplitDeviceQueue
 
@@ -282,9 +282,7 @@ class Backend:
             ring.on_kick = functools.partial(self._on_kick_fd, ring)
         self._socket_handler = self._on_socket      # one object, so attach() sees no change
         # Chains asynchronous devices completed in other threads (post_used), pushed by the loop.
-        self._posted: dict[int, list[tuple[int, int]]] = {}
-        self._posted_lock = threading.Lock()
-        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._completions = Completions()
         self._wake_handler = self._on_wake
         device.backend = self
 
@@ -315,7 +313,7 @@ class Backend:
         call when it is readable. Empty once closed."""
         if self.closed:
             return {}
-        fds = {self.connection.fileno(): self._socket_handler, self._wake_fd: self._wake_handler}
+        fds = {self.connection.fileno(): self._socket_handler, self._completions.fd: self._wake_handler}
         for ring in self.rings:
             if ring.kick_fd is not None:
                 fds[ring.kick_fd] = ring.on_kick
@@ -506,10 +504,7 @@ class Backend:
         for ring in self.rings:
             if ring.started or (ring.queue is not None and ring.queue.in_flight):
                 self._stop(ring)
-        with self._posted_lock:
-            self._posted.clear()
-            _close(self._wake_fd)
-            self._wake_fd = -1
+        self._completions.close()
         try:
             self.device.reset()
         except Exception:   # noqa: BLE001
@@ -607,28 +602,15 @@ class Backend:
         if it wants it (device.py describes the contract). Ignored once the backend is closed."""
         if not 0 <= queue < len(self.rings):
             raise ValueError(f"queue {queue} does not exist ({len(self.rings)} queues)")
-        with self._posted_lock:
-            if self._wake_fd < 0:
-                return
-            self._posted.setdefault(queue, []).extend(done)
-            os.eventfd_write(self._wake_fd, 1)
+        self._completions.post(queue, done)
 
     def _on_wake(self) -> None:
-        try:
-            os.eventfd_read(self._wake_fd)
-        except OSError:
-            pass
+        self._completions.woken()
         self._push_posted()
 
     def _push_posted(self, queue: int | None = None) -> None:
         """Push what devices posted (for one queue, or all), one batch and one signal per ring."""
-        with self._posted_lock:
-            if queue is None:
-                posted, self._posted = self._posted, {}
-            else:
-                done = self._posted.pop(queue, None)
-                posted = {queue: done} if done else {}
-        for index, done in posted.items():
+        for index, done in self._completions.take(queue).items():
             ring = self.rings[index]
             vq = ring.queue
             if vq is None:
@@ -640,8 +622,7 @@ class Backend:
             except IOTLBMiss as miss:
                 # The used ring's pages were invalidated while the device held these chains (a
                 # vIOMMU flush): keep them, ask for the pages, push when the update comes.
-                with self._posted_lock:
-                    self._posted[index] = done + self._posted.get(index, [])
+                self._completions.put_back(index, done)
                 self._iotlb_miss(ring, miss)
                 continue
             except VhostError as exc:

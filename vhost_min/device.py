@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import threading
 from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
 from .errors import NotSupportedError, VhostError
 
-__all__ = ["Device"]
+__all__ = ["Device", "Completions"]
 
 log = logging.getLogger("vhost_min.device")
 
@@ -185,3 +187,62 @@ class Device:
     def get_shmem_config(self) -> Sequence[int]:
         """VHOST_USER_GET_SHMEM_CONFIG: shared memory region sizes, indexed by shmid (0 = unused)."""
         raise NotSupportedError(f"{type(self).__name__} has no shared memory regions")
+
+
+class Completions:
+    """Chains an asynchronous device completed on other threads, waiting for the transport's loop
+    thread (the ``post_used`` half of the contract above): :meth:`post` from any thread wakes the
+    loop through :attr:`fd`, which calls :meth:`take` to push them, one batch per queue. The
+    vhost-user back-end and VDUSE share it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._posted: dict[int, list[tuple[int, int]]] = {}
+        #: The eventfd the loop watches (-1 once closed).
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    def post(self, queue: int, done: Sequence[tuple[int, int]]) -> None:
+        """Thread-safe: (head, bytes written) of ``queue``; ignored once closed."""
+        with self._lock:
+            if self.fd < 0:
+                return
+            self._posted.setdefault(queue, []).extend(done)
+            os.eventfd_write(self.fd, 1)
+
+    def wake(self) -> None:
+        """Thread- and signal-safe: make the loop look (a stop request, say)."""
+        with self._lock:
+            if self.fd >= 0:
+                os.eventfd_write(self.fd, 1)
+
+    def woken(self) -> None:
+        """The loop saw :attr:`fd` readable: reset it (then :meth:`take`)."""
+        try:
+            os.eventfd_read(self.fd)
+        except OSError:
+            pass
+
+    def take(self, queue: int | None = None) -> dict[int, list[tuple[int, int]]]:
+        """What was posted, for one queue or all, removed: queue -> its chains in posting order."""
+        with self._lock:
+            if queue is None:
+                posted, self._posted = self._posted, {}
+                return posted
+            done = self._posted.pop(queue, None)
+            return {queue: done} if done else {}
+
+    def put_back(self, queue: int, done: list[tuple[int, int]]) -> None:
+        """Return chains :meth:`take` gave, ahead of anything posted since (a push that must wait)."""
+        with self._lock:
+            self._posted[queue] = done + self._posted.get(queue, [])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._posted.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._posted.clear()
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)

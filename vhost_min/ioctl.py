@@ -827,7 +827,7 @@ __all__ = [
 # VDUSE: the ABI of linux/vduse.h (a userspace program being a vDPA device), defined once.
 # /dev/vduse/control creates and destroys devices; /dev/vduse/NAME carries the kernel's requests
 # (read vduse_dev_request, write vduse_dev_response) and the per-device ioctls. The device
-# itself is vhost_min/vduse.py.
+# itself is vhost_min/vdpa.py.
 # ============================================================================================
 
 VDUSE_BASE = 0x81                   #: the ioctl type ("magic") of every VDUSE ioctl

@@ -1,4 +1,4 @@
-"""VDUSE for real (vhost_min.vduse), inside a QEMU guest booting Debian's 6.12 kernel: our Python
+"""VDUSE for real (vhost_min.vdpa), inside a QEMU guest booting Debian's 6.12 kernel: our Python
 virtio-blk device (BlkDevice, the very code the vhost-user back-end serves) becomes a kernel block
 device through vDPA.
 
@@ -151,7 +151,7 @@ def resizable_blk(image: str):
 
 
 def check_vduse_blk() -> dict:
-    from vhost_min.vduse import VduseDevice
+    from vhost_min.vdpa import VduseDevice
 
     name = "vhost-min-vduse0"
     rng = random.Random(20261203)
@@ -267,7 +267,7 @@ def check_vduse_create() -> dict:
     """A taken name, closing while attached (EBUSY), and serving the device again from a new fd."""
     from vhost_min.blk import BlkDevice
     from vhost_min.errors import IoctlError
-    from vhost_min.vduse import VduseDevice
+    from vhost_min.vdpa import VduseDevice
 
     facts: dict = {}
     name = "vhost-min-vduse1"
@@ -313,7 +313,7 @@ def check_vduse_create() -> dict:
 def check_vduse_mq() -> dict:
     """Two request queues: a read issued from each vCPU is served by the ring blk-mq maps it to."""
     from vhost_min.blk import BlkDevice
-    from vhost_min.vduse import VduseDevice
+    from vhost_min.vdpa import VduseDevice
 
     class CountingBlk(BlkDevice):
         def __init__(self, *args, **kwargs) -> None:
@@ -398,7 +398,7 @@ def check_vduse_unanswered() -> dict:
     loop runs. The device is marked broken; handle_requests() says so instead of spinning."""
     from vhost_min.blk import BlkDevice
     from vhost_min.errors import VhostError
-    from vhost_min.vduse import VduseDevice
+    from vhost_min.vdpa import VduseDevice
 
     facts: dict = {}
     name = "vhost-min-vduse2"
@@ -436,7 +436,7 @@ def check_vduse_vhost_vdpa() -> dict:
     import struct
     from vhost_min.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BlkDevice
     from vhost_min.vdpa import VdpaDriver
-    from vhost_min.vduse import VduseDevice
+    from vhost_min.vdpa import VduseDevice
 
     facts: dict = {}
     # New vDPA devices bind to the first vdpa driver registered: make it vhost_vdpa.
@@ -548,7 +548,7 @@ def check_vduse_net() -> dict:
     """A net device over VDUSE: virtio_net makes an interface of it; a frame sent on the interface
     comes out of our TX ring byte for byte, and its echo arrives back through our RX ring."""
     import socket
-    from vhost_min.vduse import VduseDevice
+    from vhost_min.vdpa import VduseDevice
 
     facts: dict = {}
     name = "vhost-min-net0"

@@ -769,7 +769,7 @@ class RingStateTests(BackendCase):
         self.assertEqual(self.backend.features, 0)
         self.assertIn(("reset",), self.device.events)
         self.assertEqual(len(self.backend.memory.regions), 1)      # the connection's memory stays
-        self.assertEqual(set(self.backend.watched()), {self.backend.fileno(), self.backend._wake_fd})   # no kick fd
+        self.assertEqual(set(self.backend.watched()), {self.backend.fileno(), self.backend._completions.fd})   # no kick fd
 
     def test_reset_owner_disables_rings(self) -> None:
         ring = self.ring(0)

@@ -1,4 +1,4 @@
-"""VDUSE without the kernel (vhost_min.vduse): a SEQPACKET socket pair stands in for the device fd,
+"""VDUSE without the kernel (vhost_min.vdpa): a SEQPACKET socket pair stands in for the device fd,
 so the kernel's side writes requests and reads our responses exactly as read()/write() on
 /dev/vduse/NAME carry them; a fake of the per-device ioctls (the smbus2 way: the call replaced,
 the rest real) lets the data path run end to end over a memfd playing the VDUSE domain.
@@ -24,7 +24,7 @@ from vhost_min.errors import IoctlError, ProtocolError, VhostError
 from vhost_min.ioctl import (VDUSE_ACCESS_RW, VDUSE_REQ_RESULT_FAILED, VDUSE_REQ_RESULT_OK, VduseIoctl, VduseReqType,
                              vduse_dev_request, vduse_dev_response)
 from vhost_min.memory import GuestMemory
-from vhost_min.vduse import REQUEST_SIZE, RESPONSE_SIZE, VduseDevice, check_name
+from vhost_min.vdpa import REQUEST_SIZE, RESPONSE_SIZE, VduseDevice, check_name
 from vhost_min.virtio import (VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
                               DeviceStatus)
 from vhost_min.packed import PackedDriverQueue
@@ -121,7 +121,7 @@ class RequestTest(unittest.TestCase):
         self.assertEqual(self.device.calls[-2:], [("set_status", 0), ("reset",)])
 
     def test_unknown_request_type_answered_failed(self) -> None:
-        with self.assertLogs("vhost_min.vduse", "WARNING") as logs:
+        with self.assertLogs("vhost_min.vdpa", "WARNING") as logs:
             resp = self.kernel.ask(self.vd, request(77, 1234))
         self.assertEqual((resp.request_id, resp.result), (1234, VDUSE_REQ_RESULT_FAILED))
         self.assertIn("request type 77 (id 1234) is unknown: answered VDUSE_REQ_RESULT_FAILED", logs.output[0])
@@ -132,7 +132,7 @@ class RequestTest(unittest.TestCase):
             self.vd.handle_request(bytes(10))
         errors = []
         self.vd.on_error = errors.append
-        with self.assertLogs("vhost_min.vduse", "ERROR"):
+        with self.assertLogs("vhost_min.vdpa", "ERROR"):
             self.assertIsNone(self.kernel.ask(self.vd, bytes(10)))          # nothing to answer it with
         self.assertIsInstance(self.vd.last_error, ProtocolError)
         self.assertEqual(len(errors), 1)
@@ -144,7 +144,7 @@ class RequestTest(unittest.TestCase):
     def test_a_failing_step_answers_failed_and_keeps_the_status(self) -> None:
         # FEATURES_OK reads the driver's features with VDUSE_DEV_GET_FEATURES: a socket says ENOTTY.
         self.kernel.ask(self.vd, request(VduseReqType.VDUSE_SET_STATUS, 1, status=S.ACKNOWLEDGE | S.DRIVER))
-        with self.assertLogs("vhost_min.vduse", "ERROR") as logs:
+        with self.assertLogs("vhost_min.vdpa", "ERROR") as logs:
             resp = self.kernel.ask(self.vd, request(VduseReqType.VDUSE_SET_STATUS, 2,
                                                     status=S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK))
         self.assertIn("VDUSE_SET_STATUS 0xb failed, answered VDUSE_REQ_RESULT_FAILED", logs.output[0])
@@ -160,7 +160,7 @@ class RequestTest(unittest.TestCase):
         self.vd.rings[0].base = 0x1234
         resp = self.kernel.ask(self.vd, request(VduseReqType.VDUSE_GET_VQ_STATE, 4, index=0))
         self.assertEqual(resp.vq_state.split.avail_index, 0x1234)
-        with self.assertLogs("vhost_min.vduse", "ERROR"):
+        with self.assertLogs("vhost_min.vdpa", "ERROR"):
             resp = self.kernel.ask(self.vd, request(VduseReqType.VDUSE_GET_VQ_STATE, 5, index=9))
         self.assertEqual(resp.result, VDUSE_REQ_RESULT_FAILED)
 
@@ -173,7 +173,7 @@ class RequestTest(unittest.TestCase):
         self.vd.iotlb.segments(0x1000, 0x1000)                   # still there
         resp = self.kernel.ask(self.vd, request(VduseReqType.VDUSE_UPDATE_IOTLB, 7, start=0, last=(1 << 64) - 1))
         self.assertEqual((resp.result, len(self.vd.iotlb)), (VDUSE_REQ_RESULT_OK, 0))
-        with self.assertLogs("vhost_min.vduse", "ERROR"):
+        with self.assertLogs("vhost_min.vdpa", "ERROR"):
             resp = self.kernel.ask(self.vd, request(VduseReqType.VDUSE_UPDATE_IOTLB, 8, start=0x2000, last=0x1000))
         self.assertEqual(resp.result, VDUSE_REQ_RESULT_FAILED)
 
@@ -430,7 +430,7 @@ class DataPathTest(unittest.TestCase):
         self.ring["desc"] = DOMAIN + 0x1000                      # outside the domain: GET_FD says EINVAL
         self.bring_up()
         os.eventfd_write(self.fake.kick_fd, 1)
-        with self.assertLogs("vhost_min.vduse", "ERROR"):
+        with self.assertLogs("vhost_min.vdpa", "ERROR"):
             self.vd.watched()[self.fake.kick_fd]()
         self.assertIn("not mapped", self.vd.rings[0].broken)
         resp = self.kernel.ask(self.vd, request(VduseReqType.VDUSE_SET_STATUS, 30, status=0))
