@@ -30,18 +30,17 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import json
 import os
 import select
 import socket
 import struct
 import subprocess
 import sys
-import traceback
 import unittest
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
+from tests.kernel import GuestChecks, run_checks
 from vhost_min.dataplane import Dataplane
 from vhost_min.errors import IoctlError, NotSupportedError
 from vhost_min.ioctl import (VHOST_BACKEND_F_IOTLB_MSG_V2, VHOST_FORK_OWNER_KTHREAD, VHOST_FORK_OWNER_TASK,
@@ -559,53 +558,24 @@ CHECKS: dict[str, Callable[[], dict]] = {
 
 
 def run_in_guest() -> int:
-    """Run every check, one JSON line each: ``{"check": name, "result": {...}}`` or ``"error"``."""
-    for name, check in CHECKS.items():
-        try:
-            line = {"check": name, "result": check()}
-        except Exception:                      # reported to the host test, which fails on it
-            line = {"check": name, "error": traceback.format_exc()}
-        print(json.dumps(line), flush=True)
-    return 0
+    return run_checks(CHECKS)
 
 
 # --------------------------------------------------------------------------------------------
 # The host side
 # --------------------------------------------------------------------------------------------
 
-class KernelVhostTest(unittest.TestCase):
-    results: dict[str, dict]
+class KernelVhostTest(GuestChecks, unittest.TestCase):
+    CHECKS = CHECKS
 
     @classmethod
     def setUpClass(cls) -> None:
-        from tests import guest
-        guest.require_guest()
-        cls.run_result = guest.Guest(modules=GUEST_MODULES).run(
-            "exec python3 -m tests.kernel.test_kernel_vhost --in-guest",
-            timeout=150)
-        cls.results = {}
-        for line in cls.run_result.stdout.splitlines():
-            if line.startswith("{"):
-                entry = json.loads(line)
-                cls.results[entry["check"]] = entry
-
-    def result(self, name: str) -> dict:
-        entry = self.results.get(name)
-        if entry is None:
-            self.fail(f"the guest reported nothing for {name} (status {self.run_result.status}):\n"
-                      f"{self.run_result.output}\n--- console tail:\n{self.run_result.console[-3000:]}")
-        if "error" in entry:
-            self.fail(f"{name} failed in the guest:\n{entry['error']}")
-        return entry["result"]
+        cls.boot("exec python3 -m tests.kernel.test_kernel_vhost --in-guest", 150, modules=GUEST_MODULES)
 
     def assertIoctlError(self, facts: dict | None, ioctl: str, err: int, text: str) -> None:
         self.assertIsNotNone(facts, f"{ioctl} did not fail")
         self.assertEqual((facts["type"], facts["ioctl"], facts["errno"]), ("IoctlError", ioctl, err), facts)
         self.assertIn(text, facts["text"])
-
-    def test_the_guest_ran_every_check(self) -> None:
-        self.run_result.check()
-        self.assertEqual(sorted(self.results), sorted(CHECKS))
 
     # -- vhost-net
     def test_vhost_net_features(self) -> None:

@@ -34,10 +34,10 @@ import select
 import subprocess
 import sys
 import time
-import traceback
 import unittest
 from collections.abc import Callable
 
+from tests.kernel import GuestChecks, run_checks
 from vhost_min.blk import (SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_OUTHDR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
                            VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BlkConfig, VirtioBlkFeature)
 from vhost_min.errors import IoctlError
@@ -322,50 +322,19 @@ CHECKS: dict[str, Callable[[], dict]] = {
 
 
 def run_in_guest() -> int:
-    """Run every check, one JSON line each: ``{"check": name, "result": {...}}`` or ``"error"``."""
-    for name, check in CHECKS.items():
-        start = time.monotonic()
-        try:
-            line = {"check": name, "result": check()}
-        except Exception:                      # reported to the host test, which fails on it
-            line = {"check": name, "error": traceback.format_exc()}
-        line["seconds"] = round(time.monotonic() - start, 2)
-        print(json.dumps(line), flush=True)
-    return 0
+    return run_checks(CHECKS)
 
 
 # --------------------------------------------------------------------------------------------
 # The host side
 # --------------------------------------------------------------------------------------------
 
-class VdpaTest(unittest.TestCase):
-    results: dict[str, dict]
+class VdpaTest(GuestChecks, unittest.TestCase):
+    CHECKS = CHECKS
 
     @classmethod
     def setUpClass(cls) -> None:
-        from tests import guest
-        guest.require_guest()
-        start = time.monotonic()
-        cls.run_result = guest.Guest(modules=GUEST_MODULES).run(SETUP, timeout=180)
-        cls.seconds = time.monotonic() - start
-        cls.results = {}
-        for line in cls.run_result.stdout.splitlines():
-            if line.startswith("{"):
-                entry = json.loads(line)
-                cls.results[entry["check"]] = entry
-
-    def result(self, name: str) -> dict:
-        entry = self.results.get(name)
-        if entry is None:
-            self.fail(f"the guest reported nothing for {name} (status {self.run_result.status}):\n"
-                      f"{self.run_result.output}\n--- console tail:\n{self.run_result.console[-3000:]}")
-        if "error" in entry:
-            self.fail(f"{name} failed in the guest:\n{entry['error']}")
-        return entry["result"]
-
-    def test_the_guest_ran_every_check(self) -> None:
-        self.run_result.check()
-        self.assertEqual(sorted(self.results), sorted(CHECKS))
+        cls.boot(SETUP, 180, modules=GUEST_MODULES)
 
     # -- facts
     def test_device_ids_and_features(self) -> None:

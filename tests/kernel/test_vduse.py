@@ -55,8 +55,9 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import unittest
+
+from tests.kernel import GuestChecks, run_checks
 
 GUEST_MODULES = ("vduse", "virtio_vdpa", "virtio_blk", "virtio_net")
 IMAGE_SIZE = 8 << 20
@@ -600,51 +601,21 @@ CHECKS = {"vduse_blk": check_vduse_blk, "vduse_create": check_vduse_create, "vdu
 
 
 def run_in_guest() -> int:
-    """Run every check, one JSON line each: ``{"check": name, "result": {...}}`` or ``"error"``."""
-    for name, check in CHECKS.items():
-        t0 = time.monotonic()
-        try:
-            line = {"check": name, "result": check()}
-        except Exception:                      # reported to the host test, which fails on it
-            line = {"check": name, "error": traceback.format_exc()}
-        line["seconds"] = round(time.monotonic() - t0, 1)
-        print(json.dumps(line), flush=True)
-    return 0
+    return run_checks(CHECKS)
 
 
 # --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
 
-class VduseTest(unittest.TestCase):
-    results: dict[str, dict]
+class VduseTest(GuestChecks, unittest.TestCase):
+    CHECKS = CHECKS
 
     @classmethod
     def setUpClass(cls) -> None:
-        from tests import guest
-        guest.require_guest()
         # Two vCPUs: virtio_blk uses no more request queues than CPUs (the CLI check serves two).
-        cls.run_result = guest.Guest(modules=GUEST_MODULES, smp=2).run(
-            "exec python3 -m tests.kernel.test_vduse --in-guest", timeout=240)
-        cls.results = {}
-        for line in cls.run_result.stdout.splitlines():
-            if line.startswith("{"):
-                entry = json.loads(line)
-                cls.results[entry["check"]] = entry
+        cls.boot("exec python3 -m tests.kernel.test_vduse --in-guest", 240, modules=GUEST_MODULES, smp=2)
         print(f"\n[vduse facts] {json.dumps(cls.results, indent=1)[:6000]}", file=sys.stderr)
-
-    def result(self, name: str) -> dict:
-        entry = self.results.get(name)
-        if entry is None:
-            self.fail(f"the guest reported nothing for {name} (status {self.run_result.status}):\n"
-                      f"{self.run_result.output}\n--- console tail:\n{self.run_result.console[-3000:]}")
-        if "error" in entry:
-            self.fail(f"{name} failed in the guest:\n{entry['error']}\n--- stderr:\n{self.run_result.stderr[-3000:]}")
-        return entry["result"]
-
-    def test_the_guest_ran_every_check(self) -> None:
-        self.run_result.check()
-        self.assertEqual(sorted(self.results), sorted(CHECKS))
 
     # -- vduse_blk: the disk
     def test_attached_with_vdpa_to_virtio_vdpa(self) -> None:

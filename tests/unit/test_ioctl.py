@@ -32,7 +32,6 @@ from vhost_min.user import (VHOST_IOTLB_ACCESS_FAIL, VHOST_IOTLB_BATCH_BEGIN, VH
                             VringAddr)
 from vhost_min.virtio import VHOST_F_LOG_ALL, VHOST_NET_F_VIRTIO_NET_HDR, VHOST_VRING_F_LOG
 
-HEADER = "/usr/include/linux/vhost.h"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: /work/shared/PROTOCOL-NOTES.md (c), computed there from the asm-generic _IOC layout.
@@ -216,46 +215,60 @@ class LayoutTest(unittest.TestCase):
                 vi.decode_iotlb_msg(junk)
 
 
+def compare_with_c_header(test: unittest.TestCase, includes: list[str], layouts: dict, since: dict, ioctls,
+                          constants: dict[str, int], unguarded=()) -> dict[str, int]:
+    """Compile a program against the installed uapi headers that prints each struct's size,
+    alignment and field offsets, each ioctl number and constant the headers define, and assert ours
+    equal them; returns how many of each kind the headers had (older headers lack newer names)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    headers = [os.path.join("/usr/include", name) for name in includes]
+    require(bool(cc) and all(os.path.exists(h) for h in headers), f"a C compiler and {' '.join(headers)}",
+            "apt-get install -y gcc linux-libc-dev")
+    lines = ["#include <stddef.h>", "#include <stdio.h>", *(f"#include <{name}>" for name in includes),
+             "int main(void) {"]
+    for name, (_, _, offsets) in layouts.items():
+        guard = since.get(name)
+        lines += [f"#ifdef {guard}"] if guard else []
+        lines.append(f'printf("layout {name} %zu %zu\\n", sizeof(struct {name}), _Alignof(struct {name}));')
+        lines += [f'printf("offset {name}.{f} %zu\\n", offsetof(struct {name}, {f}));' for f in offsets]
+        lines += ["#endif"] if guard else []
+    for name in ioctls.__members__:
+        lines += [f"#ifdef {name}", f'printf("ioctl {name} %lu\\n", (unsigned long)({name}));', "#endif"]
+    for name in constants:
+        guarded = name not in unguarded
+        lines += [f"#ifdef {name}"] if guarded else []
+        lines.append(f'printf("const {name} %lld\\n", (long long)({name}));')
+        lines += ["#endif"] if guarded else []
+    lines += ["return 0;", "}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        source, program = os.path.join(tmp, "abi.c"), os.path.join(tmp, "abi")
+        with open(source, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        subprocess.run([cc, "-std=gnu11", "-o", program, source], check=True, capture_output=True, timeout=60)
+        output = subprocess.run([program], check=True, capture_output=True, text=True, timeout=60).stdout
+    seen = {"layout": 0, "offset": 0, "ioctl": 0, "const": 0}
+    for line in output.splitlines():
+        kind, name, *values = line.split()
+        seen[kind] += 1
+        with test.subTest(line=line):
+            if kind == "layout":
+                test.assertEqual([int(v) for v in values], list(layout(name)[:2]))
+            elif kind == "offset":
+                struct_name, field = name.split(".")
+                test.assertEqual(int(values[0]), layout(struct_name)[2][field])
+            elif kind == "ioctl":
+                test.assertEqual(int(values[0]), ioctls[name])
+            else:
+                test.assertEqual(int(values[0]), constants[name])
+    return seen
+
+
 class HeaderTest(unittest.TestCase):
     """Our numbers and layouts against the C compiler's reading of the installed uapi headers."""
 
     def test_layouts_numbers_and_constants_match_the_header(self) -> None:
-        cc = shutil.which("cc") or shutil.which("gcc")
-        require(bool(cc) and os.path.exists(HEADER), f"a C compiler and {HEADER}",
-                "apt-get install -y gcc linux-libc-dev")
-        lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/vhost.h>", "int main(void) {"]
-        for name, (_, _, offsets) in GOLDEN_LAYOUTS.items():
-            since = STRUCT_SINCE.get(name)
-            lines += [f"#ifdef {since}"] if since else []
-            lines.append(f'printf("layout {name} %zu %zu\\n", sizeof(struct {name}), _Alignof(struct {name}));')
-            lines += [f'printf("offset {name}.{f} %zu\\n", offsetof(struct {name}, {f}));' for f in offsets]
-            lines += ["#endif"] if since else []
-        for name in vi.VhostIoctl.__members__:
-            lines += [f"#ifdef {name}", f'printf("ioctl {name} %lu\\n", (unsigned long)({name}));', "#endif"]
-        for name in header_constants():
-            lines += [f"#ifdef {name}", f'printf("const {name} %lld\\n", (long long)({name}));', "#endif"]
-        lines += ["return 0;", "}"]
-        with tempfile.TemporaryDirectory() as tmp:
-            source, program = os.path.join(tmp, "vhost_abi.c"), os.path.join(tmp, "vhost_abi")
-            with open(source, "w") as f:
-                f.write("\n".join(lines) + "\n")
-            subprocess.run([cc, "-std=gnu11", "-o", program, source], check=True, capture_output=True, timeout=60)
-            output = subprocess.run([program], check=True, capture_output=True, text=True, timeout=60).stdout
-        seen = {"layout": 0, "offset": 0, "ioctl": 0, "const": 0}
-        constants = header_constants()
-        for line in output.splitlines():
-            kind, name, *values = line.split()
-            seen[kind] += 1
-            with self.subTest(line=line):
-                if kind == "layout":
-                    self.assertEqual([int(v) for v in values], list(layout(name)[:2]))
-                elif kind == "offset":
-                    struct_name, field = name.split(".")
-                    self.assertEqual(int(values[0]), layout(struct_name)[2][field])
-                elif kind == "ioctl":
-                    self.assertEqual(int(values[0]), vi.VhostIoctl[name])
-                else:
-                    self.assertEqual(int(values[0]), constants[name])
+        seen = compare_with_c_header(self, ["linux/vhost.h"], GOLDEN_LAYOUTS, STRUCT_SINCE, vi.VhostIoctl,
+                                     header_constants())
         # Debian 12's linux-libc-dev (6.1) lacks the 2023+ additions (workers, RESUME, DESC_GROUP,
         # VRING_SIZE, features array, fork owner): 44 of the 55 ioctls; newer headers have more.
         self.assertGreaterEqual(seen["layout"], len(GOLDEN_LAYOUTS) - len(STRUCT_SINCE))
@@ -555,7 +568,6 @@ GOLDEN_VDUSE_LAYOUTS = {
     "vduse_dev_response": (152, 4, {"request_id": 0, "result": 4, "reserved": 8, "vq_state": 24, "padding": 24}),
 }
 
-VDUSE_HEADER = "/usr/include/linux/vduse.h"
 #: Structs and ioctls newer than Debian 12's header (umem, 6.3): compared only where defined.
 VDUSE_SINCE = {"vduse_iova_umem": "VDUSE_IOTLB_REG_UMEM", "vduse_iova_info": "VDUSE_IOTLB_GET_INFO"}
 
@@ -592,48 +604,11 @@ class VduseAbiTest(unittest.TestCase):
         self.assertEqual((vi.VDUSE_ACCESS_RO, vi.VDUSE_ACCESS_WO, vi.VDUSE_ACCESS_RW), (1, 2, 3))
 
     def test_layouts_numbers_and_constants_match_the_header(self) -> None:
-        cc = shutil.which("cc") or shutil.which("gcc")
-        require(bool(cc) and os.path.exists(VDUSE_HEADER), f"a C compiler and {VDUSE_HEADER}",
-                "apt-get install -y gcc linux-libc-dev")
-        # vduse.h uses _IOR and friends without including <linux/ioctl.h> itself (its users always do)
-        lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/ioctl.h>", "#include <linux/vduse.h>",
-                 "int main(void) {"]
-        for name, (_, _, offsets) in GOLDEN_VDUSE_LAYOUTS.items():
-            since = VDUSE_SINCE.get(name)
-            lines += [f"#ifdef {since}"] if since else []
-            lines.append(f'printf("layout {name} %zu %zu\\n", sizeof(struct {name}), _Alignof(struct {name}));')
-            lines += [f'printf("offset {name}.{f} %zu\\n", offsetof(struct {name}, {f}));' for f in offsets]
-            lines += ["#endif"] if since else []
-        for name in vi.VduseIoctl.__members__:
-            lines += [f"#ifdef {name}", f'printf("ioctl {name} %lu\\n", (unsigned long)({name}));', "#endif"]
-        for name in vduse_constants():
-            # the request types are enum members, not macros: printed unconditionally
-            guard = name not in vi.VduseReqType.__members__
-            lines += [f"#ifdef {name}"] if guard else []
-            lines.append(f'printf("const {name} %lld\\n", (long long)({name}));')
-            lines += ["#endif"] if guard else []
-        lines += ["return 0;", "}"]
-        with tempfile.TemporaryDirectory() as tmp:
-            source, program = os.path.join(tmp, "vduse_abi.c"), os.path.join(tmp, "vduse_abi")
-            with open(source, "w") as f:
-                f.write("\n".join(lines) + "\n")
-            subprocess.run([cc, "-std=gnu11", "-o", program, source], check=True, capture_output=True, timeout=60)
-            output = subprocess.run([program], check=True, capture_output=True, text=True, timeout=60).stdout
-        seen = {"layout": 0, "offset": 0, "ioctl": 0, "const": 0}
+        # vduse.h uses _IOR and friends without including <linux/ioctl.h> itself (its users always do);
+        # its request types are enum members, not macros: printed unconditionally.
         constants = vduse_constants()
-        for line in output.splitlines():
-            kind, name, *values = line.split()
-            seen[kind] += 1
-            with self.subTest(line=line):
-                if kind == "layout":
-                    self.assertEqual([int(v) for v in values], list(layout(name)[:2]))
-                elif kind == "offset":
-                    struct_name, field = name.split(".")
-                    self.assertEqual(int(values[0]), layout(struct_name)[2][field])
-                elif kind == "ioctl":
-                    self.assertEqual(int(values[0]), vi.VduseIoctl[name])
-                else:
-                    self.assertEqual(int(values[0]), constants[name])
+        seen = compare_with_c_header(self, ["linux/ioctl.h", "linux/vduse.h"], GOLDEN_VDUSE_LAYOUTS, VDUSE_SINCE,
+                                     vi.VduseIoctl, constants, unguarded=vi.VduseReqType.__members__)
         # Debian 12's header (6.1) has every struct and ioctl but the three umem ones (6.3).
         self.assertGreaterEqual(seen["layout"], len(GOLDEN_VDUSE_LAYOUTS) - len(VDUSE_SINCE))
         self.assertGreaterEqual(seen["ioctl"], len(GOLDEN_VDUSE_IOCTLS) - 3)
