@@ -1,0 +1,81 @@
+"""bench/vublk.c, the C front-end ``python3 -m bench blk`` measures with, checked against our blk
+back-end: it builds, completes requests, and what it writes is in the image and what it reads is
+checked (a benchmark client that lies is worthless). Its null back-end completes requests too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+from bench import vublk
+from tests.support import require, stop_process, wait_for_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+IMAGE_SIZE = 1 << 20
+SEED = 0x5EED
+
+
+class VublkDriverTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        require(vublk.compiler() is not None, "a C compiler (cc)", vublk.CC_INSTALL)
+        cls.binary = vublk.build()
+
+    def setUp(self) -> None:
+        self.work = tempfile.TemporaryDirectory(prefix="vhost_min-test-vublk-")
+        self.addCleanup(self.work.cleanup)
+        self.image = os.path.join(self.work.name, "disk.img")
+        with open(self.image, "wb") as f:
+            f.truncate(IMAGE_SIZE)
+
+    def _ours(self) -> tuple[subprocess.Popen, str]:
+        sock = os.path.join(self.work.name, "blk.sock")
+        proc = subprocess.Popen([sys.executable, "-m", "vhost_min", "blk", "--socket-path", sock, self.image],
+                                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self.addCleanup(stop_process, proc)
+        wait_for_path(sock, proc)
+        return proc, sock
+
+    def test_what_it_reads_is_checked_and_what_it_writes_is_in_the_image(self) -> None:
+        with open(self.image, "r+b") as f:                # every block holds the pattern of SEED
+            f.write(vublk.pattern(SEED, 0, IMAGE_SIZE))
+        proc, sock = self._ours()
+        for rw, bs, qd, event_idx, wait_call in (("randread", 4096, 8, True, True), ("read", 65536, 4, False, True),
+                                                 ("randread", 4096, 1, False, False)):
+            with self.subTest(rw=rw, bs=bs, qd=qd, event_idx=event_idx, wait_call=wait_call):
+                read = vublk.drive(self.binary, sock, rw, bs, qd, 0.3, warmup=0, pattern=SEED, event_idx=event_idx,
+                                   wait_call=wait_call, backend_pid=proc.pid)
+                self.assertGreater(read["requests"], 0)
+                self.assertEqual((read["returncode"], read["bad_status"], read["mismatches"], read["capacity"]),
+                                 (0, 0, 0, IMAGE_SIZE))
+                self.assertGreater(read["backend_cpu_s"], 0)
+        lie = vublk.drive(self.binary, sock, "randread", 4096, 4, 0.2, warmup=0, pattern=SEED + 1, wait_call=True)
+        self.assertEqual(lie["returncode"], 3, "reads of other bytes than the pattern are reported")
+        self.assertGreater(lie["mismatches"], 0)
+
+        # Sequential writes from block 0, waiting on the call eventfd (a busy-polling driver on the
+        # back-end's core would starve it): the whole image gets the pattern of another seed.
+        blocks = IMAGE_SIZE // 4096
+        wrote = vublk.drive(self.binary, sock, "write", 4096, 8, 0.5, warmup=0, pattern=SEED + 2, wait_call=True)
+        self.assertEqual((wrote["returncode"], wrote["bad_status"]), (0, 0))
+        self.assertGreaterEqual(wrote["requests"], blocks + 8, "every block written")
+        with open(self.image, "rb") as f:
+            self.assertTrue(f.read() == vublk.pattern(SEED + 2, 0, IMAGE_SIZE), "the image holds what was written")
+        again = vublk.drive(self.binary, sock, "randread", 4096, 8, 0.2, warmup=0, pattern=SEED + 2, wait_call=True)
+        self.assertEqual((again["returncode"], again["mismatches"]), (0, 0))
+
+    def test_the_null_backend_completes_every_request(self) -> None:
+        with vublk.null_backend(self.binary, self.work.name, size=IMAGE_SIZE) as null:
+            for event_idx, wait_call in ((False, False), (True, True)):
+                with self.subTest(event_idx=event_idx, wait_call=wait_call):
+                    run = vublk.drive(self.binary, null.socket, "randwrite", 4096, 32, 0.3, warmup=0,
+                                      event_idx=event_idx, wait_call=wait_call, backend_pid=null.pid)
+                    self.assertEqual((run["returncode"], run["bad_status"], run["capacity"]), (0, 0, IMAGE_SIZE))
+                    self.assertGreater(run["requests"], 1000)
+
+
+if __name__ == "__main__":
+    unittest.main()
