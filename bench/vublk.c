@@ -4,7 +4,7 @@
  * VIRTIO_RING_F_EVENT_IDX with --event-idx) and the protocol features MQ, REPLY_ACK and CONFIG,
  * shares one memfd region of "guest" memory (SET_MEM_TABLE, fd by SCM_RIGHTS), sets up one split
  * ring with kick and call eventfds, and keeps --qd requests in flight for --seconds after
- * --warmup. Each request is a fixed 3-descriptor chain (header, data, status) owned by one slot.
+ * --warmup (or until --count requests were submitted). Each request is a fixed 3-descriptor chain (header, data, status) owned by one slot.
  * Completions are found by busy-polling the used ring (the default: the driver's latency is then
  * as small as it gets) or by waiting on the call eventfd (--wait-call, as an interrupt-driven
  * guest would); either way the driver leaves notifications enabled, so the back-end pays for its
@@ -174,7 +174,7 @@ struct options {
     unsigned bs, qd, queue_size;
     double seconds, warmup;
     int event_idx, wait_call, backend_pid, have_pattern;
-    uint64_t pattern, size, seed;
+    uint64_t pattern, size, seed, count;
 };
 
 struct driver {
@@ -406,14 +406,19 @@ static int run_driver(struct options *o) {
     size_t lat_cap = 1 << 22, lat_n = 0;
     double *lat = malloc(lat_cap * sizeof *lat);
     uint64_t done = 0, bad_status = 0, mismatches = 0, kicks = 0, calls = 0, in_flight = 0;
+    uint64_t kicks0 = 0, calls0 = 0, kicks1 = 0, calls1 = 0;              /* the counters over the window */
     double start = now(), t0 = start + o->warmup, t_end = t0 + o->seconds;
     double cpu0 = 0, bcpu0 = 0, cpu1 = 0, bcpu1 = 0, t1 = 0;
     int measuring = o->warmup <= 0, running = 1;
     if (measuring) { cpu0 = self_cpu(); bcpu0 = o->backend_pid ? process_cpu(o->backend_pid) : 0; t0 = start; }
     unsigned num = o->queue_size;
     uint16_t old = d.avail_idx;
-    for (unsigned i = 0; i < o->qd; i++) { slots[i].submitted = start; prepare(&d, &slots[i], i); }
-    in_flight = o->qd;
+    uint64_t submitted = 0, limit = o->count ? o->count : UINT64_MAX;
+    for (unsigned i = 0; i < o->qd && submitted < limit; i++, submitted++) {
+        slots[i].submitted = start;
+        prepare(&d, &slots[i], i);
+    }
+    in_flight = submitted;
     kicks += publish(&d, old);
 
     while (in_flight) {
@@ -436,12 +441,16 @@ static int run_driver(struct options *o) {
             t_end = t0 + o->seconds;
             cpu0 = self_cpu();
             bcpu0 = o->backend_pid ? process_cpu(o->backend_pid) : 0;
+            kicks0 = kicks;
+            calls0 = calls;
         }
         if (running && t >= t_end) {
             running = 0;
             t1 = t;
             cpu1 = self_cpu();
             bcpu1 = o->backend_pid ? process_cpu(o->backend_pid) : 0;
+            kicks1 = kicks;
+            calls1 = calls;
         }
         old = d.avail_idx;
         for (; d.last_used != used_idx; d.last_used++) {
@@ -457,7 +466,8 @@ static int run_driver(struct options *o) {
                 done++;
                 if (lat_n < lat_cap) lat[lat_n++] = t - slots[i].submitted;
             }
-            if (running) {
+            if (running && submitted < limit) {
+                submitted++;
                 slots[i].submitted = t;
                 prepare(&d, &slots[i], i);
                 in_flight++;
@@ -465,7 +475,10 @@ static int run_driver(struct options *o) {
         }
         kicks += publish(&d, old);
     }
-    if (running) { t1 = now(); cpu1 = self_cpu(); bcpu1 = o->backend_pid ? process_cpu(o->backend_pid) : 0; }
+    if (running) {
+        t1 = now(); cpu1 = self_cpu(); bcpu1 = o->backend_pid ? process_cpu(o->backend_pid) : 0;
+        kicks1 = kicks; calls1 = calls;
+    }
     /* Close without GET_VRING_BASE: every back-end here treats a hang-up as the end of the session. */
     close(d.sock);
 
@@ -481,7 +494,7 @@ static int run_driver(struct options *o) {
            o->rw, o->bs, o->qd, o->queue_size, o->event_idx ? "true" : "false", o->wait_call ? "true" : "false",
            elapsed, done, done / elapsed, done * (double)o->bs / elapsed / (1 << 20),
            lat_n ? sum / lat_n * 1e6 : 0, PCT(0.5), PCT(0.99), PCT(0.999), lat_n ? lat[lat_n - 1] * 1e6 : 0,
-           cpu1 - cpu0, o->backend_pid ? bcpu1 - bcpu0 : -1.0, kicks, calls, bad_status, mismatches, d.capacity_bytes);
+           cpu1 - cpu0, o->backend_pid ? bcpu1 - bcpu0 : -1.0, kicks1 - kicks0, calls1 - calls0, bad_status, mismatches, d.capacity_bytes);
     free(lat);
     free(slots);
     return bad_status || mismatches ? 3 : 0;
@@ -688,7 +701,7 @@ static _Noreturn void run_null_backend(const char *path, uint64_t capacity) {
 static void usage(void) {
     fputs("usage: vublk --socket PATH [--rw randread|randwrite|read|write] [--bs BYTES] [--qd N]\n"
           "             [--queue-size 128|256] [--seconds S] [--warmup S] [--event-idx] [--wait-call]\n"
-          "             [--backend-pid PID] [--size BYTES] [--seed N] [--pattern SEED]\n"
+          "             [--backend-pid PID] [--size BYTES] [--seed N] [--pattern SEED] [--count N]\n"
           "       vublk --null-backend --socket PATH [--size BYTES]\n", stderr);
     exit(2);
 }
@@ -701,7 +714,7 @@ int main(int argc, char **argv) {
         { "socket", 1, 0, 's' }, { "rw", 1, 0, 'r' }, { "bs", 1, 0, 'b' }, { "qd", 1, 0, 'q' },
         { "queue-size", 1, 0, 'Q' }, { "seconds", 1, 0, 't' }, { "warmup", 1, 0, 'w' },
         { "event-idx", 0, 0, 'e' }, { "wait-call", 0, 0, 'c' }, { "backend-pid", 1, 0, 'p' },
-        { "size", 1, 0, 'S' }, { "seed", 1, 0, 'd' }, { "pattern", 1, 0, 'P' }, { "null-backend", 0, 0, 'N' },
+        { "size", 1, 0, 'S' }, { "seed", 1, 0, 'd' }, { "count", 1, 0, 'n' }, { "pattern", 1, 0, 'P' }, { "null-backend", 0, 0, 'N' },
         { 0, 0, 0, 0 } };
     for (int c; (c = getopt_long(argc, argv, "", longs, NULL)) != -1;) {
         switch (c) {
@@ -717,6 +730,7 @@ int main(int argc, char **argv) {
         case 'p': o.backend_pid = atoi(optarg); break;
         case 'S': o.size = strtoull(optarg, NULL, 0); break;
         case 'd': o.seed = strtoull(optarg, NULL, 0); break;
+        case 'n': o.count = strtoull(optarg, NULL, 0); break;
         case 'P': o.pattern = strtoull(optarg, NULL, 0); o.have_pattern = 1; break;
         case 'N': null_backend = 1; break;
         default: usage();

@@ -79,8 +79,10 @@ def _pinned(cpu: int | None):
 
 def drive(binary: str, socket: str, rw: str, bs: int, qd: int, seconds: float, *, warmup: float = 0.5,
           event_idx: bool = False, wait_call: bool = False, queue_size: int = 128, backend_pid: int | None = None,
-          pattern: int | None = None, size: int | None = None, cpu: int | None = None) -> dict:
-    """One timed run of the driver against the back-end on ``socket``: its JSON object (iops, mib_s,
+          pattern: int | None = None, size: int | None = None, count: int | None = None,
+          cpu: int | None = None) -> dict:
+    """One timed run of the driver against the back-end on ``socket`` (``count``: stop after that many
+    requests): its JSON object (iops, mib_s,
     lat_us_*, client_cpu_s, backend_cpu_s, bad_status, mismatches, ...). Raises RuntimeError when it
     fails, with what it said."""
     argv = [binary, "--socket", socket, "--rw", rw, "--bs", str(bs), "--qd", str(qd), "--seconds", str(seconds),
@@ -90,6 +92,7 @@ def drive(binary: str, socket: str, rw: str, bs: int, qd: int, seconds: float, *
     argv += ["--backend-pid", str(backend_pid)] if backend_pid else []
     argv += ["--pattern", str(pattern)] if pattern is not None else []
     argv += ["--size", str(size)] if size else []
+    argv += ["--count", str(count)] if count else []
     result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + warmup + 60,
                             preexec_fn=_pinned(cpu))
     lines = result.stdout.strip().splitlines()
