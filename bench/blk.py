@@ -1,63 +1,84 @@
-"""virtio-blk through vhost-user: our BlkClient against our back-end and against qemu-storage-daemon.
+"""virtio-blk through vhost-user: our back-end against qemu-storage-daemon, driven by a C front-end.
 
-Both back-ends run in processes of their own, started here (``_serve`` below for ours: BlkDevice
-under vhost_min.backend.serve; qemu-storage-daemon with a file blockdev and a vhost-user-blk
-export). Both serve the SAME raw image file, written in full (no holes, nothing unwritten) and
-read once, so the page cache holds all of it for both sides; neither opens it O_DIRECT, and both
-complete writes in writeback mode (no fsync per write). After every write run the bench
-fdatasyncs the image, untimed, so neither side meets the other's dirty pages being written back.
+``python3 -m bench blk [--json] [--runs N] [--seconds S] [--profile [FILE]]``
 
-The client is the same for both sides: one BlkClient (split ring of 128, event idx, no indirect
-descriptors) in this process, keeping ``depth`` requests in flight for a fixed time. Each
-workload runs ``--repeat`` rounds of ours then theirs, ``--seconds`` each; every figure is the
-median of its rounds. The back-end's CPU is utime + stime of its process from /proc/PID/stat (all
-threads, qemu-storage-daemon's thread pool included) over the run, divided by the requests done.
+The client is bench/vublk.c (built with cc into a cache outside the clone, see bench/vublk.py): one
+split ring of 128, N requests of fixed 3-descriptor chains in flight, completions found by polling
+the used ring with notifications left on, so each back-end pays for its calls as under a guest.
+That the client is not the limit is shown beside every row: the same workload against vublk's
+null back-end (completes each request without I/O) is the client's ceiling, and each back-end's
+busy share (its CPU over the wall time) says whether it, not the client, ran out of core. Without a
+C compiler the Python BlkClient stands in, labelled so: it is the limit at depth 32.
 
-``python3 -m bench blk [--json] [--seconds S] [--repeat N] [--profile [FILE]]``; ``--profile``
-adds one more randread_4k_qd32 run of ours with the back-end under cProfile and prints its
-hottest functions (FILE keeps the raw profile).
+Both back-ends serve the SAME raw image of 256 MiB, written in full, on tmpfs (/dev/shm) where
+there is one, so every page is in memory and no writeback or journal runs under the writes (on
+this machine's ext4, a 4 KiB buffered overwrite cost either back-end 50-190 us of CPU, the file
+system's cost rather than the back-end's); both use buffered I/O and writeback (no fsync per
+write), and after every write run the bench fdatasyncs the image, untimed. Ours is ``python3 -m vhost_min blk``;
+qemu-storage-daemon exports a file blockdev as vhost-user-blk (its defaults: aio=threads, page
+cache). With two or more cores the back-ends (and the null one) are pinned to the second core of
+this process's affinity mask and the driver to the first.
 
-Also ``python3 -m bench.blk serve SOCKET IMAGE``: our back-end as the bench runs it.
+Each row runs ``--runs`` rounds of null, ours, theirs (interleaved, ``--seconds`` each after a
+0.5 s warm-up on the same connection); the figures of a side are those of its best round (highest
+IOPS), its other rounds kept in ``--json``. CPU per request is the back-end's utime + stime (all
+threads, from /proc/PID/task/*/schedstat) over the measured window, divided by the requests done
+in it. ``--profile`` adds one randread_4k_qd32 run of ours under cProfile and prints its hottest
+functions per request (FILE keeps the raw profile).
+
+O_DIRECT rows (4 KiB random reads on an image on a real disk, ours with each ``--aio`` against
+qemu-storage-daemon with cache.direct=on,aio=io_uring) run when the blk command has ``--cache``
+and ``--aio`` (issue 8); until then :func:`direct_rows` says why they are skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import platform
 import pstats
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from itertools import cycle, islice
+
+from bench import vublk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QSD = "qemu-storage-daemon"
 QSD_APT = "apt-get install -y --no-install-recommends qemu-system-common"
 IMAGE_SIZE = 256 << 20
 QUEUE_SIZE = 128
+WARMUP = 0.5
 READY_TIMEOUT = 20.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-#: (name, request type, bytes per request, queue depth, pattern)
+#: (name, vublk --rw, bytes per request, queue depth); each runs without and with EVENT_IDX.
 WORKLOADS = [
-    ("randread_4k_qd1", "read", 4096, 1, "random"),
-    ("randread_4k_qd32", "read", 4096, 32, "random"),
-    ("randwrite_4k_qd1", "write", 4096, 1, "random"),
-    ("randwrite_4k_qd32", "write", 4096, 32, "random"),
-    ("seqread_64k_qd32", "read", 64 << 10, 32, "sequential"),
+    ("randread_4k_qd1", "randread", 4096, 1),
+    ("randread_4k_qd32", "randread", 4096, 32),
+    ("randwrite_4k_qd32", "randwrite", 4096, 32),
+    ("read_64k_qd1", "read", 64 << 10, 1),
+    ("read_64k_qd32", "read", 64 << 10, 32),
 ]
+
+#: O_DIRECT rows: (name, --rw, bytes, depth), with EVENT_IDX (as Linux guests negotiate it).
+DIRECT_WORKLOADS = [
+    ("direct_randread_4k_qd1", "randread", 4096, 1),
+    ("direct_randread_4k_qd32", "randread", 4096, 32),
+]
+#: Where the page-cached image goes when it is tmpfs (else the default temporary directory).
+CACHED_DIR = "/dev/shm"
+#: Where the O_DIRECT image goes: a directory on the machine's disk, not tmpfs.
+DIRECT_DIR = "/var/tmp"
+DIRECT_AIO = ("io_uring", "threads")
 
 
 # --------------------------------------------------------------------------------------------
-# The image and the two back-end processes
+# The image and the back-end processes
 # --------------------------------------------------------------------------------------------
 
 def make_image(path: str, size: int) -> None:
@@ -75,22 +96,31 @@ def make_image(path: str, size: int) -> None:
             pass
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+def pinning() -> tuple[int | None, int | None]:
+    """(driver core, back-end core): the first two cores this process may run on, or (None, None)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return (cores[0], cores[1]) if len(cores) >= 2 else (None, None)
 
 
-def _die_with_parent() -> None:
-    _libc.prctl(1, signal.SIGTERM, 0, 0, 0)     # PR_SET_PDEATHSIG: a killed bench leaves nothing behind
+def _child_setup(cpu: int | None):
+    def setup() -> None:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)   # PR_SET_PDEATHSIG: a killed bench leaves nothing
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})                      # before exec: every thread inherits it
+    return setup
 
 
 class Daemon:
-    """One back-end process on a vhost-user socket; :meth:`cpu_seconds` is its utime + stime."""
+    """One back-end process on a vhost-user socket, started by exact argv and stopped by its PID."""
 
-    def __init__(self, name: str, argv: list[str], sock: str, workdir: str, env: dict | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], sock: str, workdir: str, cpu: int | None,
+                 env: dict | None = None) -> None:
         self.name, self.socket = name, sock
         self.log_path = os.path.join(workdir, f"{name}.log")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=workdir, env=env, preexec_fn=_die_with_parent)
+                                         cwd=ROOT, env=env, preexec_fn=_child_setup(cpu))
         deadline = time.monotonic() + READY_TIMEOUT
         while not os.path.exists(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -103,9 +133,10 @@ class Daemon:
         return self.proc.pid
 
     def cpu_seconds(self) -> float:
+        """utime + stime of the process, exited threads included (/proc/PID/stat, in clock ticks)."""
         with open(f"/proc/{self.pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK     # utime, stime (fields 14, 15)
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log(self) -> str:
         try:
@@ -126,15 +157,14 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def ours(image: str, workdir: str, profile: str | None = None) -> Iterator[Daemon]:
-    """Our BlkDevice served by vhost_min.backend.serve in its own Python process."""
-    sock = os.path.join(workdir, "ours.sock" if profile is None else "ours-profiled.sock")
-    argv = [sys.executable]
-    if profile is not None:
-        argv += ["-m", "cProfile", "-o", profile]
-    argv += ["-m", "bench.blk", "serve", sock, image]
+def ours(image: str, workdir: str, cpu: int | None = None, extra: tuple[str, ...] = (), name: str = "ours",
+         profile: str | None = None) -> Iterator[Daemon]:
+    """``python3 -m vhost_min blk`` on a socket in ``workdir`` (under cProfile with ``profile``)."""
+    sock = os.path.join(workdir, f"{name}.sock")
+    argv = [sys.executable] + (["-m", "cProfile", "-o", profile] if profile else [])
+    argv += ["-m", "vhost_min", "blk", "--socket-path", sock, *extra, image]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    daemon = Daemon("ours", argv, sock, workdir, env)
+    daemon = Daemon(name, argv, sock, workdir, cpu, env)
     try:
         yield daemon
     finally:
@@ -157,140 +187,215 @@ def qsd_version() -> str | None:
 
 
 @contextlib.contextmanager
-def theirs(image: str, workdir: str) -> Iterator[Daemon]:
-    """qemu-storage-daemon exporting the image as vhost-user-blk (one queue, writable, its
-    defaults otherwise: page cache, aio=threads, writeback)."""
-    sock = os.path.join(workdir, "qsd.sock")
+def theirs(image: str, workdir: str, cpu: int | None = None, file_options: str = "", name: str = "qsd") -> Iterator[Daemon]:
+    """qemu-storage-daemon exporting the image as vhost-user-blk (one queue, writable; its
+    defaults, page cache and aio=threads, unless ``file_options`` says otherwise)."""
+    sock = os.path.join(workdir, f"{name}.sock")
     path = os.path.abspath(image).replace(",", ",,")
-    argv = [QSD, "--blockdev", f"driver=file,node-name=file0,filename={path}",
+    argv = [QSD, "--blockdev", f"driver=file,node-name=file0,filename={path}{file_options}",
             "--export", (f"type=vhost-user-blk,id=export0,node-name=file0,addr.type=unix,"
                          f"addr.path={sock.replace(',', ',,')},writable=on,num-queues=1")]
-    daemon = Daemon("qemu-storage-daemon", argv, sock, workdir)
+    daemon = Daemon(name, argv, sock, workdir, cpu)
     try:
         yield daemon
     finally:
         daemon.stop()
 
 
-def _serve(argv: list[str]) -> int:
-    """``python3 -m bench.blk serve SOCKET IMAGE``: BlkDevice on SOCKET until SIGTERM."""
-    sock, image = argv
-    from vhost_min.backend import serve
-    from vhost_min.blk import BlkDevice
+class Null:
+    """vublk's null back-end, shaped like a Daemon for :func:`measure`."""
 
-    def stop(signum, frame):
-        raise SystemExit(0)     # unwinds serve() (closing everything) and lets cProfile write its file
+    name = "null"
 
-    signal.signal(signal.SIGTERM, stop)
-    with BlkDevice(image) as device:
-        serve(device, sock)
-    return 0
+    def __init__(self, proc) -> None:
+        self.proc, self.socket, self.pid = proc, proc.socket, proc.pid
+
+    def log(self) -> str:
+        return ""
 
 
 # --------------------------------------------------------------------------------------------
 # One timed run
 # --------------------------------------------------------------------------------------------
 
-def _requests(op: str, size: int, pattern: str, image_size: int) -> list:
-    from vhost_min.blk import BlkRequest
-    if pattern == "random":
-        rng = random.Random(20261126)      # the same offsets for both sides
-        offsets = [rng.randrange(image_size // size) * size for _ in range(1 << 16)]
-    else:
-        offsets = [(i * size) % image_size for i in range(image_size // size)]
-    if op == "read":
-        return [BlkRequest.read(at, size) for at in offsets]
-    data = random.Random(2).randbytes(size)
-    return [BlkRequest.write(at, data) for at in offsets]
-
-
-def run_once(daemon: Daemon, requests: list, size: int, depth: int, seconds: float, sync_fd: int | None) -> dict:
-    """Keep ``depth`` requests in flight for ``seconds`` on a fresh connection; the back-end's
-    CPU and the clock run from the first submit to the last completion (the handshake is outside)."""
+def measure(binary: str | None, daemon, rw: str, bs: int, qd: int, event_idx: bool, seconds: float,
+            cpu: int | None) -> dict:
+    """One run against ``daemon``: the C driver's figures, or the Python client's without a compiler."""
     try:
-        return _run_once(daemon, requests, size, depth, seconds, sync_fd)
+        if binary is None:
+            return _measure_python(daemon, rw, bs, qd, event_idx, seconds)
+        r = vublk.drive(binary, daemon.socket, rw, bs, qd, seconds, warmup=WARMUP, event_idx=event_idx,
+                        queue_size=QUEUE_SIZE, backend_pid=daemon.pid, cpu=cpu)
+        if r["returncode"] or r["bad_status"] or not r["requests"]:
+            raise RuntimeError(f"vublk: exit {r['returncode']}, {r['bad_status']} requests failed of {r['requests']}")
     except Exception as exc:
-        raise RuntimeError(f"{daemon.name} (pid {daemon.pid}), {size}-byte requests at depth {depth}: {exc}; "
+        raise RuntimeError(f"{daemon.name} (pid {daemon.pid}), {rw} {bs} bytes at depth {qd}: {exc}; "
                            f"its output:\n{daemon.log()}") from exc
+    n, wall = r["requests"], r["seconds"]
+    return {"iops": r["iops"], "mib_s": r["mib_s"], "cpu_us_per_req": r["backend_cpu_s"] / n * 1e6,
+            "backend_busy": r["backend_cpu_s"] / wall, "lat_us_p50": r["lat_us_p50"], "lat_us_p99": r["lat_us_p99"],
+            "lat_us_mean": r["lat_us_mean"], "client_cpu_us_per_req": r["client_cpu_s"] / n * 1e6,
+            "client_busy": r["client_cpu_s"] / wall, "kicks_per_req": r["kicks"] / n, "requests": n}
 
 
-def _run_once(daemon: Daemon, requests: list, size: int, depth: int, seconds: float, sync_fd: int | None) -> dict:
-    from vhost_min.blk import BlkClient
+def _process_cpu(pid: int) -> float:
+    """utime + stime of every thread of ``pid``, in seconds (schedstat's nanoseconds)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
+def _measure_python(daemon, rw: str, bs: int, qd: int, event_idx: bool, seconds: float) -> dict:
+    """The fallback client: our BlkClient in this process (its ring always negotiates EVENT_IDX)."""
+    from itertools import cycle, islice
+
+    from vhost_min.blk import BlkClient, BlkRequest
     from vhost_min.frontend import Frontend
 
+    rng = random.Random(20261126)
+    blocks = IMAGE_SIZE // bs
+    offsets = ([rng.randrange(blocks) * bs for _ in range(1 << 14)] if rw.startswith("rand")
+               else [i * bs for i in range(blocks)])
+    data = random.Random(2).randbytes(bs)
+    requests = [BlkRequest.write(at, data) if rw.endswith("write") else BlkRequest.read(at, bs) for at in offsets]
     with Frontend.connect(daemon.socket) as fe:
-        client = BlkClient(fe, queue_size=QUEUE_SIZE, depth=depth, max_io=max(size, 4096))
-        submit, complete, clock = client.submit, client.complete, time.perf_counter
-        source = cycle(requests)
+        client = BlkClient(fe, queue_size=QUEUE_SIZE, depth=qd, max_io=max(bs, 4096))
+        source, clock = cycle(requests), time.perf_counter
         done = failed = 0
-        cpu0, client0, start = daemon.cpu_seconds(), time.process_time(), clock()
-        deadline = start + seconds
-        submit(list(islice(source, depth)))
+        cpu0, client0, start = _process_cpu(daemon.pid), time.process_time(), clock()
+        client.submit(list(islice(source, qd)))
         while True:
-            got = complete(1)
+            got = client.complete(1)
             done += len(got)
-            for c in got:
-                failed += c.status != 0
-            if clock() >= deadline:
+            failed += sum(c.status != 0 for c in got)
+            if clock() >= start + seconds:
                 break
-            submit(list(islice(source, len(got))))
+            client.submit(list(islice(source, len(got))))
         while client.in_flight:
-            got = complete(client.in_flight)
+            got = client.complete(client.in_flight)
             done += len(got)
-            for c in got:
-                failed += c.status != 0
-        elapsed = clock() - start
-        cpu, client_cpu = daemon.cpu_seconds() - cpu0, time.process_time() - client0
+            failed += sum(c.status != 0 for c in got)
+        wall = clock() - start
+        cpu, client_cpu = _process_cpu(daemon.pid) - cpu0, time.process_time() - client0
     if failed:
-        raise RuntimeError(f"{daemon.name}: {failed} of {done} requests failed")
-    if sync_fd is not None:
-        os.fdatasync(sync_fd)          # untimed: no dirty pages carried into the next run
-    time.sleep(0.05)                   # let the back-end finish with the connection
-    iops = done / elapsed
-    return {"iops": iops, "mib_s": iops * size / (1 << 20), "cpu_s_per_req": cpu / done,
-            "backend_cpu_util": cpu / elapsed, "client_cpu_s_per_req": client_cpu / done, "requests": done}
+        raise RuntimeError(f"{failed} of {done} requests failed")
+    return {"iops": done / wall, "mib_s": done * bs / wall / (1 << 20), "cpu_us_per_req": cpu / done * 1e6,
+            "backend_busy": cpu / wall, "lat_us_p50": None, "lat_us_p99": None, "lat_us_mean": wall / done * qd * 1e6,
+            "client_cpu_us_per_req": client_cpu / done * 1e6, "client_busy": client_cpu / wall,
+            "kicks_per_req": None, "requests": done}
 
 
-def _median(runs: list[dict]) -> dict:
-    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+def _best(runs: list[dict]) -> dict:
+    best = dict(max(runs, key=lambda r: r["iops"]))
+    best["runs_iops"] = [round(r["iops"]) for r in runs]
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in best.items()}
 
 
-def _rounded(side: dict | None) -> dict | None:
-    if side is None:
-        return None
-    return {"iops": round(side["iops"]), "mib_s": round(side["mib_s"], 1),
-            "cpu_s_per_req": float(f"{side['cpu_s_per_req']:.4g}"),
-            "backend_cpu_util": round(side["backend_cpu_util"], 3),
-            "client_cpu_s_per_req": float(f"{side['client_cpu_s_per_req']:.4g}")}
+def run_rows(binary: str | None, sides: list, workloads: list, event_idx_modes: tuple, runs: int, seconds: float,
+             driver_cpu: int | None, sync_fd: int | None) -> dict:
+    """Every workload x EVENT_IDX mode, ``runs`` interleaved rounds of every side; the best of each."""
+    rows = {}
+    for name, rw, bs, qd in workloads:
+        for event_idx in event_idx_modes:
+            row = f"{name}_event_idx" if event_idx and len(event_idx_modes) > 1 else name
+            got: dict[str, list] = {side: [] for side, _ in sides}
+            for _ in range(runs):
+                for side, daemon in sides:
+                    got[side].append(measure(binary, daemon, rw, bs, qd, event_idx, seconds, driver_cpu))
+                    if rw.endswith("write") and sync_fd is not None and side != "null":
+                        os.fdatasync(sync_fd)      # untimed: no dirty pages carried into the next run
+            best = {side: _best(r) for side, r in got.items()}
+            entry = {"workload": name, "rw": rw, "bs": bs, "qd": qd, "event_idx": event_idx, **best}
+            for side in best:
+                if side.startswith("ours") and "theirs" in best:
+                    suffix = side[len("ours"):]
+                    entry[f"ratio{suffix}"] = round(best[side]["iops"] / best["theirs"]["iops"], 3)
+                    entry[f"cpu_ratio{suffix}"] = round(best[side]["cpu_us_per_req"] / best["theirs"]["cpu_us_per_req"], 3)
+            rows[row] = entry
+            _progress(row, entry)
+    return rows
+
+
+def _progress(row: str, entry: dict) -> None:
+    parts = [f"{side} {entry[side]['iops']:,.0f}" for side in entry if isinstance(entry[side], dict)]
+    print(f"  {row}: IOPS " + ", ".join(parts), file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# O_DIRECT rows (issue 8: --cache none and --aio on the blk command)
+# --------------------------------------------------------------------------------------------
+
+def direct_rows() -> str | None:
+    """None when the O_DIRECT rows can run, else why not (one line)."""
+    help_text = subprocess.run([sys.executable, "-m", "vhost_min", "blk", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout
+    if "--cache" not in help_text or "--aio" not in help_text:
+        return "not run: `python3 -m vhost_min blk` has no --cache/--aio yet (issue 8)"
+    fs = _fs_type(DIRECT_DIR)
+    if fs in ("tmpfs", "ramfs", "overlay", None):
+        return f"not run: {DIRECT_DIR} is on {fs or 'an unknown file system'}, not a real disk"
+    return None
+
+
+def _fs_type(path: str) -> str | None:
+    """The file system type of the mount holding ``path`` (/proc/self/mountinfo's longest prefix)."""
+    path, best, kind = os.path.realpath(path), -1, None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mount, fstype = fields[4], fields[fields.index("-") + 1]
+            if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > best:
+                best, kind = len(mount), fstype
+    return kind
+
+
+def run_direct(binary: str | None, runs: int, seconds: float, driver_cpu: int | None,
+               backend_cpu: int | None, no_theirs: bool) -> dict:
+    """Ours with --cache none and each --aio against qemu-storage-daemon cache.direct=on,aio=io_uring,
+    on a 256 MiB image in DIRECT_DIR."""
+    with tempfile.TemporaryDirectory(prefix="vhost_min-bench-direct-", dir=DIRECT_DIR) as work, \
+            contextlib.ExitStack() as stack:
+        image = os.path.join(work, "disk.img")
+        make_image(image, IMAGE_SIZE)
+        sides = [(f"ours_{aio}", stack.enter_context(ours(image, work, backend_cpu, ("--cache", "none", "--aio", aio),
+                                                          name=f"ours-{aio}")))
+                 for aio in DIRECT_AIO]
+        if not no_theirs:
+            sides.append(("theirs", stack.enter_context(theirs(image, work, backend_cpu,
+                                                               ",cache.direct=on,aio=io_uring"))))
+        return run_rows(binary, sides, DIRECT_WORKLOADS, (True,), runs, seconds, driver_cpu, None)
 
 
 # --------------------------------------------------------------------------------------------
 # The profile of our back-end
 # --------------------------------------------------------------------------------------------
 
-def profile_ours(image: str, workdir: str, seconds: float, out: str | None) -> dict:
+def profile_ours(binary: str | None, image: str, workdir: str, seconds: float, out: str | None,
+                 driver_cpu: int | None, backend_cpu: int | None) -> dict:
     """One randread_4k_qd32 run against our back-end under cProfile; prints the hottest functions
     by own time, in microseconds per request."""
     path = out or os.path.join(workdir, "ours.prof")
-    requests = _requests("read", 4096, "random", IMAGE_SIZE)
-    with ours(image, workdir, profile=path) as daemon:
-        run = run_once(daemon, requests, 4096, 32, seconds, None)
+    with ours(image, workdir, backend_cpu, name="ours-profiled", profile=path) as daemon:
+        run = measure(binary, daemon, "randread", 4096, 32, False, seconds, driver_cpu)
     stats = pstats.Stats(path)
-    n = run["requests"]
+    n = run["requests"] * (seconds + WARMUP) / seconds if binary else run["requests"]   # the warm-up is profiled too
     rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
-    print(f"\ncProfile (wall clock) of our back-end, randread_4k_qd32: {n:,} requests, {run['iops']:,.0f} IOPS and "
-          f"{run['cpu_s_per_req'] * 1e6:.1f} us CPU per request under the profiler; top 15 by own time per request\n"
-          f"  (epoll.poll is idle waiting; eventfd_write is mostly the wait while the client it wakes runs first):")
+    print(f"\ncProfile of our back-end, randread_4k_qd32: ~{n:,.0f} requests, {run['iops']:,.0f} IOPS and "
+          f"{run['cpu_us_per_req']:.1f} us CPU per request under the profiler; top 15 by own time per request\n"
+          f"  (epoll.poll is mostly idle waiting):")
     print(f"  {'own us/req':>10} {'cum us/req':>10} {'calls/req':>9}  function")
     top = []
     for (filename, line, name), (_cc, calls, tottime, cumtime, _callers) in rows:
-        where = name if filename == "~" else f"{os.path.relpath(filename, ROOT) if filename.startswith(ROOT) else os.path.basename(filename)}:{line}({name})"
+        where = name if filename == "~" else (f"{os.path.relpath(filename, ROOT) if filename.startswith(ROOT) else os.path.basename(filename)}"
+                                              f":{line}({name})")
         print(f"  {tottime / n * 1e6:10.2f} {cumtime / n * 1e6:10.2f} {calls / n:9.2f}  {where}")
         top.append({"function": where, "own_us_per_req": round(tottime / n * 1e6, 2),
                     "cum_us_per_req": round(cumtime / n * 1e6, 2), "calls_per_req": round(calls / n, 2)})
     if out:
         print(f"  (raw profile: {out}; python3 -m pstats {out})")
-    return {"requests": n, "iops": round(run["iops"]), "cpu_s_per_req": float(f"{run['cpu_s_per_req']:.4g}"),
+    return {"requests": round(n), "iops": round(run["iops"]), "cpu_us_per_req": round(run["cpu_us_per_req"], 2),
             "top": top}
 
 
@@ -304,81 +409,135 @@ def _option(argv: list[str], name: str, default):
     return type(default)(argv[argv.index(name) + 1])
 
 
+def _figure(entry: dict, side: str) -> float | None:
+    """IOPS for 4 KiB rows, MiB/s for the larger ones."""
+    if side not in entry:
+        return None
+    return entry[side]["iops"] if entry["bs"] <= 4096 else entry[side]["mib_s"]
+
+
+def table_rows(rows: dict, ours_sides: tuple[str, ...] = ("ours",)) -> tuple[list[str], list[list]]:
+    """The printed table (also the README's): one line per row and per side of ours."""
+    columns = ["workload", "unit", "ours", "qsd", "ours/qsd", "client ceiling", "cpu us/req ours", "qsd",
+               "ours/qsd", "busy % ours/qsd", "p50 us ours/qsd"]
+    out = []
+    for row, e in rows.items():
+        for side in ours_sides:
+            t = e.get("theirs")
+            mine = e[side]
+            label = row if len(ours_sides) == 1 else f"{row} ({side.replace('ours_', 'aio=')})"
+            ratio = e.get(f"ratio{side[len('ours'):]}")
+            figure = _figure(e, side)
+            theirs_figure = _figure(e, "theirs")
+            if e["bs"] > 4096 and t:
+                ratio = round(figure / theirs_figure, 3)
+            out.append([label, "IOPS" if e["bs"] <= 4096 else "MiB/s", figure, theirs_figure if t else "-",
+                        ratio if t else "-", _figure(e, "null") if "null" in e else "-",
+                        mine["cpu_us_per_req"], t["cpu_us_per_req"] if t else "-",
+                        e.get(f"cpu_ratio{side[len('ours'):]}", "-"),
+                        f"{mine['backend_busy'] * 100:.0f}/{t['backend_busy'] * 100:.0f}" if t
+                        else f"{mine['backend_busy'] * 100:.0f}/-",
+                        (f"{mine['lat_us_p50']:.1f}/{t['lat_us_p50']:.1f}" if t and mine["lat_us_p50"] is not None
+                         else "-")])
+    return columns, out
+
+
+def markdown(columns: list[str], rows: list[list]) -> str:
+    """The same table as Markdown, for the README."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
+        return str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def run(argv: list[str]) -> dict:
     from bench.__main__ import print_table
 
     seconds = _option(argv, "--seconds", 2.0)
-    repeat = _option(argv, "--repeat", 3)
-    profile = "--profile" in argv
+    runs = _option(argv, "--runs", 3)
+    want_markdown = "--markdown" in argv
     profile_out = None
-    if profile:
+    if "--profile" in argv:
         at = argv.index("--profile") + 1
         if at < len(argv) and not argv[at].startswith("--"):
             profile_out = os.path.abspath(argv[at])
+    binary = vublk.build()
+    client = ("vublk (C, bench/vublk.c)" if binary else
+              f"Python BlkClient with EVENT_IDX: no C compiler (install: {vublk.CC_INSTALL}); at depth 32 the client "
+              f"is the limit")
+    driver_cpu, backend_cpu = pinning()
     no_theirs = qsd_missing()
+    version = None if no_theirs else qsd_version()
+    load_before = os.getloadavg()
+    print(f"blk: client {client}; ours = python3 -m vhost_min blk, qsd = {QSD} {version or '(missing)'}; "
+          f"driver on core {driver_cpu}, back-ends on core {backend_cpu}", file=sys.stderr, flush=True)
     result: dict = {}
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="vhost_min-bench-blk-") as work:
+    image_dir = CACHED_DIR if _fs_type(CACHED_DIR) == "tmpfs" else None
+    with tempfile.TemporaryDirectory(prefix="vhost_min-bench-blk-", dir=image_dir) as work:
         image = os.path.join(work, "disk.img")
+        image_fs = _fs_type(work)
         make_image(image, IMAGE_SIZE)
         sync_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
         try:
             with contextlib.ExitStack() as stack:
-                mine = stack.enter_context(ours(image, work))
-                other = None if no_theirs else stack.enter_context(theirs(image, work))
-                sides = [("ours", mine)] + ([("theirs", other)] if other else [])
-                warm = _requests("read", 4096, "random", IMAGE_SIZE)
+                sides = []
+                if binary:
+                    sides.append(("null", Null(stack.enter_context(vublk.null_backend(binary, work, backend_cpu,
+                                                                                       IMAGE_SIZE)))))
+                sides.append(("ours", stack.enter_context(ours(image, work, backend_cpu))))
+                if not no_theirs:
+                    sides.append(("theirs", stack.enter_context(theirs(image, work, backend_cpu))))
                 for _, daemon in sides:                       # warm-up, untimed
-                    run_once(daemon, warm, 4096, 32, 0.3, None)
-                for name, op, size, depth, pattern in WORKLOADS:
-                    requests = _requests(op, size, pattern, IMAGE_SIZE)
-                    runs: dict[str, list] = {side: [] for side, _ in sides}
-                    for _ in range(repeat):                   # ours, theirs, ours, theirs, ...
-                        for side, daemon in sides:
-                            runs[side].append(run_once(daemon, requests, size, depth, seconds,
-                                                       sync_fd if op == "write" else None))
-                    o = _median(runs["ours"])
-                    t = _median(runs["theirs"]) if other else None
-                    result[name] = {"ours": _rounded(o), "theirs": _rounded(t),
-                                    "ratio_iops": round(o["iops"] / t["iops"], 3) if t else None,
-                                    "ratio_cpu": round(o["cpu_s_per_req"] / t["cpu_s_per_req"], 3) if t else None}
-                    dash = "-"
-                    rows.append([name, o["iops"], t["iops"] if t else dash,
-                                 o["iops"] / t["iops"] if t else dash,
-                                 o["mib_s"], t["mib_s"] if t else dash,
-                                 o["cpu_s_per_req"] * 1e6, t["cpu_s_per_req"] * 1e6 if t else dash,
-                                 o["cpu_s_per_req"] / t["cpu_s_per_req"] if t else dash,
-                                 f"{o['backend_cpu_util'] * 100:.0f}/{t['backend_cpu_util'] * 100:.0f}" if t
-                                 else f"{o['backend_cpu_util'] * 100:.0f}/-",
-                                 f"{o['client_cpu_s_per_req'] * 1e6:.1f}/{t['client_cpu_s_per_req'] * 1e6:.1f}" if t
-                                 else f"{o['client_cpu_s_per_req'] * 1e6:.1f}/-"])
+                    measure(binary, daemon, "randread", 4096, 32, False, 0.3, driver_cpu)
+                # The Python client runs in this process, always with EVENT_IDX: pin this process instead.
+                modes = (False, True) if binary else (True,)
+                mask = os.sched_getaffinity(0)
+                if binary is None and driver_cpu is not None:
+                    os.sched_setaffinity(0, {driver_cpu})
+                try:
+                    rows = run_rows(binary, sides, WORKLOADS, modes, runs, seconds, driver_cpu, sync_fd)
+                finally:
+                    os.sched_setaffinity(0, mask)
         finally:
             os.close(sync_fd)
-        version = None if no_theirs else qsd_version()
-        print_table(f"blk: our BlkClient against our back-end (ours) and {QSD} {version or '(missing)'} "
-                    f"(theirs); python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs",
-                    ["workload", "IOPS ours", "IOPS theirs", "ours/theirs", "MiB/s ours", "MiB/s theirs",
-                     "cpu us/req ours", "theirs", "ours/theirs", "backend busy % o/t", "client us/req o/t"], rows)
-        print(f"notes: median of {repeat} rounds of {seconds:g} s per side, interleaved ours, theirs, ours, theirs; "
-              f"one {IMAGE_SIZE >> 20} MiB raw image\n"
-              f"  shared by both, fully written and in the page cache (buffered I/O, writeback, fdatasync after each "
-              f"write run, untimed);\n"
-              f"  same client (split ring {QUEUE_SIZE}, event idx) in this process; cpu = back-end utime+stime per "
-              f"request (/proc/PID/stat, all threads);\n"
-              f"  busy % = back-end CPU / wall time; client us/req = this process's CPU per request. ratios: "
-              f"ours/theirs.")
-        sys.stdout.flush()
-        if profile:
-            result["profile_randread_4k_qd32"] = profile_ours(image, work, seconds, profile_out)
-    result.update({"seconds": seconds, "repeat": repeat, "statistic": "median", "image_mib": IMAGE_SIZE >> 20,
-                   "theirs": None if no_theirs else f"{QSD} {version}", "python": platform.python_version(),
-                   "machine": platform.machine(), "cpus": os.cpu_count()})
+        if "--profile" in argv:
+            result["profile_randread_4k_qd32"] = profile_ours(binary, image, work, seconds, profile_out,
+                                                              driver_cpu, backend_cpu)
+    skipped = direct_rows()
+    direct = {} if skipped else run_direct(binary, runs, seconds, driver_cpu, backend_cpu, no_theirs)
+    load_after = os.getloadavg()
+
+    title = (f"blk: ours (python3 -m vhost_min blk) against {QSD} {version or '(missing)'} (qsd); client {client}; "
+             f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs")
+    columns, lines = table_rows(rows)
+    print_table(title, columns, lines)
+    if direct:
+        dcolumns, dlines = table_rows(direct, tuple(f"ours_{aio}" for aio in DIRECT_AIO))
+        print_table(f"\nO_DIRECT: image in {DIRECT_DIR} ({_fs_type(DIRECT_DIR)}); ours --cache none --aio X, "
+                    f"qsd cache.direct=on,aio=io_uring", dcolumns, dlines)
+    else:
+        print(f"\nO_DIRECT rows {skipped}")
+    print(f"notes: best of {runs} rounds of {seconds:g} s per side (after {WARMUP:g} s of warm-up), interleaved null, "
+          f"ours, qsd; one {IMAGE_SIZE >> 20} MiB raw image on {image_fs} ({image_dir or tempfile.gettempdir()})\n"
+          f"  shared by ours and qsd (buffered, writeback, fdatasync after each write run, untimed); split ring of "
+          f"{QUEUE_SIZE}, rows with _event_idx negotiate VIRTIO_RING_F_EVENT_IDX;\n"
+          f"  client ceiling = the same client against vublk's null back-end (no I/O); cpu = back-end CPU (all "
+          f"threads) per request; busy = back-end CPU / wall time\n"
+          f"  (near 100% at qd32: the back-end, not the client, is the limit); p50 = median latency seen by the client."
+          f"\n  load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (other work on this machine "
+          f"takes CPU from both sides).")
+    if want_markdown:
+        print("\n" + markdown(columns, lines))
+        if direct:
+            print("\n" + markdown(*table_rows(direct, tuple(f"ours_{aio}" for aio in DIRECT_AIO))))
     sys.stdout.flush()
+    result.update({"rows": rows, "o_direct": direct or {"skipped": skipped}, "client": client,
+                   "seconds": seconds, "runs": runs, "warmup": WARMUP, "statistic": "best", "queue_size": QUEUE_SIZE,
+                   "image_mib": IMAGE_SIZE >> 20, "image_fs": image_fs, "theirs": None if no_theirs else f"{QSD} {version}",
+                   "pinning": {"driver": driver_cpu, "backends": backend_cpu},
+                   "loadavg": [round(load_before[0], 2), round(load_after[0], 2)],
+                   "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()})
     return result
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["serve"]:
-        sys.exit(_serve(sys.argv[2:]))
-    print("usage: python3 -m bench.blk serve SOCKET IMAGE   (the benchmark itself: python3 -m bench blk)")
-    sys.exit(2)
