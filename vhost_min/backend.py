@@ -284,6 +284,9 @@ class Backend:
         # Chains asynchronous devices completed in other threads (post_used), pushed by the loop.
         self._completions = Completions()
         self._wake_handler = self._on_wake
+        # The device's own fds (Device.watched), each callback followed by a push of what it posted.
+        self._device_fds = {fd: functools.partial(self._on_device_fd, callback)
+                            for fd, callback in device.watched().items()}
         device.backend = self
 
     def __repr__(self) -> str:
@@ -309,11 +312,13 @@ class Backend:
         return self.connection.fileno()
 
     def watched(self) -> dict[int, Callable[[], None]]:
-        """Every fd to watch for reading now (the socket and the rings' kick eventfds) and what to
-        call when it is readable. Empty once closed."""
+        """Every fd to watch for reading now (the socket, the completion wake-up, the device's own
+        fds from Device.watched and the rings' kick eventfds) and what to call when it is
+        readable. Empty once closed."""
         if self.closed:
             return {}
-        fds = {self.connection.fileno(): self._socket_handler, self._completions.fd: self._wake_handler}
+        fds = {self.connection.fileno(): self._socket_handler, self._completions.fd: self._wake_handler,
+               **self._device_fds}
         for ring in self.rings:
             if ring.kick_fd is not None:
                 fds[ring.kick_fd] = ring.on_kick
@@ -606,6 +611,17 @@ class Backend:
 
     def _on_wake(self) -> None:
         self._completions.woken()
+        self._push_posted()
+
+    def _on_device_fd(self, callback: Callable[[], None]) -> None:
+        """A device fd (Device.watched) is readable: the device's callback, then what it posted."""
+        if self.closed:
+            return
+        self._completions.hold(True)
+        try:
+            callback()
+        finally:
+            self._completions.hold(False)
         self._push_posted()
 
     def _push_posted(self, queue: int | None = None) -> None:

@@ -10,6 +10,9 @@ The contract with the transport serving it (``device.backend`` while it is serve
   with ``self.backend.post_used(queue, [(head, written), ...])``: the transport pushes them to the
   used ring (and signals the driver) in its loop thread, so the queue itself is only ever touched
   there.
+* An asynchronous device whose completions arrive on an fd (io_uring's eventfd, say) lists it in
+  ``watched()``: the transport watches it in its loop and calls the callback there, and what the
+  callback posts is pushed as soon as it returns (no wake-up of the loop in between).
 * ``stopped(queue)`` is the device's last word on a ring: it is called when the ring stops
   (GET_VRING_BASE, reset, disconnect) and before its queue is rebuilt while chains are in flight
   (SET_VRING_NUM/ADDR/BASE, a ring feature change, a memory table change that moves the ring). It
@@ -25,7 +28,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO
 
 from .errors import NotSupportedError, VhostError
@@ -101,6 +104,12 @@ class Device:
                 return False
             self.complete(queue, vq, chains)
         return True
+
+    def watched(self) -> dict[int, Callable[[], None]]:
+        """fd -> what to call (in the loop thread) when it is readable: the device's own fds for the
+        transport to watch while it serves the device, asked once when serving starts (keep the
+        callables stable). What the callback posts with ``post_used`` is pushed when it returns."""
+        return {}
 
     def process_disabled(self, queue: int, vq) -> bool | None:
         """Queue ``queue`` is started but disabled: the spec asks for processing "without side
@@ -198,6 +207,7 @@ class Completions:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._posted: dict[int, list[tuple[int, int]]] = {}
+        self._held = False
         #: The eventfd the loop watches (-1 once closed).
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
@@ -207,7 +217,14 @@ class Completions:
             if self.fd < 0:
                 return
             self._posted.setdefault(queue, []).extend(done)
-            os.eventfd_write(self.fd, 1)
+            if not self._held:
+                os.eventfd_write(self.fd, 1)
+
+    def hold(self, on: bool) -> None:
+        """While held, :meth:`post` does not wake the loop: the loop thread holds it around a call
+        into the device and takes what was posted right after releasing it."""
+        with self._lock:
+            self._held = on
 
     def wake(self) -> None:
         """Thread- and signal-safe: make the loop look (a stop request, say)."""

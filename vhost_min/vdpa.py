@@ -722,6 +722,9 @@ class VduseDevice:
         self._stopping = False
         self._requests_handler = self.handle_requests
         self._wake_handler = self._on_wake
+        # The device's own fds (Device.watched), each callback followed by a push of what it posted.
+        self._device_fds = {fd: functools.partial(self._on_device_fd, callback)
+                            for fd, callback in device.watched().items()}
         self._control = -1
         self._fd = -1
         self._created = False
@@ -868,11 +871,12 @@ class VduseDevice:
         return self._fd
 
     def watched(self) -> dict[int, Callable[[], None]]:
-        """fd -> what to call when it is readable: the device fd, the completion wake-up and the
-        kick eventfd of every started ring (the handlers are stable objects)."""
+        """fd -> what to call when it is readable: the device fd, the completion wake-up, the
+        device's own fds (Device.watched) and the kick eventfd of every started ring (the
+        handlers are stable objects)."""
         if self.closed:
             return {}
-        fds = {self._fd: self._requests_handler, self._completions.fd: self._wake_handler}
+        fds = {self._fd: self._requests_handler, self._completions.fd: self._wake_handler, **self._device_fds}
         for ring in self.rings:
             if ring.kick_fd is not None:
                 fds[ring.kick_fd] = ring.on_kick
@@ -1245,6 +1249,17 @@ class VduseDevice:
 
     def _on_wake(self) -> None:
         self._completions.woken()
+        self._push_posted()
+
+    def _on_device_fd(self, callback: Callable[[], None]) -> None:
+        """A device fd (Device.watched) is readable: the device's callback, then what it posted."""
+        if self.closed:
+            return
+        self._completions.hold(True)
+        try:
+            callback()
+        finally:
+            self._completions.hold(False)
         self._push_posted()
 
     def _push_posted(self, queue: int | None = None) -> None:
