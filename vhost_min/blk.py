@@ -9,7 +9,25 @@ Read top to bottom: the facts of linux/virtio_blk.h (feature bits, request types
 
 A request chain is ``{le32 type, le32 ioprio, le64 sector}`` device-readable, then data (readable
 for writes, writable for reads), then one device-writable status byte, the last byte of the chain.
-Data moves with ``os.preadv`` / ``os.pwritev`` straight between the image and guest memory views.
+Data moves with ``os.preadv`` / ``os.pwritev`` straight between the image and guest memory views,
+or, with an asynchronous engine (aio.py: io_uring or a thread pool), through :meth:`BlockImage.start`
+and :meth:`BlockImage.finish` around the engine's operation.
+
+Cache modes (``cache=``, as qemu-storage-daemon's ``cache.direct`` / ``cache.writeback``):
+``writeback`` (the page cache; writes are stable after FLUSH), ``writethrough`` (every write is
+stable before it completes: RWF_DSYNC, or fdatasync where pwritev2 flags are refused) and ``none``
+(O_DIRECT, writeback semantics: the disk's own cache needs FLUSH). Under O_DIRECT guest buffers
+are used in place when their address and length are multiples of the file's direct-I/O alignment
+(:attr:`BlockImage.align`); others are copied through an aligned bounce buffer (counted in
+:attr:`BlockImage.bounced`), and a request whose offset or length is not aligned goes through a
+second, buffered fd (counted in :attr:`BlockImage.buffered`).
+
+FLUSH on an asynchronous engine is submitted at once, beside whatever is in flight (QEMU's
+virtio-blk does the same): virtio 1.3 §5.2.6.2 asks a flush to cover the writes *completed* before
+it was sent, and a write is completed for the driver only once we have reaped its completion
+from the engine, so the fdatasync (IORING_OP_FSYNC with IORING_FSYNC_DATASYNC) starts after it
+finished and covers it. Writes still in flight when the flush arrives are not the driver's to
+count on, exactly as with a disk's own queue.
 """
 
 from __future__ import annotations
@@ -17,23 +35,27 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import fcntl
 import logging
+import mmap
 import os
 import stat
 import struct
 import time
 from typing import NamedTuple
 
+from . import aio as _aio
 from .device import Device
 from .user import VHOST_SET_CONFIG_TYPE_MIGRATION, ProtocolFeature
-from .memory import libc
+from .ioctl import _IO
+from .memory import address_of, libc
 from .errors import NotNegotiatedError, NotSupportedError, VhostError, VirtqueueError
 from .virtio import DeviceId, DeviceStatus, VirtioFeature
 
 __all__ = ["VirtioBlkFeature", "VirtioBlkType", "VirtioBlkStatus", "BlkConfig", "VIRTIO_BLK_CONFIG",
            "VIRTIO_BLK_CONFIG_OFFSETS", "VIRTIO_BLK_OUTHDR", "VIRTIO_BLK_DISCARD_WRITE_ZEROES", "VIRTIO_BLK_ID_BYTES",
            "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP", "SECTOR_SIZE", "BlockImage", "BlkDevice", "BLK_DRIVER_FEATURES",
-           "BlkClient", "BlkRequest", "BlkCompletion", "BlkRequestError"]
+           "BlkClient", "BlkRequest", "BlkCompletion", "BlkRequestError", "CACHE_MODES", "AIO_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +338,51 @@ def image_format(head: bytes) -> str | None:
     return None
 
 
+#: cache= of BlockImage / BlkDevice and --cache of the blk command (qemu-storage-daemon's
+#: cache.direct=on is "none", cache.writeback=off is "writethrough").
+CACHE_MODES = ("writeback", "writethrough", "none")
+#: aio= of BlkDevice and --aio of the blk command: who runs reads, writes and flushes.
+AIO_MODES = ("io_uring", "threads", "sync")
+
+# ioctl BLKSSZGET (linux/fs.h _IO(0x12, 104)): a block device's logical sector size, an int
+BLKSSZGET = _IO(0x12, 104)
+
+
+def _direct_alignment(fd: int, st: os.stat_result) -> int:
+    """The alignment O_DIRECT needs on ``fd``: a block device's logical block size (BLKSSZGET);
+    for a file, the smallest of 512 .. 4096 bytes that an aligned O_DIRECT read accepts."""
+    if stat.S_ISBLK(st.st_mode):
+        size = ctypes.c_int(0)
+        fcntl.ioctl(fd, BLKSSZGET, size)
+        if size.value >= SECTOR_SIZE:
+            return size.value
+    probe = mmap.mmap(-1, 4096)
+    try:
+        view = memoryview(probe)
+        for size in (512, 1024, 2048, 4096):
+            try:
+                os.preadv(fd, [view[:size]], 0)
+                return size
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or size == 4096:
+                    raise
+    finally:
+        view.release()
+        probe.close()
+    return 4096
+
+
+class AsyncIo:
+    """One read, write or flush between :meth:`BlockImage.start` and :meth:`BlockImage.finish`:
+    what the engine is to do (op, fd, offset, views, RWF flags) and how to answer the chain."""
+
+    __slots__ = ("op", "fd", "offset", "length", "views", "guest", "status", "used", "flags")
+
+    def __init__(self, op, fd, offset, length, views, guest, status, used, flags) -> None:
+        self.op, self.fd, self.offset, self.length, self.views = op, fd, offset, length, views
+        self.guest, self.status, self.used, self.flags = guest, status, used, flags
+
+
 class BlockImage:
     """A raw disk image (regular file or block device) and the virtio-blk requests on it.
 
@@ -337,10 +404,12 @@ class BlockImage:
     max_write_zeroes_seg = 1
 
     def __init__(self, path: str | os.PathLike, *, read_only: bool = False, serial: str | bytes | None = None,
-                 block_size: int = SECTOR_SIZE) -> None:
+                 block_size: int = SECTOR_SIZE, cache: str = "writeback") -> None:
         if not (isinstance(block_size, int) and SECTOR_SIZE <= block_size <= 65536
                 and block_size & (block_size - 1) == 0):
             raise ValueError(f"block_size must be a power of two from 512 to 65536, not {block_size!r}")
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
         ident = serial.encode("ascii") if isinstance(serial, str) else bytes(serial or b"")
         if len(ident) > VIRTIO_BLK_ID_BYTES:
             raise ValueError(f"serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
@@ -349,11 +418,28 @@ class BlockImage:
         self.block_size = block_size
         self.serial = ident
         self._id = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+        #: The cache mode asked for: "writeback", "writethrough" or "none" (O_DIRECT).
+        self.cache = cache
         #: Writeback cache (True: writes may sit in the page cache until FLUSH) or writethrough
-        #: (False: every write and write-zeroes is stable before it completes).
-        self.writeback = True
+        #: (False: every write and write-zeroes is stable before it completes). The driver may
+        #: switch it (``wce``); cache="writethrough" is where it starts and returns at reset.
+        self.writeback = cache != "writethrough"
         self._no_rwf = False     # set when pwritev2 flags (RWF_DSYNC) turn out unsupported
+        #: O_DIRECT (cache="none") and its alignment: buffer addresses, lengths and file offsets
+        #: must be multiples of it (1 without O_DIRECT).
+        self.direct = cache == "none"
+        self.align = 1
+        #: Requests copied through an aligned bounce buffer (O_DIRECT, guest buffers unaligned).
+        self.bounced = 0
+        #: Requests served by the buffered fd (O_DIRECT, offset or length unaligned).
+        self.buffered = 0
+        #: Most views one request may pass to the I/O engine as they are (more are bounced).
+        self.max_views = IOV_MAX
+        #: True where the engine needs buffer addresses (io_uring): read-only views are bounced.
+        self.need_addresses = False
+        self._bounce_pool: dict[int, list[memoryview]] = {}
         self.fd = -1
+        self._buffered_fd = -1
         try:
             self.fd = os.open(self.path, (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC)
             st = os.fstat(self.fd)
@@ -383,11 +469,40 @@ class BlockImage:
         #: discard_sector_alignment, in sectors
         self.discard_sector_alignment = max(block_size, granule) // SECTOR_SIZE
         self._fallocate_ok = {FALLOC_FL_PUNCH_HOLE: True, FALLOC_FL_ZERO_RANGE: True, 0: True}
+        if self.direct:
+            self._open_direct(st)
+            if self.block_size < self.align:
+                # the guest then sends aligned requests (Linux takes blk_size as its logical block size)
+                self.block_size = self.align
+                self.discard_sector_alignment = max(self.discard_sector_alignment, self.align // SECTOR_SIZE)
+
+    def _open_direct(self, st: os.stat_result) -> None:
+        """cache="none": reopen with O_DIRECT (the buffered fd stays, for unaligned requests) and
+        find the alignment: BLKSSZGET for a block device, a probe of aligned reads for a file."""
+        try:
+            fd = os.open(self.path, (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as exc:
+            self.close()
+            if exc.errno == errno.EINVAL:
+                raise VhostError(f"cannot use disk image {self.path!r} with cache=none: its file system refuses "
+                                 f"O_DIRECT (use cache writeback or writethrough)", exc.errno) from None
+            raise VhostError(f"cannot use disk image {self.path!r} with O_DIRECT: {exc.strerror}", exc.errno) from None
+        self._buffered_fd, self.fd = self.fd, fd
+        try:
+            self.align = _direct_alignment(fd, st)
+        except OSError as exc:
+            self.close()
+            raise VhostError(f"cannot use disk image {self.path!r} with cache=none: an O_DIRECT read fails "
+                             f"({exc.strerror})", exc.errno) from None
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._buffered_fd >= 0:
+            os.close(self._buffered_fd)
+            self._buffered_fd = -1
+        self._bounce_pool.clear()
 
     def __enter__(self) -> BlockImage:
         return self
@@ -400,7 +515,7 @@ class BlockImage:
 
     def __repr__(self) -> str:
         return (f"BlockImage({self.path!r}, capacity={self.capacity}, block_size={self.block_size}, "
-                f"read_only={self.read_only})")
+                f"read_only={self.read_only}, cache={self.cache!r})")
 
     # -- requests ------------------------------------------------------------------------------
     def handle(self, readable: list[memoryview], writable: list[memoryview]) -> int:
@@ -412,20 +527,10 @@ class BlockImage:
         A malformed request is answered VIRTIO_BLK_S_IOERR; only a chain with no status byte to
         answer in raises :class:`VirtqueueError` (the ring's business, not the disk's).
         """
-        if writable and len(writable[-1]) == 1:         # the status byte in its own descriptor
-            inp, status = writable[:-1], writable[-1]
-        else:
-            inp, status = _split_status(writable)
-        first = readable[0] if readable else b""
-        if len(first) == 16:                            # the header in its own descriptor
-            type_, _, sector = VIRTIO_BLK_OUTHDR.unpack(first)
-            out = readable[1:]
-        else:
-            header, out = _gather(readable, VIRTIO_BLK_OUTHDR.size)
-            if header is None:
-                status[0] = VIRTIO_BLK_S_IOERR
-                return _nbytes(writable)
-            type_, _, sector = VIRTIO_BLK_OUTHDR.unpack(header)
+        parsed = self._parse(readable, writable)
+        if parsed.__class__ is int:
+            return parsed
+        type_, sector, out, inp, status = parsed
         if type_ == _T_IN:
             status[0] = self._read(sector, out, inp)
         elif type_ == _T_OUT:
@@ -434,6 +539,24 @@ class BlockImage:
             handler = self._HANDLERS.get(type_)
             status[0] = VIRTIO_BLK_S_UNSUPP if handler is None else handler(self, sector, out, inp)
         return _nbytes(inp) + 1
+
+    def _parse(self, readable: list[memoryview], writable: list[memoryview]):
+        """(type, sector, data out, data in, status view), or the used length of a request
+        answered IOERR for a header that is not there."""
+        if writable and len(writable[-1]) == 1:         # the status byte in its own descriptor
+            inp, status = writable[:-1], writable[-1]
+        else:
+            inp, status = _split_status(writable)
+        first = readable[0] if readable else b""
+        if len(first) == 16:                            # the header in its own descriptor
+            type_, _, sector = VIRTIO_BLK_OUTHDR.unpack(first)
+            return type_, sector, readable[1:], inp, status
+        header, out = _gather(readable, VIRTIO_BLK_OUTHDR.size)
+        if header is None:
+            status[0] = VIRTIO_BLK_S_IOERR
+            return _nbytes(writable)
+        type_, _, sector = VIRTIO_BLK_OUTHDR.unpack(header)
+        return type_, sector, out, inp, status
 
     def _range_ok(self, sector: int, length: int) -> bool:
         return not length % SECTOR_SIZE and sector * SECTOR_SIZE + length <= self._end
@@ -446,13 +569,17 @@ class BlockImage:
         offset = sector * SECTOR_SIZE
         if length % SECTOR_SIZE or offset + length > self._end:
             return VIRTIO_BLK_S_IOERR
+        fd, views, guest = self._io_target(offset, length, inp, False)
         try:
-            done = os.preadv(self.fd, inp, offset) if len(inp) <= IOV_MAX else 0
+            done = os.preadv(fd, views, offset) if len(views) <= IOV_MAX else 0
             if done != length:
-                _readv(self.fd, inp, offset, length, done)
+                _readv(fd, views, offset, length, done)
         except OSError as exc:
             log.warning("%s: read of %d bytes at sector %d failed: %s", self.path, length, sector, exc)
             return VIRTIO_BLK_S_IOERR
+        finally:
+            if guest is not None:
+                self._unbounce(views[0], guest, True)
         return VIRTIO_BLK_S_OK
 
     def _write(self, sector: int, out: list[memoryview], inp: list[memoryview]) -> int:
@@ -464,9 +591,10 @@ class BlockImage:
         if length % SECTOR_SIZE or offset + length > self._end:
             return VIRTIO_BLK_S_IOERR
         flags = 0 if self.writeback or self._no_rwf else os.RWF_DSYNC
+        fd, views, guest = self._io_target(offset, length, out, True)
         try:
             try:
-                done = os.pwritev(self.fd, out, offset, flags) if len(out) <= IOV_MAX else 0
+                done = os.pwritev(fd, views, offset, flags) if len(views) <= IOV_MAX else 0
             except OSError as exc:
                 if not flags or exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
@@ -474,13 +602,134 @@ class BlockImage:
                 # a plain write followed by fdatasync, from now on.
                 self._no_rwf, flags, done = True, 0, 0
             if done != length:
-                _writev(self.fd, out, offset, length, flags, done)
+                _writev(fd, views, offset, length, flags, done)
             if self._no_rwf and not self.writeback:
-                os.fdatasync(self.fd)
+                os.fdatasync(fd)
         except OSError as exc:
             log.warning("%s: write of %d bytes at sector %d failed: %s", self.path, length, sector, exc)
             return VIRTIO_BLK_S_IOERR
+        finally:
+            if guest is not None:
+                self._unbounce(views[0], guest, False)
         return VIRTIO_BLK_S_OK
+
+    # -- O_DIRECT: aligned buffers ---------------------------------------------------------------
+    def _io_target(self, offset: int, length: int, views: list[memoryview], write: bool):
+        """(fd, views to pass it, guest views a bounce buffer stands for or None). Without
+        O_DIRECT: the fd and the guest's views, unless the engine cannot take them as they are
+        (too many, or read-only for io_uring)."""
+        mask = self.align - 1
+        if self.direct:
+            if offset & mask or length & mask:
+                self.buffered += 1
+                return self._buffered_fd, views, None
+            for v in views:
+                if len(v) & mask:
+                    break
+                try:
+                    if address_of(v) & mask:
+                        break
+                except TypeError:           # a read-only mapping: no address to give
+                    break
+            else:
+                if len(views) <= self.max_views:
+                    return self.fd, views, None
+        elif len(views) <= self.max_views and not (self.need_addresses and write and any(v.readonly for v in views)):
+            return self.fd, views, None
+        self.bounced += 1
+        buf = self._bounce(length)
+        if write:
+            at = 0
+            for v in views:
+                buf[at:at + len(v)] = v
+                at += len(v)
+        return self.fd, [buf], views
+
+    def _bounce(self, length: int) -> memoryview:
+        """A page-aligned buffer of ``length`` bytes (anonymous memory, reused)."""
+        size = -(-max(length, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+        pool = self._bounce_pool.get(size)
+        if pool:
+            return pool.pop()[:length]
+        return memoryview(mmap.mmap(-1, size))[:length]
+
+    def _unbounce(self, buf: memoryview, guest: list[memoryview], read: bool) -> None:
+        """After a bounced request: a read's bytes to the guest's views; the buffer back to the pool."""
+        if read:
+            at = 0
+            for v in guest:
+                v[:] = buf[at:at + len(v)]
+                at += len(v)
+        base = buf.obj
+        pool = self._bounce_pool.setdefault(len(base), [])
+        if len(pool) < 64:
+            pool.append(memoryview(base))
+
+    # -- asynchronous requests (an engine of aio.py does the I/O) --------------------------------
+    def start(self, readable: list[memoryview], writable: list[memoryview]):
+        """The first half of :meth:`handle` for an engine: an :class:`AsyncIo` for a read, write
+        or flush (hand it to the engine, then :meth:`finish`), or the used length of a request
+        answered now (every other type, and every malformed one)."""
+        parsed = self._parse(readable, writable)
+        if parsed.__class__ is int:
+            return parsed
+        type_, sector, out, inp, status = parsed
+        used = _nbytes(inp) + 1
+        if type_ == _T_IN or type_ == _T_OUT:
+            data, bad = (inp, out) if type_ == _T_IN else (out, inp)
+            length = _nbytes(data)
+            offset = sector * SECTOR_SIZE
+            if (bad and _nbytes(bad)) or length % SECTOR_SIZE or offset + length > self._end or (
+                    type_ == _T_OUT and self.read_only):
+                status[0] = VIRTIO_BLK_S_IOERR
+                return used
+            if not length:
+                status[0] = VIRTIO_BLK_S_OK
+                return used
+            write = type_ == _T_OUT
+            fd, views, guest = self._io_target(offset, length, data, write)
+            flags = os.RWF_DSYNC if write and not (self.writeback or self._no_rwf) else 0
+            return AsyncIo(_aio.OP_WRITE if write else _aio.OP_READ, fd, offset, length, views, guest, status,
+                           used, flags)
+        if type_ == VIRTIO_BLK_T_FLUSH:
+            return AsyncIo(_aio.OP_FSYNC, self.fd, 0, 0, [], None, status, used, 0)
+        handler = self._HANDLERS.get(type_)
+        status[0] = VIRTIO_BLK_S_UNSUPP if handler is None else handler(self, sector, out, inp)
+        return used
+
+    def finish(self, io: AsyncIo, res: int) -> int:
+        """The second half: ``res`` is what the engine reported (bytes moved or -errno). Writes
+        the status byte (a short transfer is finished here, synchronously) and returns the used
+        length."""
+        op, views = io.op, io.views
+        try:
+            if res < 0:
+                if op == _aio.OP_WRITE and io.flags and -res in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    self._no_rwf = True          # no RWF_DSYNC here: write, then fdatasync
+                    _writev(io.fd, views, io.offset, io.length, 0)
+                    os.fdatasync(io.fd)
+                else:
+                    raise OSError(-res, os.strerror(-res))
+            elif op == _aio.OP_READ:
+                if res != io.length:
+                    _readv(io.fd, views, io.offset, io.length, res)
+                if io.guest is not None:
+                    self._unbounce(views[0], io.guest, True)
+                    io.guest = None
+            elif op == _aio.OP_WRITE:
+                if res != io.length:
+                    _writev(io.fd, views, io.offset, io.length, io.flags, res)
+                if self._no_rwf and not self.writeback:
+                    os.fdatasync(io.fd)
+            io.status[0] = VIRTIO_BLK_S_OK
+        except OSError as exc:
+            what = "flush" if op == _aio.OP_FSYNC else (
+                f"{'read' if op == _aio.OP_READ else 'write'} of {io.length} bytes at offset {io.offset}")
+            log.warning("%s: %s failed: %s", self.path, what, exc.strerror or exc)
+            io.status[0] = VIRTIO_BLK_S_IOERR
+        if io.guest is not None:
+            self._unbounce(views[0], io.guest, False)
+        return io.used
 
     def _flush(self, sector: int, out: list[memoryview], inp: list[memoryview]) -> int:
         """VIRTIO_BLK_T_FLUSH: every completed write becomes stable (fdatasync)."""
@@ -597,6 +846,28 @@ class BlockImage:
 # The vhost-user device
 # --------------------------------------------------------------------------------------------
 
+_refusal_logged = False
+
+
+def _make_engine(aio: str | None, cache: str):
+    """The engine for ``aio`` (None: the best available, see BlkDevice). io_uring refused
+    (ENOSYS, EPERM: seccomp, sysctl kernel.io_uring_disabled) falls back to the thread pool,
+    logged once per process."""
+    global _refusal_logged
+    if aio is None:
+        aio = "io_uring" if cache == "none" else "sync"
+    if aio == "sync":
+        return None
+    if aio == "io_uring":
+        try:
+            return _aio.UringEngine()
+        except _aio.IoUringError as exc:
+            if not _refusal_logged:
+                _refusal_logged = True
+                log.warning("io_uring is not available (%s): a thread pool does the asynchronous I/O", exc)
+    return _aio.ThreadEngine()
+
+
 class BlkDevice(Device):
     """A vhost-user-blk device over a raw image: ``serve(BlkDevice("disk.img"), "/tmp/blk.sock")``
     and QEMU's ``-device vhost-user-blk-pci,chardev=...`` sees a disk of the image's size.
@@ -614,13 +885,31 @@ class BlkDevice(Device):
     batch_size = 8
 
     def __init__(self, image_path: str | os.PathLike, *, read_only: bool = False, num_queues: int = 1,
-                 serial: str | bytes | None = None, block_size: int = SECTOR_SIZE, seg_max: int = 254) -> None:
+                 serial: str | bytes | None = None, block_size: int = SECTOR_SIZE, seg_max: int = 254,
+                 cache: str = "writeback", aio: str | None = None) -> None:
         if not (isinstance(num_queues, int) and 1 <= num_queues <= 0xFFFF):
             raise ValueError(f"num_queues must be 1..65535, not {num_queues!r}")
         if not (isinstance(seg_max, int) and 1 <= seg_max <= 0xFFFFFFFF):
             raise ValueError(f"seg_max must be a positive u32, not {seg_max!r}")
+        if aio is not None and aio not in AIO_MODES:
+            raise ValueError(f"aio must be one of {', '.join(AIO_MODES)} (or None: the best available), not {aio!r}")
         super().__init__()
-        self.image = BlockImage(image_path, read_only=read_only, serial=serial, block_size=block_size)
+        self.image = BlockImage(image_path, read_only=read_only, serial=serial, block_size=block_size, cache=cache)
+        #: The I/O engine (aio.UringEngine or aio.ThreadEngine), None for synchronous I/O in the loop.
+        self.engine = None
+        try:
+            self.engine = _make_engine(aio, cache)
+        except BaseException:
+            self.image.close()
+            raise
+        #: What runs reads, writes and flushes: "io_uring", "threads" or "sync".
+        self.aio = self.engine.name if self.engine is not None else "sync"
+        if self.engine is not None:
+            self.image.max_views = self.engine.max_views
+            self.image.need_addresses = self.aio == "io_uring"
+            self._watched = {self.engine.fileno(): self._on_io}
+        else:
+            self._watched = {}
         self.num_queues = num_queues
         self.seg_max = seg_max
         # VIRTIO_F_ACCESS_PLATFORM: QEMU refuses iommu_platform=on with a device that lacks it, and
@@ -636,6 +925,9 @@ class BlkDevice(Device):
         self.features = int(features)
 
     def close(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()          # waits for what is in flight: the views stay valid until then
         self.image.close()
 
     def __enter__(self) -> BlkDevice:
@@ -681,16 +973,101 @@ class BlkDevice(Device):
 
     def features_set(self, features: int) -> None:
         """After SET_FEATURES: a driver that did not take FLUSH cannot flush, so every write must be
-        stable on completion (virtio 1.3 §5.2.6.2); one that did starts in writeback mode."""
-        self.image.writeback = bool(features & VIRTIO_BLK_F_FLUSH)
+        stable on completion (virtio 1.3 §5.2.6.2); one that did starts in writeback mode (unless
+        cache="writethrough")."""
+        self.image.writeback = bool(features & VIRTIO_BLK_F_FLUSH) and self.image.cache != "writethrough"
 
     def reset(self) -> None:
-        """RESET_DEVICE or the front-end went away: writeback again until the next negotiation."""
-        self.image.writeback = True
+        """RESET_DEVICE or the front-end went away: the cache mode's default until the next negotiation."""
+        self.image.writeback = self.image.cache != "writethrough"
 
     def handle(self, queue: int, readable: list[memoryview], writable: list[memoryview]) -> int:
         """One request chain from any queue (they all share the image)."""
         return self.image.handle(readable, writable)
+
+    # -- asynchronous I/O (aio="io_uring" / "threads") -----------------------------------------
+    def watched(self) -> dict:
+        """The engine's completion eventfd, for the transport's loop."""
+        return self._watched
+
+    #: Chains popped per batch with an engine: the whole window goes to the kernel in one
+    #: io_uring_enter, and completions come back as the disk finishes them.
+    async_batch = 64
+
+    def process(self, queue: int, vq) -> bool | None:
+        """Pop what the driver made available, start reads / writes / flushes on the engine
+        (one commit for all), answer the other requests now; completions already there (page
+        cache hits finish inside io_uring_enter) are pushed with the answered ones."""
+        engine = self.engine
+        if engine is None:
+            return super().process(queue, vq)
+        start, submit, fail = self.image.start, engine.submit, self._chain_failed
+        done = []
+        again = True
+        for _ in range(self.max_batches):
+            chains = vq.pop_batch(self.async_batch)
+            if not chains:
+                again = False
+                break
+            for head, readable, writable in chains:
+                try:
+                    io = start(readable, writable)
+                except Exception as exc:   # noqa: BLE001 (a chain without a status byte)
+                    fail(queue, head, exc)
+                    done.append((head, 0))
+                    continue
+                if io.__class__ is int:
+                    done.append((head, io))
+                else:
+                    submit(io.op, io.fd, io.offset, io.views, io.flags, (queue, head, io))
+        quiet = engine.quiet(True)      # what completes inside the commit is reaped just below
+        try:
+            engine.commit()
+        finally:
+            if quiet:
+                engine.quiet(False)
+        posted = self._reap()
+        done += posted.pop(queue, ())
+        backend = self.backend
+        if backend is not None:
+            for other, chains in posted.items():
+                backend.post_used(other, chains)
+        if done and vq.push_batch(done) and backend is not None:
+            backend.signal_used(queue)
+        return again
+
+    def _reap(self) -> dict[int, list[tuple[int, int]]]:
+        """Finish every completion the engine has: queue -> [(head, used length)]."""
+        finish = self.image.finish
+        by_queue: dict[int, list[tuple[int, int]]] = {}
+        reaped = self.engine.reap()
+        while reaped:
+            for (queue, head, io), res in reaped:
+                by_queue.setdefault(queue, []).append((head, finish(io, res)))
+            self.engine.commit()        # operations that waited for a slot
+            reaped = self.engine.reap()
+        return by_queue
+
+    def _on_io(self) -> None:
+        """The engine's eventfd is readable (loop thread): one post_used batch per queue."""
+        backend = self.backend
+        self.engine.clear_signal()
+        for queue, done in self._reap().items():
+            if backend is not None:
+                backend.post_used(queue, done)
+
+    def stopped(self, queue: int) -> None:
+        """Complete everything in flight (every queue shares the engine) before returning."""
+        engine = self.engine
+        if engine is None:
+            return
+        finish = self.image.finish
+        by_queue: dict[int, list[tuple[int, int]]] = {}
+        for (q, head, io), res in engine.drain():
+            by_queue.setdefault(q, []).append((head, finish(io, res)))
+        for q, done in by_queue.items():
+            if self.backend is not None:
+                self.backend.post_used(q, done)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ BlkClient against our BlkDevice over a real vhost-user connection."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import random
 import re
@@ -774,6 +776,240 @@ class EndToEndTest(ImageTestCase):
         with self.assertRaises(NotNegotiatedError):
             client.discard(0, 512)
         self.assertEqual(self.disk(), self.original)
+
+
+# --------------------------------------------------------------------------------------------
+# cache= and aio=: O_DIRECT, io_uring, the thread pool
+# --------------------------------------------------------------------------------------------
+
+def direct_io_refused(path: str, flags: int, *args, _open=os.open, **kwargs):
+    """os.open as on a file system without O_DIRECT (tmpfs before Linux 6.6): EINVAL."""
+    if flags & os.O_DIRECT:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+    return _open(path, flags, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def uring_rw_flags():
+    """Record (opcode, rw_flags) of every SQE prepared (io_uring's pwritev flags)."""
+    from vhost_min import aio
+    seen = []
+    real = aio.IoUring.prep
+
+    def spy(self, opcode, fd, addr, length, offset, rw_flags, user_data):
+        seen.append((opcode, rw_flags))
+        return real(self, opcode, fd, addr, length, offset, rw_flags, user_data)
+    with mock.patch.object(aio.IoUring, "prep", spy):
+        yield seen
+
+
+def run_async(image: BlockImage, engine, readable, writable) -> int:
+    """One chain through start(), the engine and finish(); the used length."""
+    io = image.start(readable, writable)
+    if io.__class__ is int:
+        return io
+    engine.submit(io.op, io.fd, io.offset, io.views, io.flags, "token")
+    engine.commit()
+    ((token, res),) = engine.drain()
+    return image.finish(io, res)
+
+
+class CacheModeTest(ImageTestCase):
+    """BlockImage(cache=...): O_DIRECT and its alignment, bounce buffers, writethrough."""
+
+    def direct_image(self) -> BlockImage:
+        image = BlockImage(self.path, cache="none")
+        self.addCleanup(image.close)
+        return image
+
+    def test_cache_none_opens_o_direct_and_knows_its_alignment(self):
+        image = self.direct_image()
+        self.assertTrue(fcntl.fcntl(image.fd, fcntl.F_GETFL) & os.O_DIRECT)
+        self.assertIn(image.align, (512, 1024, 2048, 4096))
+        self.assertGreaterEqual(image.block_size, image.align)
+        self.assertTrue(image.writeback)                   # cache.direct=on, cache.writeback=on
+        with BlockImage(self.path, cache="writethrough") as image:
+            self.assertFalse(image.writeback or image.direct or self.image.direct)
+
+    def test_a_file_system_that_refuses_o_direct(self):
+        with mock.patch("os.open", direct_io_refused), self.assertRaises(VhostError) as caught:
+            BlockImage(self.path, cache="none")
+        self.assertEqual(caught.exception.errno, errno.EINVAL)
+        self.assertIn("refuses O_DIRECT", str(caught.exception))
+        with self.assertRaises(ValueError):
+            BlockImage(self.path, cache="directsync")
+
+    def test_aligned_guest_buffers_are_used_in_place(self):
+        image = self.direct_image()
+        buf = mmap.mmap(-1, 8192)
+        data = memoryview(buf)[:4096]
+        status = views(1)
+        self.assertEqual(image.handle(header(VIRTIO_BLK_T_IN, 8), [data] + status), 4097)
+        self.assertEqual((status[0][0], bytes(data)), (VIRTIO_BLK_S_OK, self.original[4096:8192]))
+        self.assertEqual((image.bounced, image.buffered), (0, 0))
+        data.release()
+        buf.close()
+
+    def test_unaligned_guest_buffers_are_bounced(self):
+        image = self.direct_image()
+        data = views(512, 1024)                # bytearrays: not at an aligned address (or by chance)
+        got = self.run_chain(header(VIRTIO_BLK_T_IN, 4), data + views(1), image)
+        self.assertEqual(got, (VIRTIO_BLK_S_OK, 1537))
+        self.assertEqual(b"".join(map(bytes, data)), self.original[2048:3584])
+        pattern = self.rng.randbytes(1536)
+        odd = [memoryview(bytearray(pattern[:100])), memoryview(bytearray(pattern[100:]))]
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_OUT, 10) + odd, views(1), image), (VIRTIO_BLK_S_OK, 1))
+        self.assertEqual(self.disk(10 * 512, 1536), pattern)
+        self.assertGreaterEqual(image.bounced, 1)
+
+    def test_unaligned_offsets_go_through_the_buffered_fd(self):
+        image = self.direct_image()
+        image.align = 4096                    # as on a disk with 4 KiB logical blocks
+        data = views(512)
+        self.assertEqual(self.run_chain(header(VIRTIO_BLK_T_IN, 3), data + views(1), image), (VIRTIO_BLK_S_OK, 513))
+        self.assertEqual(bytes(data[0]), self.original[1536:2048])
+        self.assertEqual(image.buffered, 1)
+
+    def test_a_buffer_across_a_memory_region_boundary(self):
+        """GuestMemory.segments splits a buffer where it crosses into the next region: under
+        O_DIRECT a split at an unaligned place is bounced, an aligned one used in place."""
+        from vhost_min import aio
+        from vhost_min.memory import GuestMemory
+        image = self.direct_image()
+        engines = [None, aio.ThreadEngine(2)] + ([aio.UringEngine(8)] if aio.io_uring_available()[0] else [])
+        for engine in engines[1:]:
+            self.addCleanup(engine.close)
+        with GuestMemory() as memory:
+            maps = [mmap.mmap(-1, 0x4000), mmap.mmap(-1, 0x4000)]
+            memory.add_region(0, 0x4000, buffer=maps[0])
+            memory.add_region(0x4000, 0x4000, buffer=maps[1])
+            for engine in engines:
+                for gpa, bounced in ((0x4000 - 1000, 1), (0x4000 - 2048, 0)):
+                    with self.subTest(engine=getattr(engine, "name", "sync"), gpa=hex(gpa)):
+                        before = image.bounced
+                        pattern = self.rng.randbytes(4096)
+                        memory.write(gpa, pattern)
+                        data = memory.segments(gpa, 4096)
+                        self.assertEqual(len(data), 2)
+                        chain = (header(VIRTIO_BLK_T_OUT, 16) + data, views(1))
+                        used = image.handle(*chain) if engine is None else run_async(image, engine, *chain)
+                        self.assertEqual((used, chain[1][0][0]), (1, VIRTIO_BLK_S_OK))
+                        self.assertEqual(self.disk(16 * 512, 4096), pattern)
+                        memory.write(gpa, bytes(4096))
+                        data = memory.segments(gpa, 4096)
+                        chain = (header(VIRTIO_BLK_T_IN, 16), data + views(1))
+                        used = image.handle(*chain) if engine is None else run_async(image, engine, *chain)
+                        self.assertEqual((used, chain[1][-1][0]), (4097, VIRTIO_BLK_S_OK))
+                        self.assertEqual(memory.read(gpa, 4096), pattern)
+                        self.assertEqual(image.bounced - before, 2 * bounced)
+                        del data, chain
+
+
+class AsyncEngineTest(unittest.TestCase):
+    def test_io_uring_refused_falls_back_to_threads_logged_once(self):
+        """io_uring_setup failing as under seccomp or sysctl kernel.io_uring_disabled=2 (EPERM)."""
+        from vhost_min import aio
+        real = aio._syscall
+
+        def refused(nr, *args):
+            if nr == aio.SYS_io_uring_setup:
+                ctypes.set_errno(errno.EPERM)
+                return -1
+            return real(nr, *args)
+        fd, path = tempfile.mkstemp(prefix="vhost-min-blk-", suffix=".img")
+        os.ftruncate(fd, 1 << 20)
+        os.close(fd)
+        self.addCleanup(os.unlink, path)
+        with mock.patch.object(aio, "_syscall", refused), mock.patch.object(blk, "_refusal_logged", False), \
+                self.assertLogs("vhost_min.blk", "WARNING") as logs:
+            for _ in range(2):
+                with blk.BlkDevice(path, cache="none", aio="io_uring") as device:
+                    self.assertEqual(device.aio, "threads")
+            with blk.BlkDevice(path, cache="none") as device:       # the default: io_uring, else threads
+                self.assertEqual(device.aio, "threads")
+        self.assertEqual(len(logs.output), 1, logs.output)
+        self.assertIn("io_uring is not available", logs.output[0])
+        self.assertIn(os.strerror(errno.EPERM), logs.output[0])
+
+    def test_defaults(self):
+        fd, path = tempfile.mkstemp(prefix="vhost-min-blk-", suffix=".img")
+        os.ftruncate(fd, 1 << 20)
+        os.close(fd)
+        self.addCleanup(os.unlink, path)
+        from vhost_min import aio
+        with blk.BlkDevice(path) as device:
+            self.assertEqual((device.aio, device.engine, device.watched()), ("sync", None, {}))
+        with blk.BlkDevice(path, cache="none") as device:
+            self.assertEqual(device.aio, "io_uring" if aio.io_uring_available()[0] else "threads")
+            self.assertEqual(list(device.watched()), [device.engine.fileno()])
+        with self.assertRaises(ValueError):
+            blk.BlkDevice(path, aio="posix")
+
+
+class AsyncEndToEndTest(EndToEndTest):
+    """BlkClient against BlkDevice under every aio x cache: the bytes in the image file, read
+    back, a deep queue of mixed requests, flush, writethrough's RWF_DSYNC."""
+
+    def combinations(self):
+        from vhost_min import aio
+        for mode in blk.AIO_MODES:
+            if mode == "io_uring" and not aio.io_uring_available()[0]:
+                continue
+            for cache in blk.CACHE_MODES:
+                yield mode, cache
+
+    def test_every_aio_and_cache(self):
+        for mode, cache in self.combinations():
+            with self.subTest(aio=mode, cache=cache):
+                self.check(mode, cache)
+
+    def check(self, mode: str, cache: str) -> None:
+        self.socket = os.path.join(self.work, f"{mode}-{cache}.sock")
+        self.stop = threading.Event()
+        device = blk.BlkDevice(self.path, aio=mode, cache=cache, num_queues=2)
+        self.assertEqual((device.aio, device.image.cache), (mode, cache))
+        server = self.serve(device)
+        fe, client = self.connect(queue_size=128, depth=32, indirect=True)
+        other = blk.BlkClient(fe, queue_index=1, depth=4)
+        pattern = self.rng.randbytes(12 * 1024)
+        client.write(9 * 512, pattern)
+        self.assertEqual(self.disk(9 * 512, len(pattern)), pattern)
+        client.flush()
+        self.assertEqual(client.read(9 * 512, len(pattern)), pattern)
+        # a window deeper than the queue: writes of their own sectors, reads of untouched ones
+        expect = bytearray(self.disk())
+        requests = []
+        for i in range(64):
+            if i % 2:
+                data = self.rng.randbytes(512)
+                expect[(i // 2) * 512:(i // 2 + 1) * 512] = data
+                requests.append(blk.BlkRequest.write((i // 2) * 512, data, tag=i))
+            else:
+                requests.append(blk.BlkRequest.read((32 + i // 2) * 512, 512, tag=i))
+        self.assertEqual(other.submit([blk.BlkRequest.read(40 * 512, 512, tag="other")]), 1)
+        got = {}
+        while requests or client.in_flight:
+            requests = requests[client.submit(requests):]
+            for c in client.complete():
+                self.assertEqual(c.status, VIRTIO_BLK_S_OK)
+                got[c.tag] = None if c.data is None else bytes(c.data)
+        self.assertEqual(sorted(got), list(range(64)))
+        for i in range(0, 64, 2):
+            self.assertEqual(got[i], bytes(expect[(32 + i // 2) * 512:(33 + i // 2) * 512]))
+        self.assertEqual(self.disk(), bytes(expect))
+        (c,) = other.complete()
+        self.assertEqual((c.status, bytes(c.data)), (VIRTIO_BLK_S_OK, bytes(expect[40 * 512:41 * 512])))
+        self.assertEqual(client.get_id(), "")
+        client.flush()
+        client.set_writeback(False)
+        with pwritev_flags() as flags, uring_rw_flags() as sqes:
+            client.write(0, bytes(4096))
+        written = flags + [f for op, f in sqes if op in (23, 2)]          # IORING_OP_WRITE, _WRITEV
+        self.assertEqual(written[:1], [os.RWF_DSYNC])
+        self.assertEqual(self.disk(0, 4096), bytes(4096))
+        fe.close()
+        self.stop.set()
+        self.assertEqual(list(server.errors), [])
 
 
 if __name__ == "__main__":
