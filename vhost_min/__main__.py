@@ -116,6 +116,26 @@ def _queue_count(text: str) -> int:
     return n
 
 
+def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cache and --aio, as BlkDevice takes them (blk.CACHE_MODES, blk.AIO_MODES)."""
+    parser.add_argument("--cache", choices=("none", "writeback", "writethrough"), default="writeback",
+                        help="none: O_DIRECT (qemu-storage-daemon's cache.direct=on); writethrough: every write "
+                             "stable before it completes; writeback (default): the page cache, stable after FLUSH")
+    parser.add_argument("--aio", choices=("io_uring", "threads", "sync"),
+                        help="who runs reads, writes and flushes: io_uring, a thread pool, or the loop itself "
+                             "(default: io_uring with --cache none, where the disk is the wait, falling back to "
+                             "threads where io_uring is refused; sync otherwise)")
+
+
+def _device_line(device) -> str:
+    """How the device does its I/O, for the "serving" line: the one place the choice is logged."""
+    image = device.image
+    line = f"cache {image.cache}, aio {device.aio}"
+    if image.direct:
+        line += f", O_DIRECT alignment {image.align}"
+    return line
+
+
 def _add_blk_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket (removed on exit)")
@@ -124,6 +144,7 @@ def _add_blk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-only", action="store_true", help="open the image read-only and offer VIRTIO_BLK_F_RO")
     parser.add_argument("--num-queues", type=_queue_count, default=1, metavar="N",
                         help="request queues (default 1; more offers VIRTIO_BLK_F_MQ)")
+    _add_io_arguments(parser)
     parser.add_argument("--blk-file", metavar="IMAGE", help="the image (the spec's spelling of IMAGE)")
     parser.add_argument("--print-capabilities", action=_PrintCapabilities)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")
@@ -166,7 +187,8 @@ def cmd_blk(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        with BlkDevice(image, read_only=args.read_only, num_queues=args.num_queues) as device, Server() as server:
+        with BlkDevice(image, read_only=args.read_only, num_queues=args.num_queues, cache=args.cache,
+                       aio=args.aio) as device, Server() as server:
             if args.fd is not None:
                 _inherited_socket(args.fd)
                 server.add(device, fd=args.fd)
@@ -181,7 +203,8 @@ def cmd_blk(args: argparse.Namespace) -> int:
                 where = args.socket_path
             queues = f"{args.num_queues} queue{'s' if args.num_queues > 1 else ''}"
             print(f"{PROG}: serving {image} ({_human(device.image.capacity * SECTOR_SIZE)}, "
-                  f"{'read-only' if args.read_only else 'read-write'}, {queues}) on {where}", flush=True)
+                  f"{'read-only' if args.read_only else 'read-write'}, {queues}, {_device_line(device)}) on {where}",
+                  flush=True)
             server.run(stop_event=stop)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -207,10 +230,10 @@ def cmd_vduse_blk(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with BlkDevice(args.image, read_only=args.read_only, num_queues=args.num_queues) as blk, \
-                VduseDevice(blk, args.name) as device:
+        with BlkDevice(args.image, read_only=args.read_only, num_queues=args.num_queues, cache=args.cache,
+                       aio=args.aio) as blk, VduseDevice(blk, args.name) as device:
             print(f"{PROG}: serving {args.image} ({_human(blk.image.capacity * SECTOR_SIZE)}, "
-                  f"{'read-only' if args.read_only else 'read-write'}) as VDUSE device {args.name} "
+                  f"{'read-only' if args.read_only else 'read-write'}, {_device_line(blk)}) as VDUSE device {args.name} "
                   f"(/dev/vduse/{args.name}); attach it with: vdpa dev add mgmtdev vduse name {args.name}",
                   flush=True)
             if not got:
@@ -770,6 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     vduse.add_argument("--read-only", action="store_true", help="open the image read-only and offer VIRTIO_BLK_F_RO")
     vduse.add_argument("--num-queues", type=_queue_count, default=1, metavar="N",
                        help="request queues (default 1; more offers VIRTIO_BLK_F_MQ)")
+    _add_io_arguments(vduse)
     vduse.add_argument("-v", "--verbose", action="store_true", help="log the kernel's requests")
     vduse.set_defaults(func=cmd_vduse_blk, parser=vduse)
 

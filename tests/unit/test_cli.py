@@ -402,6 +402,46 @@ class ErrorTest(AssertCli):
         self.assertOneErrorLine(cli("blk", "--socket-path", sock, self.dir), "Is a directory")
         self.assertFalse(os.path.exists(sock))
 
+    def test_blk_cache_none_on_a_file_system_without_o_direct(self) -> None:
+        """tmpfs refused O_DIRECT before Linux 6.6; where this kernel's tmpfs takes it, the child's
+        os.open refuses it as that tmpfs did (EINVAL)."""
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else self.dir
+        with tempfile.TemporaryDirectory(dir=shm) as tmp:
+            image = make_image(tmp, 1 << 20)
+            try:
+                os.close(os.open(image, os.O_RDWR | os.O_DIRECT))
+                refuse = True
+            except OSError:
+                refuse = False
+            sock = os.path.join(self.dir, "blk.sock")
+            code = ("import errno, os, runpy, sys\n"
+                    "real = os.open\n"
+                    "def refusing(path, flags, *args, **kwargs):\n"
+                    "    if flags & os.O_DIRECT:\n"
+                    "        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)\n"
+                    "    return real(path, flags, *args, **kwargs)\n"
+                    f"os.open = refusing if {refuse} else real\n"
+                    "sys.argv = ['vhost-min'] + sys.argv[1:]\n"
+                    "runpy.run_module('vhost_min', run_name='__main__')\n")
+            result = subprocess.run([sys.executable, "-c", code, "blk", "--cache", "none", "--socket-path", sock,
+                                     image], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+            self.assertOneErrorLine(result, image, "cache=none", "refuses O_DIRECT")
+            self.assertEqual(result.returncode, 1)
+            self.assertFalse(os.path.exists(sock))
+
+    def test_blk_cache_and_aio_are_in_the_serving_line(self) -> None:
+        image = make_image(self.dir, 1 << 20)
+        sock = os.path.join(self.dir, "blk.sock")
+        for args, said in ((("--cache", "none", "--aio", "threads"), "cache none, aio threads, O_DIRECT alignment "),
+                           ((), "cache writeback, aio sync)")):
+            proc = subprocess.Popen([sys.executable, "-m", "vhost_min", "blk", *args, "--socket-path", sock, image],
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                line = proc.stdout.readline()
+                self.assertIn(said, line)
+            finally:
+                stop_process(proc)
+
     def test_socket_paths_longer_than_af_unix_allows(self) -> None:
         image = make_image(self.dir, 1 << 20)
         long_path = os.path.join(self.dir, "s" * (120 - len(self.dir)))
