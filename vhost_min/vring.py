@@ -57,6 +57,36 @@ _EMPTY = memoryview(bytearray())        # what a zero-length descriptor maps to
 
 _used_elem_structs: dict[int, struct.Struct] = {}
 
+#: The fast path reads indirect tables of up to this many entries (larger ones, rare, take the
+#: general walk); a virtio-blk request is a header, its data segments and a status byte.
+_FAST_TABLE_ENTRIES = 256
+_FAST_TABLE_BYTES = _FAST_TABLE_ENTRIES * VIRTQ_DESC_SIZE
+_ADDR_LEN = struct.Struct("<QI4x").iter_unpack          # each descriptor's addr and len
+_table_shapes_by_length: dict[int, tuple] = {}
+
+
+def _table_shapes(length: int) -> tuple:
+    """For an indirect table of ``length`` bytes, compiled once per length: (read, shapes).
+    ``read(buffer, offset)`` gives the table's shape: (flags, next) of every entry but the last,
+    and the last one's flags. ``shapes`` maps each well-formed shape to its count of
+    device-readable entries; well-formed is what drivers write: walked in order (next = 1, 2,
+    ...), NEXT on every entry but the last, readable (flags 0) before writable (WRITE), no
+    INDIRECT and no other bit. Any other table is left to the general walk."""
+    entry = _table_shapes_by_length.get(length)
+    if entry is None:
+        n = length // VIRTQ_DESC_SIZE
+        shapes = {}
+        for readable in range(n + 1):
+            flags = [VIRTQ_DESC_F_NEXT] * readable + [VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE] * (n - readable)
+            flags[-1] &= ~VIRTQ_DESC_F_NEXT
+            shape: list[int] = []
+            for j, f in enumerate(flags):
+                shape += (f, j + 1) if j + 1 < n else (f,)
+            shapes[tuple(shape)] = readable
+        read = struct.Struct("<" + "12xHH" * (n - 1) + "12xH2x").unpack_from
+        entry = _table_shapes_by_length[length] = (read, shapes)
+    return entry
+
 
 def _used_elems(n: int) -> struct.Struct:
     """``n`` used elements as 2*n le32 (id, len, id, len, ...), compiled once per count."""
@@ -364,6 +394,7 @@ class SplitDeviceQueue:
             unpack, unpack4, desc, size = _DESC_HEAD.unpack_from, _DESC.unpack_from, self._desc, self.size
             rstart, rview = self._rstart, self._rview
             rsize = self._rend - rstart
+            tables, indirect = _table_shapes_by_length, self.indirect
             chains = []
             append = chains.append
             try:
@@ -378,6 +409,28 @@ class SplitDeviceQueue:
                         if flags == 0:
                             append((head, [rview[off:end]], []))
                             continue
+                        if flags & ~2 == 4 and indirect and not length & 15 and length:
+                            # INDIRECT alone (its WRITE is ignored), the table in the cached region:
+                            # one struct call checks its shape (see _table_shapes), one iterator
+                            # reads (addr, len) per entry; every buffer must lie in the region.
+                            entry = tables.get(length) or (_table_shapes(length) if length <= _FAST_TABLE_BYTES
+                                                           else None)
+                            if entry is not None:
+                                nread = entry[1].get(entry[0](rview, off))
+                                if nread is not None:
+                                    views = []
+                                    total = 0
+                                    for addr, length in _ADDR_LEN(rview[off:end]):
+                                        off = addr - rstart
+                                        end = off + length
+                                        if off < 0 or end > rsize:
+                                            break
+                                        total += length
+                                        views.append(rview[off:end])
+                                    else:
+                                        if total <= _U32_MAX:
+                                            append((head, views[:nread], views[nread:]))
+                                            continue
                         if flags & 1 and not flags & ~3:        # NEXT: walk a direct chain inline
                             readable, writable = ([], [rview[off:end]]) if flags & 2 else ([rview[off:end]], [])
                             total, count = length, 1

@@ -701,6 +701,79 @@ class HostileDriverWarmTest(HostileDriverTest):
     WARM = True
 
 
+class IndirectTableTest(RingCase):
+    """Indirect tables as a driver may legally write them: the in-order tables every driver writes
+    take the fast path, the rest the general walk; both give the chain in walk order, cold (first
+    pop) and warm (region cache filled)."""
+
+    TABLE = BUF + 0x8000
+
+    def pop_table(self, entries, head_flags=INDIRECT, warm=True, memory=None):
+        """Write ``entries`` [(addr, len, flags, next)] as the table of head 3, pop it; returns
+        (readable bytes, writable lengths)."""
+        self.WARM = warm
+        self.setup_ring(driver=False, memory=memory or self.data)
+        for i, (addr, length, flags, nxt) in enumerate(entries):
+            self.put_desc(i, addr, length, flags, nxt, table=self.TABLE)
+        self.put_desc(3, self.TABLE, 16 * len(entries), head_flags)
+        self.offer(3)
+        (head, readable, writable), = self.device.pop_batch()
+        self.assertEqual(head, 3)
+        self.device.push(3, 0)
+        return [bytes(v) for v in readable], [len(v) for v in writable]
+
+    def both(self, entries, expected, **kw):
+        for warm in (False, True):
+            with self.subTest(warm=warm):
+                self.assertEqual(self.pop_table(entries, warm=warm, **kw), expected)
+
+    def setUp(self):
+        self.data = self.memory_with((0, MEM_SIZE))
+        self.data.write(BUF, b"abcdefghijklmnop")
+        self.data.write(BUF + 0x1000, bytes(range(32)))
+
+    def test_in_order_table(self):
+        self.both([(BUF, 3, NEXT, 1), (BUF + 3, 2, NEXT, 2), (BUF + 0x100, 9, NEXT | WRITE, 3),
+                   (BUF + 0x200, 1, WRITE, 77)], ([b"abc", b"de"], [9, 1]))   # the last next is ignored
+
+    def test_one_entry_tables_and_write_on_the_indirect_descriptor(self):
+        self.both([(BUF, 4, 0, 0)], ([b"abcd"], []))
+        self.both([(BUF, 4, WRITE, 0)], ([], [4]))
+        self.both([(BUF, 4, 0, 0)], ([b"abcd"], []), head_flags=INDIRECT | WRITE)   # WRITE ignored
+
+    def test_out_of_order_table_is_walked_by_next(self):
+        self.both([(BUF, 2, NEXT, 2), (BUF + 0x200, 1, WRITE, 0), (BUF + 2, 2, NEXT, 1)], ([b"ab", b"cd"], [1]))
+        self.both([(BUF + 2, 2, NEXT, 2), (BUF, 2, NEXT, 0), (BUF + 4, 1, WRITE, 0)], ([b"cd"], [1]))   # entry 1 unused
+
+    def test_chain_ending_before_the_table_does(self):
+        self.both([(BUF, 2, NEXT, 1), (BUF + 0x100, 5, WRITE, 2), (BUF, 8, 0, 0)], ([b"ab"], [5]))
+
+    def test_unknown_flag_bits_are_ignored(self):
+        self.both([(BUF, 2, NEXT | 0x80, 1), (BUF + 0x100, 5, WRITE, 0)], ([b"ab"], [5]))
+
+    def test_zero_length_entries(self):
+        self.both([(BUF, 0, NEXT, 1), (0x900000000, 0, NEXT, 2), (BUF + 0x100, 5, WRITE, 0)], ([b"", b""], [5]))
+
+    def test_buffer_across_two_regions(self):
+        memory = self.memory_with((0, BUF + 2), (BUF + 2, MEM_SIZE - BUF - 2))
+        memory.write(BUF, b"wxyz")
+        self.both([(BUF, 4, NEXT, 1), (BUF + 0x100, 5, WRITE, 0)], ([b"wx", b"yz"], [5]), memory=memory)
+
+    def test_in_order_tables_of_every_shape_match_the_general_walk(self):
+        for n in (1, 2, 3, 8, 17):
+            for readable in range(n + 1):
+                entries = [(BUF + 0x1000 + j, 1, (WRITE if j >= readable else 0) | (NEXT if j + 1 < n else 0),
+                            j + 1) for j in range(n)]
+                want = ([bytes([j]) for j in range(readable)], [1] * (n - readable))
+                with self.subTest(n=n, readable=readable):
+                    self.both(entries, want)
+
+    def test_large_table_takes_the_general_walk(self):
+        n = 300                                                   # beyond the fast path's 256
+        entries = [(BUF + 0x100, 1, NEXT | WRITE if j + 1 < n else WRITE, j + 1) for j in range(n)]
+        self.both(entries, ([], [1] * n))
+
+
 class DeviceMisuseTest(RingCase):
     """A backend pushing what it never popped is the backend's bug, not the driver's: refused
     precisely, nothing written, the queue stays usable."""
