@@ -44,6 +44,7 @@ __all__ = ["SplitDeviceQueue", "SplitDriverQueue", "MAX_INDIRECT_ENTRIES", "chec
 
 _DESC = struct.Struct("<QIHH")          # struct virtq_desc
 _DESC_HEAD = struct.Struct("<QIH")      # its addr, len, flags (the fast path has no use for next)
+_USED_ELEM = struct.Struct("<II")       # struct virtq_used_elem {le32 id; le32 len}
 _U32_MAX = 0xFFFFFFFF
 #: Largest indirect table accepted: a 16-bit ``next`` addresses 65536 entries (Linux vhost's limit).
 MAX_INDIRECT_ENTRIES = 1 << 16
@@ -358,15 +359,21 @@ class SplitDeviceQueue:
     def _commit(self, heads: list[int], next_avail: int) -> None:
         """Record the popped heads as in flight and move next_avail (and avail_event) past them."""
         inflight = self._heads
-        if not inflight.isdisjoint(heads):
-            again = sorted(inflight.intersection(heads))
-            raise self._fail(VirtqueueError(f"head {again[0]} made available again while still in flight"))
-        before = len(inflight)
-        inflight.update(heads)
-        if len(inflight) != before + len(heads):
-            seen: set[int] = set()
-            dup = next(h for h in heads if h in seen or seen.add(h))
-            raise self._fail(VirtqueueError(f"head {dup} made available twice in one batch"))
+        if len(heads) == 1:                          # one chain: one set operation
+            head = heads[0]
+            if head in inflight:
+                raise self._fail(VirtqueueError(f"head {head} made available again while still in flight"))
+            inflight.add(head)
+        else:
+            if not inflight.isdisjoint(heads):
+                again = sorted(inflight.intersection(heads))
+                raise self._fail(VirtqueueError(f"head {again[0]} made available again while still in flight"))
+            before = len(inflight)
+            inflight.update(heads)
+            if len(inflight) != before + len(heads):
+                seen: set[int] = set()
+                dup = next(h for h in heads if h in seen or seen.add(h))
+                raise self._fail(VirtqueueError(f"head {dup} made available twice in one batch"))
         self._next_avail = next_avail
         if self.event_idx and self._notify:
             self._set_avail_event(next_avail)
@@ -641,15 +648,36 @@ class SplitDeviceQueue:
         n = len(done)
         if not n:
             return False
-        flat = list(_chain.from_iterable(done))
-        heads = flat[::2]
-        inflight = self._heads
-        if len(flat) != 2 * n or n > len(inflight) or not inflight.issuperset(heads):
-            raise self._push_error(done)
         size, used = self.size, self._used
         old = self._used_idx
         start = old & (size - 1)
         first = size - start
+        inflight = self._heads
+        if n == 1 and self._log is None and self.inflight is None:
+            # One chain: no flattening, one set operation. A bad pair changes nothing.
+            try:
+                head, written = done[0]
+                inflight.remove(head)
+            except (TypeError, ValueError, KeyError):
+                raise self._push_error(done) from None
+            try:
+                _USED_ELEM.pack_into(used, _USED_RING + _ELEM_SIZE * start, head, written)
+            except struct.error:
+                inflight.add(head)
+                raise self._push_error(done) from None
+            new = (old + 1) & 0xFFFF
+            if self._wmb is not None:
+                self._wmb()                  # see below
+            self._used16[_IDX] = new
+            self._used_idx = new
+            self._mb()                       # see below
+            if self.event_idx:
+                return vring_need_event(self._avail16[_RING + size], new, old)
+            return not self._avail16[_FLAGS] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        flat = list(_chain.from_iterable(done))
+        heads = flat[::2]
+        if len(flat) != 2 * n or n > len(inflight) or not inflight.issuperset(heads):
+            raise self._push_error(done)
         # pack_into zero-fills before it writes; harmless here: these slots are past used.idx,
         # where the driver does not look (and at most two runs: the ring may wrap once).
         try:
@@ -696,10 +724,10 @@ class SplitDeviceQueue:
                 head, length = item
             except (TypeError, ValueError):
                 return VirtqueueError(f"push item {item!r} is not a (head, written_len) pair")
+            if not isinstance(head, int) or head not in self._heads:
+                return VirtqueueError(f"head {head!r} is not in flight (pushed without being popped)")
             if head in seen:
                 return VirtqueueError(f"head {head} pushed twice in one batch")
-            if head not in self._heads:
-                return VirtqueueError(f"head {head!r} is not in flight (pushed without being popped)")
             if not isinstance(length, int) or not 0 <= length <= _U32_MAX:
                 return VirtqueueError(f"written length {length!r} for head {head} is not a u32")
             seen.add(head)

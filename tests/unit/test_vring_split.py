@@ -787,7 +787,10 @@ class DeviceMisuseTest(RingCase):
                                ([(head, 1), (head, 1)], f"head {head} pushed twice in one batch"),
                                ([(head, -1)], "written length -1 .* is not a u32"),
                                ([(head, 1 << 32)], "is not a u32"),
-                               ([(-1, 0)], "head -1 is not in flight")):
+                               ([(-1, 0)], "head -1 is not in flight"),
+                               ([(head,)], r"is not a \(head, written_len\) pair"),
+                               ([(head, 1.5)], "written length 1.5 .* is not a u32"),
+                               ([([head], 0)], r"head \[\d+\] is not in flight")):
             with self.subTest(batch=batch):
                 with self.assertRaisesRegex(VirtqueueError, pattern):
                     self.device.push_batch(batch)
