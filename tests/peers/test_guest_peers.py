@@ -1,8 +1,8 @@
 """Our back-ends under QEMU 7.2 with a real Linux guest (tests/guest.py: Debian's 6.12 kernel,
 TCG, guest RAM in a shared memfd): the guest's own drivers use devices that vhost_min serves from a
 separate process, and each test checks what a user would -- the bytes in the image file, the
-disk size the guest sees, random bytes in /dev/hwrng -- what QEMU itself did (QMP, polled while the
-guest runs: QemuWatch), and the back-end's own log and memory.
+disk size the guest sees, random bytes in /dev/hwrng -- what QEMU itself did (QMP, asked while the
+guest's devices are in use: QemuWatch), and the back-end's own log and memory.
 
 - BlkGuestTest: two vhost_min.blk.BlkDevice back-ends behind ``-device vhost-user-blk-pci`` in one
   boot. The main disk: the guest writes 1 MiB of seeded random bytes at 1 MiB with dd (O_DIRECT,
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -173,57 +174,61 @@ def facts(stdout: str) -> dict[str, str]:
 
 
 class QemuWatch:
-    """What QEMU itself did with the guest's devices, asked over QMP while the guest runs (a thread):
-    ``devices`` from x-query-virtio (QOM path -> virtio name), ``types`` (QOM path -> the type of
-    the device that holds it, "vhost-user-rng-pci" say), ``pci`` from query-pci, and for each
-    virtio device whose vhost back-end QEMU started, the last x-query-virtio-status seen while it
-    was (``running``, by QOM path). Give QEMU ``args`` (a QMP socket) and call :meth:`start` once
-    it runs; the thread ends when QEMU exits (``ended`` says how) or :meth:`stop` is called."""
+    """What QEMU itself did with the guest's devices, asked over QMP at a moment the guest's script
+    picks: it runs :attr:`CHECKPOINT` while its devices are in use, which waits (bounded) until
+    :meth:`snapshot` has asked QEMU and closed QMP again. So no QMP command is ever in flight when
+    the guest powers off: QEMU 7.2 can then hang for good in monitor_cleanup at exit (seen here with
+    a thread polling QMP throughout: one run in three under load). Give QEMU ``args`` and the guest
+    ``shares``. After the snapshot: ``devices`` (x-query-virtio: QOM path -> virtio name),
+    ``types`` (QOM path -> the type of the device that holds it, "vhost-user-rng-pci" say),
+    ``pci`` (query-pci) and ``statuses`` (QOM path -> x-query-virtio-status)."""
 
-    def __init__(self, workdir: str, interval: float = 0.1) -> None:
+    TAG = "qmpwatch"
+    CHECKPOINT = f"""\
+: >/mnt/{TAG}/ready
+i=0
+while [ ! -e /mnt/{TAG}/go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+"""
+
+    def __init__(self, workdir: str) -> None:
         self.path = os.path.join(workdir, "qmp.sock")
+        self.dir = os.path.join(workdir, self.TAG)
+        os.mkdir(self.dir)
         self.args = ["-qmp", f"unix:{self.path},server=on,wait=off"]
-        self.interval = interval
+        self.shares = {self.TAG: self.dir}
         self.devices: dict[str, str] = {}
-        self.pci: list = []
-        self.running: dict[str, dict] = {}
         self.types: dict[str, str] = {}
-        self.ended: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.pci: list = []
+        self.statuses: dict[str, dict] = {}
+        self.missed: str | None = "no snapshot taken"
 
-    def start(self, qemu: subprocess.Popen) -> None:
-        self._thread = threading.Thread(target=self._run, args=(qemu,), name="qmp-watch", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def _run(self, qemu: subprocess.Popen) -> None:
+    def snapshot(self, qemu: subprocess.Popen, timeout: float) -> None:
+        """Wait for the guest's checkpoint (not past QEMU's exit or ``timeout``), read QEMU's state,
+        close QMP, and let the guest go on. A guest that never got there leaves ``missed`` set,
+        which the assertions on the snapshot show; the guest's own result says why."""
+        ready, deadline = os.path.join(self.dir, "ready"), time.monotonic() + timeout
+        while not os.path.exists(ready):
+            if qemu.poll() is not None or time.monotonic() > deadline:
+                self.missed = "the guest never reached the checkpoint"
+                return
+            time.sleep(0.05)
         try:
-            support.wait_for_path(self.path, qemu, 30)
             with launch.QMP(self.path) as qmp:
                 self.pci = qmp.execute("query-pci")
-                while not self._stop.is_set():
-                    self.devices = {d["path"]: d["name"] for d in qmp.execute("x-query-virtio")}
-                    for path in self.devices:
-                        if path not in self.types:      # the proxy's QOM type: what -device said
-                            self.types[path] = qmp.execute("qom-get", path=path.rsplit("/", 1)[0],
-                                                           property="type")
-                        status = qmp.execute("x-query-virtio-status", path=path)
-                        if status["vhost-started"]:
-                            self.running[path] = status
-                    self._stop.wait(self.interval)
-        except (OSError, AssertionError, ValueError) as exc:   # QEMU exited (or never started)
-            self.ended = exc
+                self.devices = {d["path"]: d["name"] for d in qmp.execute("x-query-virtio")}
+                for path in self.devices:
+                    self.types[path] = qmp.execute("qom-get", path=path.rsplit("/", 1)[0], property="type")
+                    self.statuses[path] = qmp.execute("x-query-virtio-status", path=path)
+            self.missed = None
+        finally:
+            open(os.path.join(self.dir, "go"), "w").close()
 
     def started(self, path: str) -> dict:
-        """The last status of the device at QOM ``path`` while its vhost back-end ran."""
-        status = self.running.get(path)
-        assert status is not None, (f"QMP never showed {path} with its vhost back-end started; devices "
-                                    f"{self.devices}; the watch ended with {self.ended!r}")
+        """The status of the device at QOM ``path``, whose vhost back-end QEMU had started."""
+        status = self.statuses.get(path)
+        assert status is not None and status["vhost-started"], (
+            f"QMP showed {path} {'without its vhost back-end started' if status else 'nowhere'}; devices "
+            f"{self.devices}; {self.missed or 'snapshot taken'}")
         return status
 
 
@@ -290,7 +295,7 @@ echo "features=$(cat /sys/block/$main/device/features)"
 echo "packed_features=$(cat /sys/block/$packed/device/features)"
 {pattern_script("/dev/$main", "/mnt/data/pattern", PATTERN_OFFSET, PATTERN_SIZE, "readback")}
 {pattern_script("/dev/$packed", "/mnt/data/packed", PACKED_OFFSET, PACKED_SIZE, "packed_readback")}
-# Steady traffic past the pattern while the host samples the back-end's memory.
+{QemuWatch.CHECKPOINT}# Steady traffic past the pattern while the host samples the back-end's memory.
 i=0
 while [ $i -lt {LOAD_ROUNDS} ]; do
     dd if=/dev/$main of=/dev/null bs=1M skip=8 count={LOAD_MIB} iflag=direct 2>/dev/null
@@ -347,16 +352,15 @@ class BlkGuestTest(unittest.TestCase):
                 backend_process("vhost_min-blk-packed", [sys.executable, script, cls.packed_image, packed_sock],
                                 packed_sock, work.name) as packed_peer:
             cls.backend_pid = peer.pid
-            with guest.Guest(qemu_args, memfd_memory=True, modules=["virtio_blk"], shares={"data": data},
-                             boot_timeout=BOOT_TIMEOUT) as vm, ResidentSampler(peer.pid) as sampler:
+            with guest.Guest(qemu_args, memfd_memory=True, modules=["virtio_blk"],
+                             shares={"data": data, **watch.shares}, boot_timeout=BOOT_TIMEOUT) as vm, \
+                    ResidentSampler(peer.pid) as sampler:
                 vm.start(BLK_SCRIPT, timeout=GUEST_TIMEOUT)
-                watch.start(vm.process)
+                watch.snapshot(vm.process, GUEST_TIMEOUT + BOOT_TIMEOUT)
                 try:
                     cls.result = vm.wait()
                 except guest.GuestError as exc:
                     raise AssertionError(f"{exc}\n--- back-ends' output:\n{peer.log()}\n{packed_peer.log()}") from None
-                finally:
-                    watch.stop()
             cls.samples, cls.io_samples = sampler.samples, sampler.during_io()
             # QEMU has gone: serve(once=True) returns and each back-end exits by itself.
             cls.backend_exit = peer.wait_exit(10)
@@ -437,8 +441,10 @@ class BlkGuestTest(unittest.TestCase):
 #: QEMU's vIOMMU with device-IOTLB (ATS) support; interrupt remapping needs the split irqchip.
 VIOMMU_MACHINE = "q35,kernel-irqchip=split"
 VIOMMU_DEVICE = "intel-iommu,intremap=on,device-iotlb=on"
-#: The guest translates every DMA and unmaps (and flushes) each buffer at once.
-VIOMMU_APPEND = ["intel_iommu=on", "iommu=strict"]
+#: The guest translates every DMA and unmaps (and flushes) each buffer at once. no_timer_check: a
+#: TCG guest on a loaded host can fail the IO-APIC timer check through interrupt remapping and
+#: panic at boot ("timer doesn't work through Interrupt-remapped IO-APIC"), as seen here.
+VIOMMU_APPEND = ["intel_iommu=on", "iommu=strict", "no_timer_check"]
 VIOMMU_PATTERN_OFFSET = 2 * MiB
 VIOMMU_PATTERN_SIZE = 1 * MiB
 #: The extended capability list of PCIe config space (<linux/pci_regs.h>): ATS is id 0x000f, its
@@ -464,7 +470,7 @@ echo "iommu=$(basename "$(readlink $pci/iommu)")"
 echo "features=$(cat /sys/block/vda/device/features)"
 python3 -c '{ATS_STATE}' $pci/config
 {pattern_script("/dev/vda", "/mnt/data/pattern", VIOMMU_PATTERN_OFFSET, VIOMMU_PATTERN_SIZE, "readback")}
-"""
+{QemuWatch.CHECKPOINT}"""
 
 IOTLB_MISS = re.compile(r"IOTLB miss at (0x[0-9a-f]+)")
 IOTLB_UPDATE = re.compile(r"IOTLB update (0x[0-9a-f]+)\+(0x[0-9a-f]+) perm (\d)")
@@ -511,16 +517,14 @@ class ViommuBlkGuestTest(unittest.TestCase):
                      "-device", "vhost-user-blk-pci,id=blk0,bus=rp0,chardev=blk0,num-queues=1,"
                                 "iommu_platform=on,ats=on,disable-legacy=on", *watch.args]
         with backend_process("vhost_min-blk", [sys.executable, script, cls.image, sock], sock, work.name) as peer:
-            with guest.Guest(qemu_args, memfd_memory=True, modules=["virtio_blk"], shares={"data": data},
+            with guest.Guest(qemu_args, memfd_memory=True, modules=["virtio_blk"], shares={"data": data, **watch.shares},
                              machine=VIOMMU_MACHINE, append=VIOMMU_APPEND, boot_timeout=BOOT_TIMEOUT) as vm:
                 vm.start(VIOMMU_SCRIPT, timeout=GUEST_TIMEOUT)
-                watch.start(vm.process)
+                watch.snapshot(vm.process, GUEST_TIMEOUT + BOOT_TIMEOUT)
                 try:
                     cls.result = vm.wait()
                 except guest.GuestError as exc:
                     raise AssertionError(f"{exc}\n--- back-end output:\n{peer.log()}") from None
-                finally:
-                    watch.stop()
             cls.backend_exit = peer.wait_exit(10)
             cls.backend_log = peer.log(1 << 24)
         cls.facts = facts(cls.result.stdout)
@@ -592,7 +596,7 @@ echo "rng_available=$(cat /sys/class/misc/hw_random/rng_available)"
 echo "rng_current=$(cat /sys/class/misc/hw_random/rng_current)"
 dd if=/dev/hwrng of=/tmp/random bs=64 count={RNG_BYTES // 64} iflag=fullblock
 python3 -c 'print("random=" + open("/tmp/random", "rb").read().hex())'
-"""
+{QemuWatch.CHECKPOINT}"""
 
 
 def readme_rng_qemu_args(socket_path: str) -> list[str]:
@@ -622,15 +626,13 @@ class ReadmeRngGuestTest(unittest.TestCase):
         with backend_process("readme-rng", [sys.executable, script, sock], sock, work.name) as peer, \
                 ResidentSampler(peer.pid) as sampler:
             with guest.Guest([*cls.qemu_args, *watch.args], memfd_memory=True, modules=["virtio_rng"],
-                             boot_timeout=BOOT_TIMEOUT) as vm:
+                             shares=watch.shares, boot_timeout=BOOT_TIMEOUT) as vm:
                 vm.start(RNG_SCRIPT, timeout=GUEST_TIMEOUT)
-                watch.start(vm.process)
+                watch.snapshot(vm.process, GUEST_TIMEOUT + BOOT_TIMEOUT)
                 try:
                     cls.result = vm.wait()
                 except guest.GuestError as exc:
                     raise AssertionError(f"{exc}\n--- back-end output:\n{peer.log()}") from None
-                finally:
-                    watch.stop()
             peer.check_alive()
             cls.backend_log = peer.log()
             cls.samples = sampler.samples
@@ -642,7 +644,7 @@ class ReadmeRngGuestTest(unittest.TestCase):
         guest's driver brought it to DRIVER_OK with its vhost back-end -- README's script -- started."""
         self.assertTrue(any(opt.startswith("vhost-user-rng-pci,") for opt in self.qemu_args), self.qemu_args)
         ours = [path for path, kind in self.watch.types.items() if kind == "vhost-user-rng-pci"]
-        self.assertEqual(len(ours), 1, f"QOM types {self.watch.types}; the watch ended with {self.watch.ended!r}")
+        self.assertEqual(len(ours), 1, f"QOM types {self.watch.types}; {self.watch.missed or 'snapshot taken'}")
         self.assertEqual(self.watch.devices[ours[0]], "virtio-rng")
         functions = [(dev["id"]["vendor"], dev["id"]["device"]) for bus in self.watch.pci for dev in bus["devices"]]
         self.assertEqual(functions.count((0x1AF4, 0x1044)), 1, functions)
@@ -653,7 +655,7 @@ class ReadmeRngGuestTest(unittest.TestCase):
         self.assertIn("VIRTIO_F_VERSION_1", feature_names(status["guest-features"]))
         self.assertFalse(status["broken"])
         # The harness's own virtio-rng-pci has no vhost back-end: only README's device was started.
-        self.assertEqual(list(self.watch.running), ours)
+        self.assertEqual([path for path, st in self.watch.statuses.items() if st["vhost-started"]], ours)
 
     def test_the_only_hwrng_left_is_ours(self) -> None:
         self.assertEqual(self.result.status, 0, f"{self.result.output}\n--- back-end:\n{self.backend_log}")
