@@ -699,6 +699,39 @@ class BaseTest(RingCase):
 
 
 # ----------------------------------------------------------------------------------------------
+class IndirectTableTest(RingCase):
+    """Legal indirect tables, the ones drivers write (readable entries then writable ones, taken by
+    the fast path) and the others (other flag bits, zero lengths, buffers across two regions),
+    give the chain in table order."""
+
+    def pop_table(self, entries, memory=None):
+        self.setup_ring(7, driver=False, memory=memory)
+        table = BUF + 0x8000
+        self.memory.write(BUF, b"abcdefgh")
+        for i, (addr, length, flags) in enumerate(entries):
+            self.put(i, addr, length, 0, flags, table=table)
+        self.offer(5, (table, 16 * len(entries), INDIRECT))
+        (bid, readable, writable), = self.device.pop_batch()
+        self.assertEqual(bid, 5)
+        return [bytes(v) for v in readable], [len(v) for v in writable]
+
+    def test_tables(self):
+        for entries, want in (
+                ([(BUF, 2, 0), (BUF + 2, 3, 0), (BUF + 0x100, 9, WRITE)], ([b"ab", b"cde"], [9])),
+                ([(BUF + 0x100, 9, WRITE), (BUF + 0x200, 1, WRITE)], ([], [9, 1])),
+                ([(BUF, 8, 0)], ([b"abcdefgh"], [])),
+                ([(BUF, 2, NEXT), (BUF + 0x100, 9, WRITE | 0x40)], ([b"ab"], [9])),     # other bits ignored
+                ([(BUF, 0, 0), (0x900000000, 0, 0), (BUF + 0x100, 4, WRITE)], ([b"", b""], [4]))):
+            with self.subTest(entries=entries):
+                self.assertEqual(self.pop_table(entries), want)
+
+    def test_buffer_across_two_regions(self):
+        memory = self.memory_with((0, BUF + 3), (BUF + 3, MEM_SIZE - BUF - 3))
+        self.assertEqual(self.pop_table([(BUF, 5, 0), (BUF + 0x100, 2, WRITE)], memory),
+                         ([b"abc", b"de"], [2]))
+
+
+# ----------------------------------------------------------------------------------------------
 class HostileDriverTest(RingCase):
     """Rings written by hand with struct; each rule broken once.  The error names the slot and the
     value, the queue is broken, and every later pop and push says so."""
@@ -786,6 +819,15 @@ class HostileDriverTest(RingCase):
         self.offer(0, (BUF, 1, WRITE), (BUF, 1, 0))
         self.rejects(r"slot 1: device-readable descriptor after a writable one in the chain at slot 0 "
                      r"\(flags 0x0080\)")
+
+    def test_lengths_summing_beyond_2_32_in_an_indirect_table_popped(self):
+        big = 0x1_2000_0000                        # a sparse memfd: the fast path's region holds it all
+        self.setup_ring(7, memory=self.memory_with((0, big)), driver=False)
+        table = BUF + 0x1000
+        self.put(0, 0x1000_0000, 0x8000_0000, 0, 0, table=table)
+        self.put(1, 0x9000_0000, 0x8000_0000, 0, WRITE, table=table)
+        self.offer(0, (table, 32, INDIRECT))
+        self.rejects(r"slot 0: the chain's lengths add up to 0x100000000, beyond 2\^32-1")
 
     def test_readable_after_writable_in_an_indirect_table(self):
         table = BUF + 0x1000
