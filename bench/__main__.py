@@ -10,8 +10,9 @@ import sys
 BENCHMARKS = {
     "vring": "virtqueue engine: device and driver side, split and packed, against a yardstick loop",
     "handshake": "connect to first 4 KiB read done, our frontend against our back-end and qemu-storage-daemon",
-    "blk": "4k random read/write at qd 1 and 32, 64k sequential read: ours against qemu-storage-daemon",
+    "blk": "4k randread qd1/32, randwrite qd32, 64k read qd1/32, +-EVENT_IDX, C front-end: ours against qemu-storage-daemon",
     "startup": "import time of vhost_min and resident memory of a blk backend under I/O",
+    "vdpa": "in a QEMU guest (TCG): our VdpaDriver on vdpa_sim_blk, and our VDUSE blk device under dd O_DIRECT",
 }
 
 

@@ -462,9 +462,9 @@ static int run_driver(struct options *o) {
             if (o->have_pattern && !d.write
                 && !check_pattern(d.mem + DATA_OFF + (size_t)i * o->bs, slots[i].offset, o->bs, o->pattern))
                 mismatches++;
-            if (measuring && running && slots[i].submitted >= t0) {
-                done++;
-                if (lat_n < lat_cap) lat[lat_n++] = t - slots[i].submitted;
+            if (measuring && running) {                  /* completions in the window; latency of those */
+                done++;                                    /* submitted in it too */
+                if (slots[i].submitted >= t0 && lat_n < lat_cap) lat[lat_n++] = t - slots[i].submitted;
             }
             if (running && submitted < limit) {
                 submitted++;
