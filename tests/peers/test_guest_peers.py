@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from tests import guest, support
 from tests.peers import launch
 from tests.unit.test_readme import RNG_HEADING, block_after, rng_example
+from vhost_min.aio import io_uring_available
 from vhost_min.virtio import DeviceId
 
 ROOT = guest.PROJECT_ROOT
@@ -66,9 +67,18 @@ def stop(signum, frame):
 signal.signal(signal.SIGTERM, stop)
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 logging.getLogger("vhost_min.backend").setLevel(logging.DEBUG)     # each IOTLB update and invalidate
-with BlkDevice(sys.argv[1]) as device:
+with BlkDevice(sys.argv[1], **dict(arg.split("=", 1) for arg in sys.argv[3:])) as device:   # cache=, aio=
     serve(device, sys.argv[2], once=True)
 """
+
+
+def direct_io_works(path: str) -> bool:
+    """O_DIRECT opens on ``path``'s file system (tmpfs refused it before Linux 6.6)."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,9 +327,10 @@ def read_image(path: str, offset: int, size: int) -> bytes:
 
 class BlkGuestTest(unittest.TestCase):
     """One guest run (setUpClass) with two of our blk back-ends, each its own process: the main
-    disk on a split ring (and the memory sampling), and a second disk with ``packed=on``. The
-    tests look at the outcome from every side: the guest, the image files, the back-ends' logs,
-    and QEMU over QMP."""
+    disk on a split ring (and the memory sampling), and a second disk with ``packed=on`` whose
+    back-end runs O_DIRECT through io_uring (cache=none, aio=io_uring; the thread pool where
+    io_uring is refused; writeback where the file system refuses O_DIRECT). The tests look at the
+    outcome from every side: the guest, the image files, the back-ends' logs, and QEMU over QMP."""
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -339,6 +350,8 @@ class BlkGuestTest(unittest.TestCase):
         for path, size in ((cls.image, IMAGE_SIZE), (cls.packed_image, PACKED_IMAGE_SIZE)):
             with open(path, "wb") as f:
                 f.truncate(size)
+        cls.packed_io = [f"cache={'none' if direct_io_works(cls.packed_image) else 'writeback'}",
+                         f"aio={'io_uring' if io_uring_available()[0] else 'threads'}"]
         sock, packed_sock = os.path.join(work.name, "blk.sock"), os.path.join(work.name, "packed.sock")
         script = os.path.join(work.name, "blk_backend.py")
         with open(script, "w") as f:
@@ -349,8 +362,8 @@ class BlkGuestTest(unittest.TestCase):
                      "-chardev", f"socket,id=blk1,path={packed_sock}",
                      "-device", "vhost-user-blk-pci,id=blk1,chardev=blk1,num-queues=1,packed=on", *watch.args]
         with backend_process("vhost_min-blk", [sys.executable, script, cls.image, sock], sock, work.name) as peer, \
-                backend_process("vhost_min-blk-packed", [sys.executable, script, cls.packed_image, packed_sock],
-                                packed_sock, work.name) as packed_peer:
+                backend_process("vhost_min-blk-packed", [sys.executable, script, cls.packed_image, packed_sock,
+                                                         *cls.packed_io], packed_sock, work.name) as packed_peer:
             cls.backend_pid = peer.pid
             with guest.Guest(qemu_args, memfd_memory=True, modules=["virtio_blk"],
                              shares={"data": data, **watch.shares}, boot_timeout=BOOT_TIMEOUT) as vm, \
@@ -409,6 +422,7 @@ class BlkGuestTest(unittest.TestCase):
     # -- the second disk: a packed ring end to end
 
     def test_packed_ring_disk_read_back_and_the_image_holds_it(self) -> None:
+        report(self, f"packed-ring disk's back-end: {' '.join(self.packed_io)}")
         self.assertEqual(self.facts.get("packed_readback"), "ok", f"{self.result.output}\n--- back-end:\n"
                                                                   f"{self.packed_log[-4000:]}")
         self.assertNotEqual(self.facts.get("packed"), self.facts.get("main"))
