@@ -422,7 +422,8 @@ class Backend:
             if spec is None:
                 raise ProtocolError(f"request {int(msg.request)} is not a front-end request the protocol defines")
             check_message(msg, FRONTEND_REQUESTS, self.protocol_features)
-            self._check_virtio_gate(spec)
+            if spec.virtio_gate is not None:
+                self._check_virtio_gate(spec)
             result = self._HANDLERS[spec.request](self, msg)
         except Exception as exc:   # noqa: BLE001 (every failure becomes an answer, never a crash)
             self._reject(msg, spec, nfds, exc)
@@ -1636,20 +1637,24 @@ class Server:
                 backend.poll()
                 if backend.closed:
                     self._retire(backend)
-        now = time.monotonic()
         for endpoint in self.endpoints:
-            if endpoint.client and endpoint.retry_at is not None and now >= endpoint.retry_at and not self._stopping:
+            if (endpoint.client and endpoint.retry_at is not None and time.monotonic() >= endpoint.retry_at
+                    and not self._stopping):
                 self._connect(endpoint)
 
     def _timeout(self, stop_event: threading.Event | None) -> float | None:
-        timeouts = [0.1] if stop_event is not None else []
+        """The select timeout: the nearest of the stop_event check, a backend's poll, a reconnect."""
+        timeout = 0.1 if stop_event is not None else None
         for backend in self.backends:
             interval = backend.poll_interval
             if interval is not None:
-                timeouts.append(min(interval, self.poll_interval) if interval else 0.0)
-        now = time.monotonic()
-        timeouts.extend(max(0.0, e.retry_at - now) for e in self.endpoints if e.client and e.retry_at is not None)
-        return min(timeouts) if timeouts else None
+                wait = min(interval, self.poll_interval) if interval else 0.0
+                timeout = wait if timeout is None else min(timeout, wait)
+        for e in self.endpoints:
+            if e.client and e.retry_at is not None:
+                wait = max(0.0, e.retry_at - time.monotonic())
+                timeout = wait if timeout is None else min(timeout, wait)
+        return timeout
 
     def run(self, *, once: bool = False, stop_event: threading.Event | None = None) -> None:
         """Serve until :meth:`stop` (or ``stop_event`` is set); with ``once``, until the first

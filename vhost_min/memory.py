@@ -212,11 +212,22 @@ def map_fd(fd: int, size: int, offset: int = 0) -> memoryview:
         err = ctypes.get_errno()
         raise GuestMemoryError(f"cannot map {size:#x} bytes at fd offset {offset:#x}: {os.strerror(err)}", err)
 
-    class _Mapping(ctypes.c_ubyte * length):
-        def __del__(self, munmap=libc.munmap, address=address, length=length) -> None:
-            munmap(address, length)
+    return memoryview(_mapping_type(length).from_address(address)).cast("B")[skip:]
 
-    return memoryview(_Mapping.from_address(address)).cast("B")[skip:]
+
+_mapping_types: dict[int, type] = {}
+
+
+def _mapping_type(length: int) -> type:
+    """A ctypes byte array of ``length`` whose instances munmap themselves when collected; one
+    type per length (made once: building a ctypes type costs more than the mmap itself)."""
+    cls = _mapping_types.get(length)
+    if cls is None:
+        class _Mapping(ctypes.c_ubyte * length):
+            def __del__(self, munmap=libc.munmap, addressof=ctypes.addressof, length=length) -> None:
+                munmap(addressof(self), length)
+        cls = _mapping_types[length] = _Mapping
+    return cls
 
 
 def address_of(view: memoryview) -> int:

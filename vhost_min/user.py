@@ -651,11 +651,15 @@ class RequestSpec(NamedTuple):
 
     def missing(self, negotiated: ProtocolFeature | int, nfds: int = 0) -> ProtocolFeature:
         """The protocol features this request (with ``nfds`` fds) needs but ``negotiated`` lacks."""
-        needed = self.features | (self.fd_features if nfds else NO_FEATURES)
-        return ProtocolFeature(needed & ~int(negotiated))
+        # Plain int arithmetic: an IntFlag operator costs a microsecond, and every message asks.
+        needed = self.features._value_ | (self.fd_features._value_ if nfds else 0)
+        lacking = needed & ~int(negotiated)
+        return ProtocolFeature(lacking) if lacking else NO_FEATURES
 
     def require(self, negotiated: ProtocolFeature | int, nfds: int = 0) -> None:
         """Raise NotNegotiatedError unless every protocol feature this request needs is negotiated."""
+        if not self.features and not (nfds and self.fd_features):
+            return                              # most requests need no protocol feature
         lacking = self.missing(negotiated, nfds)
         if lacking:
             names = "|".join(f"VHOST_USER_PROTOCOL_F_{f.name}" for f in ProtocolFeature if f & lacking)
@@ -918,6 +922,10 @@ def _close_all(fds: Iterable[int]) -> None:
 # --------------------------------------------------------------------------------------------
 
 _FD_BYTES = array.array("i").itemsize
+# Plain ints: socket's flag enums cost a call per operation.
+_MSG_CTRUNC, _MSG_CMSG_CLOEXEC, _MSG_NOSIGNAL = int(socket.MSG_CTRUNC), int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_NOSIGNAL)
+#: Each request code space's members by code (a dict lookup, where calling the enum is a slow path).
+_MEMBERS = {enum_type: {int(m): m for m in enum_type} for enum_type in (FrontendRequest, BackendRequest)}
 
 
 class Connection:
@@ -1039,6 +1047,17 @@ class Connection:
         self.send(msg.request, U64.pack(value), reply=True)
 
     def _send_all(self, data: bytes, fds: Sequence[int]) -> None:
+        if not fds:                             # the common case: one send takes it all
+            try:
+                sent = self._sock.send(data, _MSG_NOSIGNAL)
+            except (InterruptedError, BlockingIOError):
+                sent = 0
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise DisconnectedError(f"peer closed the connection while we were sending: {exc.strerror}",
+                                        exc.errno) from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
         view = memoryview(data)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         while view:
@@ -1112,24 +1131,24 @@ class Connection:
         return msg
 
     def _recv_header(self, fds: list[int], progress: list[bool]) -> bytes:
-        header = bytearray(VHOST_USER_HDR_SIZE)
-        view = memoryview(header)
-        got = 0
-        while got < VHOST_USER_HDR_SIZE:
+        header = b""
+        while len(header) < VHOST_USER_HDR_SIZE:
             try:
-                n, ancdata, msg_flags, _addr = self._retry(select.POLLIN, self._sock.recvmsg_into, [view[got:]],
-                                                           self._cmsg_space, socket.MSG_CMSG_CLOEXEC)
+                data, ancdata, msg_flags, _addr = self._retry(select.POLLIN, self._sock.recvmsg,
+                                                              VHOST_USER_HDR_SIZE - len(header), self._cmsg_space,
+                                                              _MSG_CMSG_CLOEXEC)
             except ConnectionResetError as exc:
                 raise DisconnectedError(f"peer reset the connection: {exc.strerror}", exc.errno) from exc
-            _collect_fds(ancdata, fds)
-            if msg_flags & socket.MSG_CTRUNC:
+            if ancdata:
+                _collect_fds(ancdata, fds)
+            if msg_flags & _MSG_CTRUNC:
                 raise ProtocolError(f"ancillary data truncated: the peer sent more than {self.max_fds} fds")
-            if n == 0:
-                where = f" after {got} of {VHOST_USER_HDR_SIZE} header bytes" if got else ""
+            if not data:
+                where = f" after {len(header)} of {VHOST_USER_HDR_SIZE} header bytes" if header else ""
                 raise DisconnectedError(f"peer closed the connection{where}")
-            got += n
+            header += data
             progress[0] = True
-        return bytes(header)
+        return header
 
     def _recv_exact(self, size: int, request: int) -> bytes:
         payload = bytearray(size)
@@ -1148,10 +1167,11 @@ class Connection:
         return bytes(payload)
 
     def _as_request(self, code: int) -> int:
-        try:
-            return self.requests(code)
-        except ValueError:
-            return code                          # unknown codes are the dispatcher's to reject
+        # Unknown codes stay ints: they are the dispatcher's to reject.
+        members = _MEMBERS.get(self.requests)
+        if members is None:
+            members = _MEMBERS[self.requests] = {int(m): m for m in self.requests}
+        return members.get(code, code)
 
     def _retry(self, events: int, call: Callable, *args):
         """``call(*args)`` on our socket, retried after EINTR and, on a non-blocking socket, after
