@@ -144,6 +144,9 @@ def _overrides(device: Device, name: str) -> bool:
     return getattr(type(device), name, None) is not getattr(Device, name)
 
 
+#: Device classes -> the protocol features their hook overrides offer (see _offer_protocol_features).
+_hook_features: dict[type, int] = {}
+
 #: Device hooks whose override offers a protocol feature.
 _HOOK_FEATURES = (
     ("get_config", ProtocolFeature.CONFIG),
@@ -160,6 +163,10 @@ _HOOK_FEATURES = (
 _BASE_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.LOG_SHMFD | ProtocolFeature.REPLY_ACK
                            | ProtocolFeature.BACKEND_REQ | ProtocolFeature.BACKEND_SEND_FD | ProtocolFeature.RESET_DEVICE
                            | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.STATUS)
+#: What every back-end offers on top of its device's bits, as ints (worked out once, not per connection).
+_LIBRARY_FEATURES = int(VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX | VIRTIO_F_RING_PACKED
+                        | VHOST_F_LOG_ALL | VHOST_USER_F_PROTOCOL_FEATURES)
+_LIBRARY_PROTOCOL_FEATURES = int(_BASE_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,18 +301,20 @@ class Backend:
 
     # -- what is offered ---------------------------------------------------------------------------
     def _offer_features(self) -> int:
-        return int(int(self.device.features) | VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
-                   | VIRTIO_F_RING_PACKED | VHOST_F_LOG_ALL | VHOST_USER_F_PROTOCOL_FEATURES)
+        return int(self.device.features) | _LIBRARY_FEATURES
 
     def _offer_protocol_features(self) -> ProtocolFeature:
-        features = (_BASE_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD
-                    | ProtocolFeature(int(self.device.protocol_features)))
-        for hook, feature in _HOOK_FEATURES:
-            if _overrides(self.device, hook):
-                features |= feature
-        if _overrides(self.device, "save_state") and _overrides(self.device, "load_state"):
-            features |= ProtocolFeature.DEVICE_STATE
-        return features
+        # Per device class, worked out once (the hooks a class overrides do not change).
+        hooks = _hook_features.get(type(self.device))
+        if hooks is None:
+            hooks = 0
+            for hook, feature in _HOOK_FEATURES:
+                if _overrides(self.device, hook):
+                    hooks |= feature
+            if _overrides(self.device, "save_state") and _overrides(self.device, "load_state"):
+                hooks |= ProtocolFeature.DEVICE_STATE
+            hooks = _hook_features[type(self.device)] = int(hooks)
+        return ProtocolFeature(_LIBRARY_PROTOCOL_FEATURES | hooks | int(self.device.protocol_features))
 
     # -- event-loop interface ----------------------------------------------------------------------
     def fileno(self) -> int:

@@ -300,7 +300,12 @@ Request = Union[FrontendRequest, BackendRequest]
 
 def request_name(code: int) -> str:
     """The spec name of a request code, or ``request N`` for a code no enum knows."""
-    return code.spec_name if isinstance(code, (FrontendRequest, BackendRequest)) else f"request {code}"
+    names = _SPEC_NAMES.get(type(code))
+    return names[code] if names is not None else f"request {code}"
+
+
+#: Each request enum's members -> their spec names, made once (an enum's ``name`` is a slow property).
+_SPEC_NAMES = {enum_type: {m: m.spec_name for m in enum_type} for enum_type in (FrontendRequest, BackendRequest)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1151,9 +1156,23 @@ class Connection:
         return header
 
     def _recv_exact(self, size: int, request: int) -> bytes:
+        try:
+            data = self._sock.recv(size)        # the common case: the payload is there, in one piece
+        except (InterruptedError, BlockingIOError):
+            data = b""                          # nothing yet: the loop below waits for it
+        except ConnectionResetError as exc:
+            raise DisconnectedError(f"peer reset the connection inside {request_name(request)}: "
+                                    f"{exc.strerror}", exc.errno) from exc
+        else:
+            if len(data) == size:
+                return data
+            if not data:
+                raise DisconnectedError(f"peer closed the connection after 0 of {size} payload bytes "
+                                        f"of {request_name(request)}")
         payload = bytearray(size)
+        payload[:len(data)] = data
+        got = len(data)
         view = memoryview(payload)
-        got = 0
         while got < size:
             try:
                 n = self._retry(select.POLLIN, self._sock.recv_into, view[got:])
