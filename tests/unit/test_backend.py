@@ -1748,5 +1748,80 @@ class AsyncDeviceTests(BackendCase):
             self.backend.post_used(7, [])
 
 
+class FdEcho(Echo):
+    """An asynchronous device whose completions arrive on an fd of its own (as io_uring's
+    eventfd): process() holds the chains; writing ``done_fd`` makes the callback answer them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.held: list = []
+        self._watched = {self.done_fd: self._on_done}
+
+    def close(self) -> None:
+        if self.done_fd >= 0:
+            os.close(self.done_fd)
+            self.done_fd = -1
+
+    def watched(self):
+        return self._watched
+
+    def process(self, queue, vq):
+        self.held += [(queue, chain) for chain in vq.pop_batch()]
+        return False
+
+    def _on_done(self) -> None:
+        os.eventfd_read(self.done_fd)
+        held, self.held = self.held, []
+        for queue, (head, readable, writable) in held:
+            self.backend.post_used(queue, [(head, self.handle(queue, readable, writable))])
+
+    def stopped(self, queue):
+        if self.held:
+            self._on_done_now()
+        super().stopped(queue)
+
+    def _on_done_now(self) -> None:
+        os.eventfd_write(self.done_fd, 1)
+        self._on_done()
+
+
+class DeviceFdTests(BackendCase):
+    """Device.watched(): the back-end watches the device's own fds, calls the device in its loop,
+    and pushes what the callback posted when it returns, without waking itself up for it."""
+
+    device_class = FdEcho
+
+    def test_the_device_fd_is_watched_and_its_completions_pushed_at_once(self) -> None:
+        ring = self.ring(0)
+        self.ready(ring)
+        self.assertIn(self.device.done_fd, self.backend.watched())
+        for data in (b"one", b"two"):
+            ring.add(data)
+        ring.kick_now()
+        pump(self.backend)
+        self.assertEqual((len(self.device.held), ring.replies()), (2, []))
+        os.eventfd_write(self.device.done_fd, 1)
+        self.backend.watched()[self.device.done_fd]()
+        # pushed and signalled by the time the callback returned; the loop was not woken for it
+        self.assertEqual(sorted(ring.replies()), [b"eno\x00", b"owt\x00"])
+        self.assertTrue(fired(ring.call))
+        self.assertEqual(fired(self.backend._completions.fd), 0)
+        # a post from another thread while the loop is elsewhere still wakes it
+        ring.add(b"three")
+        ring.kick_now()
+        pump(self.backend)
+        worker = threading.Thread(target=self.device._on_done_now)
+        worker.start()
+        worker.join(TIMEOUT)
+        self.assertTrue(select.select([self.backend._completions.fd], [], [], TIMEOUT)[0])
+        pump(self.backend)
+        self.assertEqual(ring.replies(), [b"eerht\x00"])
+
+    def test_gone_from_the_watched_fds_once_closed(self) -> None:
+        self.backend.close()
+        self.assertEqual(self.backend.watched(), {})
+
+
 if __name__ == "__main__":
     unittest.main()
