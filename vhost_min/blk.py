@@ -1004,22 +1004,31 @@ class BlkDevice(Device):
         start, submit, fail = self.image.start, engine.submit, self._chain_failed
         done = []
         again = True
-        for _ in range(self.max_batches):
-            chains = vq.pop_batch(self.async_batch)
-            if not chains:
-                again = False
-                break
-            for head, readable, writable in chains:
-                try:
-                    io = start(readable, writable)
-                except Exception as exc:   # noqa: BLE001 (a chain without a status byte)
-                    fail(queue, head, exc)
-                    done.append((head, 0))
-                    continue
-                if io.__class__ is int:
-                    done.append((head, io))
-                else:
-                    submit(io.op, io.fd, io.offset, io.views, io.flags, (queue, head, io))
+        try:
+            for _ in range(self.max_batches):
+                chains = vq.pop_batch(self.async_batch)
+                if not chains:
+                    again = False
+                    break
+                for head, readable, writable in chains:
+                    try:
+                        io = start(readable, writable)
+                    except Exception as exc:   # noqa: BLE001 (a chain without a status byte)
+                        fail(queue, head, exc)
+                        done.append((head, 0))
+                        continue
+                    if io.__class__ is int:
+                        done.append((head, io))
+                    else:
+                        submit(io.op, io.fd, io.offset, io.views, io.flags, (queue, head, io))
+        finally:
+            # also when pop_batch raised (an IOTLB miss, a driver error): what was popped is
+            # submitted or answered, never held
+            self._commit_and_push(queue, vq, done)
+        return again
+
+    def _commit_and_push(self, queue: int, vq, done: list[tuple[int, int]]) -> None:
+        engine = self.engine
         quiet = engine.quiet(True)      # what completes inside the commit is reaped just below
         try:
             engine.commit()
@@ -1034,7 +1043,6 @@ class BlkDevice(Device):
                 backend.post_used(other, chains)
         if done and vq.push_batch(done) and backend is not None:
             backend.signal_used(queue)
-        return again
 
     def _reap(self) -> dict[int, list[tuple[int, int]]]:
         """Finish every completion the engine has: queue -> [(head, used length)]."""
