@@ -287,7 +287,7 @@ class Backend:
         self.rings = [Ring(i) for i in range(nq)]
         for ring in self.rings:
             ring.on_kick = functools.partial(self._on_kick_fd, ring)
-        self._socket_handler = self._on_socket      # one object, so attach() sees no change
+        self._socket_handler = self.handle_message  # one object, so attach() sees no change
         # Chains asynchronous devices completed in other threads (post_used), pushed by the loop.
         self._completions = Completions()
         self._wake_handler = self._on_wake
@@ -385,9 +385,6 @@ class Backend:
         for ring in self.rings:
             if ring.started and (ring.polling or ring.again) and not ring.broken:
                 self._run(ring)
-
-    def _on_socket(self) -> None:
-        self.handle_message()
 
     # -- messages ----------------------------------------------------------------------------------
     def handle_message(self) -> bool:

@@ -902,12 +902,13 @@ def check_message(msg: Message, table: Mapping[Request, RequestSpec] = FRONTEND_
     """Validate a received request against ``table`` (and the ``negotiated`` protocol features,
     if given) and return its spec; on any violation close the message's fds and raise."""
     try:
-        spec = lookup(msg.request, table)
-        if msg.is_reply:
+        spec = table.get(msg.request) or lookup(msg.request, table)
+        if msg.flags & VHOST_USER_REPLY_MASK:
             raise ProtocolError(f"{spec.name}: a request arrived with the REPLY flag set")
-        spec.validate(msg.payload, len(msg.fds))
-        if negotiated is not None:
-            spec.require(negotiated, len(msg.fds))
+        nfds = len(msg.fds)
+        _check_shape(spec, "", msg.payload, nfds, spec.size, spec.fds, spec.check)
+        if negotiated is not None and (spec.features or nfds and spec.fd_features):
+            spec.require(negotiated, nfds)
     except BaseException:
         msg.close()
         raise
@@ -1033,7 +1034,8 @@ class Connection:
             flags |= VHOST_USER_NEED_REPLY_MASK
         data = HEADER.pack(int(request), flags, len(payload)) + bytes(payload)
         with self._send_lock:
-            self._check_usable()
+            if self._failure is not None:
+                self._check_usable()
             try:
                 self._send_all(data, fds)
             except DisconnectedError as exc:
@@ -1087,7 +1089,8 @@ class Connection:
         truncated ancillary data. Received fds are close-on-exec, and closed on every error.
         """
         with self._recv_lock:
-            self._check_usable()
+            if self._failure is not None:
+                self._check_usable()
             fds: list[int] = []
             progress = [False]                  # set once a byte of the message was consumed
             try:
