@@ -8,6 +8,7 @@
 * ``probe`` -- connect as a front-end and print what a back-end offers, leaving it as it was.
 * ``demo``  -- a blk back-end in a child process, our front-end in this one, every byte checked.
 * ``kernel`` -- list the machine's vhost and vhost-vdpa device nodes and what each offers.
+* ``trace`` -- relay a front-end to a back-end, printing every message decoded (vhost_min.trace).
 
 Errors a person can act on (a missing socket, a peer that is not vhost-user, an image that cannot
 be opened) end as one line on stderr, ``vhost-min: what and why``, and exit status 1; Ctrl-C is 130.
@@ -765,6 +766,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# trace: a man in the middle, printing what a front-end and a back-end say
+# --------------------------------------------------------------------------------------------
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Relay front-ends on --listen to the back-end on --connect until SIGTERM (0) or Ctrl-C (130)."""
+    from .trace import Tracer, printer
+
+    tracer: Tracer | None = None
+
+    def on_sigterm(signum, frame) -> None:
+        if tracer is not None:
+            tracer.stop()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with Tracer(args.listen, args.connect, printer(sys.stdout, args.json), once=args.once) as tracer:
+            if not args.json:
+                print(f"{PROG}: tracing {args.listen} -> {args.connect}", flush=True)
+            tracer.run()
+            if args.once and tracer.failures and tracer.sessions == 1:
+                raise VhostError(tracer.failures[0])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
 
@@ -821,6 +849,19 @@ def build_parser() -> argparse.ArgumentParser:
     kernel.add_argument("--json", action="store_true", help="print one JSON object")
     kernel.add_argument("--dev", default="/dev", metavar="DIR", help="where the nodes are (default /dev)")
     kernel.set_defaults(func=cmd_kernel, parser=kernel)
+
+    trace = sub.add_parser(
+        "trace", help="relay a vhost-user front-end to a back-end, printing every message decoded",
+        description="Listen on --listen for vhost-user front-ends; for each, connect to the back-end at --connect "
+                    "and forward every message and fd unchanged both ways (the back-end-request channel of "
+                    "SET_BACKEND_REQ_FD too, through a socketpair of the tracer's), printing each message: "
+                    "direction, request, flags, payload fields, fds, and whether a reply answers the request "
+                    "owed. Runs until SIGTERM or Ctrl-C.")
+    trace.add_argument("--listen", required=True, metavar="PATH", help="the socket front-ends connect to")
+    trace.add_argument("--connect", required=True, metavar="PATH", help="the back-end's socket")
+    trace.add_argument("--json", action="store_true", help="one JSON object per line")
+    trace.add_argument("--once", action="store_true", help="exit when the first session ends")
+    trace.set_defaults(func=cmd_trace, parser=trace)
 
     demo = sub.add_parser(
         "demo", help="run a blk back-end and our front-end against each other, checking every byte",
