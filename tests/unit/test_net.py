@@ -1,0 +1,392 @@
+"""vhost_min.net.NetDevice served by our back-end, driven by our front-end in one process: the
+header in each size, MRG_RXBUF merging, an oversize frame dropped and counted, the control queue
+(and VIRTIO_NET_ERR for bad commands), MQ, the config space, the receive filter; the tap back end
+(root): frames both ways through a real tap device, and a tap deleted under the device."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+from tests.support import open_fds, require, require_root
+from vhost_min.backend import Server
+from vhost_min.frontend import Frontend
+from vhost_min.net import (VIRTIO_NET_CONFIG, VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK,
+                           VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET,
+                           VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX,
+                           VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_NOBCAST, VIRTIO_NET_CTRL_RX_PROMISC,
+                           VIRTIO_NET_CTRL_VLAN, VIRTIO_NET_ERR, VIRTIO_NET_HDR, VIRTIO_NET_HDR_MRG_RXBUF,
+                           VIRTIO_NET_OK, VIRTIO_NET_S_ANNOUNCE, VIRTIO_NET_S_LINK_UP, NetDevice, VirtioNetFeature,
+                           rarp_frame)
+from vhost_min.virtio import VHOST_USER_F_PROTOCOL_FEATURES, VirtioFeature
+
+N = VirtioNetFeature
+V1 = int(VirtioFeature.VIRTIO_F_VERSION_1)
+PACKED = int(VirtioFeature.VIRTIO_F_RING_PACKED)
+EVENT_IDX = int(VirtioFeature.VIRTIO_F_EVENT_IDX)
+PF = int(VHOST_USER_F_PROTOCOL_FEATURES)
+CTRL = int(N.VIRTIO_NET_F_CTRL_VQ | N.VIRTIO_NET_F_CTRL_RX | N.VIRTIO_NET_F_CTRL_MAC_ADDR
+           | N.VIRTIO_NET_F_GUEST_ANNOUNCE | N.VIRTIO_NET_F_MQ)
+MRG = int(N.VIRTIO_NET_F_MRG_RXBUF)
+MAC = bytes.fromhex("525400aabbcc")
+TIMEOUT = 5.0
+
+
+def frame(dst: bytes, payload: bytes) -> bytes:
+    return dst + MAC + b"\x88\xb5" + payload          # 0x88b5: the IEEE local experimental ethertype
+
+
+class NetTestCase(unittest.TestCase):
+    """A NetDevice served on a socket by a Server thread; our Frontend drives it."""
+
+    def setUp(self) -> None:
+        self.fds_before = open_fds()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.path = os.path.join(tmp.name, "net.sock")
+
+    def serve(self, device: NetDevice) -> NetDevice:
+        server, stop = Server(), threading.Event()
+        server.add(device, self.path)
+        thread = threading.Thread(target=lambda: (server.run(stop_event=stop), server.close()), daemon=True)
+        thread.start()
+
+        def finish() -> None:
+            stop.set()
+            thread.join(5)
+            self.assertFalse(thread.is_alive())
+            device.close()
+            self.assertEqual(open_fds() - self.fds_before, set(), "fds leaked")
+        self.addCleanup(finish)
+        return device
+
+    def connect(self, features: int, *, queues=(0, 1), size: int = 64) -> Frontend:
+        fe = Frontend.connect(self.path, timeout=TIMEOUT)
+        self.addCleanup(fe.close)
+        fe.negotiate(features | PF)
+        fe.setup_memory(1 << 20)
+        for index in queues:
+            fe.setup_queue(index, size)
+        return fe
+
+    def post_rx(self, fe: Frontend, sizes, index: int = 0) -> list[int]:
+        """RX buffers of these sizes, published (and kicked); returns their addresses."""
+        addrs = []
+        for size in sizes:
+            addr = fe.alloc(size)
+            fe.memory.write(addr, b"\xee" * size)
+            fe.queue(index).add([], [(addr, size)], token=addr)
+            addrs.append(addr)
+        fe.publish(index)
+        return addrs
+
+    def send(self, fe: Frontend, frames, hdr_size: int, index: int = 1) -> None:
+        """TX chains: a zero header of ``hdr_size`` bytes and the frame, in one buffer each; waits
+        until all of them are used."""
+        q = fe.queue(index)
+        for data in frames:
+            chain = bytes(hdr_size) + data
+            addr = fe.alloc(len(chain))
+            fe.memory.write(addr, chain)
+            q.add([(addr, len(chain))], [], token=addr)
+        fe.publish(index)
+        used = []
+        deadline = time.monotonic() + TIMEOUT
+        while len(used) < len(frames) and time.monotonic() < deadline:
+            fe.wait_call(index, timeout=0.2)
+            used += q.reap()
+        self.assertEqual(len(used), len(frames), "TX chains used")
+        self.assertTrue(all(n == 0 for _, n in used), used)
+
+    def received(self, fe: Frontend, count: int, index: int = 0) -> list[tuple[int, int]]:
+        """(buffer address, used length) of ``count`` used RX buffers, in used order."""
+        used = []
+        deadline = time.monotonic() + TIMEOUT
+        q = fe.queue(index)
+        while len(used) < count and time.monotonic() < deadline:
+            used += q.reap()
+            if len(used) < count:
+                fe.wait_call(index, timeout=0.2)
+        self.assertEqual(len(used), count, "RX buffers used")
+        return used
+
+    def wait_for(self, predicate, what: str) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while not predicate():
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}")
+            time.sleep(0.01)
+
+
+class LoopbackTest(NetTestCase):
+
+    def test_header_sizes(self):
+        """12 bytes with VERSION_1 (num_buffers 1) or MRG_RXBUF; 10 for a legacy driver with
+        neither: the TX header is stripped by that size, the RX header written in it."""
+        for features, size, packed in ((V1, 12, 0), (V1 | MRG, 12, 0), (V1 | PACKED, 12, PACKED), (MRG, 12, 0),
+                                       (0, 10, 0)):
+            with self.subTest(features=hex(features)):
+                device = self.serve(NetDevice(mac=MAC))
+                fe = self.connect(features | packed | EVENT_IDX)
+                self.assertEqual(device.hdr_size, size)
+                (addr,) = self.post_rx(fe, [256])
+                data = frame(MAC, b"hello %d" % size)
+                self.send(fe, [data], size)
+                (token, n), = self.received(fe, 1)
+                self.assertEqual((token, n), (addr, size + len(data)))
+                header = fe.memory.read(addr, size)
+                expect = VIRTIO_NET_HDR_MRG_RXBUF.pack(0, 0, 0, 0, 0, 0, 1) if size == 12 else VIRTIO_NET_HDR.pack(
+                    0, 0, 0, 0, 0, 0)
+                self.assertEqual(header, expect)
+                self.assertEqual(fe.memory.read(addr + size, len(data)), data)
+                self.assertEqual((device.tx_packets, device.rx_packets, device.rx_bytes), (1, 1, len(data)))
+                fe.close()
+                self.doCleanups()
+                self.setUp()
+
+    def test_mrg_rxbuf_spreads_a_frame_over_buffers(self):
+        """A 200-byte frame into 64-byte buffers: 4 buffers (12 + 200 = 64+64+64+20), num_buffers 4
+        in the first header, the bytes in order across them; the next frame takes the next buffer."""
+        device = self.serve(NetDevice(mac=MAC))
+        fe = self.connect(V1 | MRG)
+        addrs = self.post_rx(fe, [64] * 6)
+        big, small = frame(MAC, bytes(range(186))), frame(MAC, b"small")
+        self.assertEqual(len(big), 200)
+        self.send(fe, [big, small], 12)
+        used = self.received(fe, 5)
+        self.assertEqual(used, [(addrs[0], 64), (addrs[1], 64), (addrs[2], 64), (addrs[3], 20),
+                                (addrs[4], 12 + len(small))])
+        blob = b"".join(fe.memory.read(a, n) for a, n in used[:4])
+        self.assertEqual(blob, VIRTIO_NET_HDR_MRG_RXBUF.pack(0, 0, 0, 0, 0, 0, 4) + big)
+        self.assertEqual(fe.memory.read(addrs[4], 12 + len(small)),
+                         VIRTIO_NET_HDR_MRG_RXBUF.pack(0, 0, 0, 0, 0, 0, 1) + small)
+        self.assertEqual((device.rx_packets, device.rx_oversize, device.rx_dropped), (2, 0, 0))
+
+    def test_oversize_frame_without_mrg_rxbuf_is_dropped_and_counted(self):
+        """Without MRG_RXBUF a frame longer than the buffer offered is dropped (counted in
+        rx_oversize), nothing of it written; the buffer takes the next frame that fits."""
+        device = self.serve(NetDevice(mac=MAC))
+        fe = self.connect(V1)
+        self.assertFalse(device.mrg_rxbuf)
+        (addr,) = self.post_rx(fe, [64])
+        big, fits = frame(MAC, b"x" * 80), frame(MAC, b"fits")
+        self.send(fe, [big], 12)
+        self.wait_for(lambda: device.rx_oversize == 1, "the oversize count")
+        self.assertEqual(fe.queue(0).reap(), [])
+        self.assertEqual(fe.memory.read(addr, 64), b"\xee" * 64)        # not a byte written
+        self.send(fe, [fits], 12)
+        self.assertEqual(self.received(fe, 1), [(addr, 12 + len(fits))])
+        self.assertEqual(fe.memory.read(addr + 12, len(fits)), fits)
+        self.assertEqual((device.rx_oversize, device.rx_packets, device.rx_dropped), (1, 1, 0))
+
+    def test_no_rx_buffer_drops_and_counts(self):
+        device = self.serve(NetDevice(mac=MAC))
+        fe = self.connect(V1 | MRG)
+        self.post_rx(fe, [])
+        self.send(fe, [frame(MAC, b"a"), frame(MAC, b"b")], 12)
+        self.assertEqual((device.tx_packets, device.rx_dropped, device.rx_packets), (2, 2, 0))
+
+    def test_config_space(self):
+        """mac, status (LINK_UP), max_virtqueue_pairs, mtu, as a driver reads them."""
+        self.serve(NetDevice(mac=MAC, pairs=3, mtu=9000))
+        fe = self.connect(V1, queues=())
+        self.assertEqual(fe.get_config(0, VIRTIO_NET_CONFIG.size),
+                         VIRTIO_NET_CONFIG.pack(MAC, VIRTIO_NET_S_LINK_UP, 3, 9000))
+        self.assertEqual(fe.get_config(6, 2), struct.pack("<H", VIRTIO_NET_S_LINK_UP))
+
+    def test_offered_features(self):
+        device = NetDevice(mac=MAC)
+        self.assertEqual(device.num_queues, 3)
+        self.assertFalse(device.features & N.VIRTIO_NET_F_MQ)
+        self.assertTrue(NetDevice(pairs=2).features & N.VIRTIO_NET_F_MQ)
+        self.assertEqual(NetDevice(pairs=2).num_queues, 5)
+        self.assertFalse(NetDevice(mrg_rxbuf=False).features & N.VIRTIO_NET_F_MRG_RXBUF)
+        for f in (N.VIRTIO_NET_F_MAC, N.VIRTIO_NET_F_STATUS, N.VIRTIO_NET_F_MTU, N.VIRTIO_NET_F_CTRL_VQ,
+                  N.VIRTIO_NET_F_GUEST_ANNOUNCE, N.VIRTIO_NET_F_MRG_RXBUF):
+            self.assertTrue(device.features & f, f)
+        with self.assertRaises(ValueError):
+            NetDevice(mac="52:54:00:zz:00:00")
+        with self.assertRaises(ValueError):
+            NetDevice(mtu=10)
+
+    def test_mq_pairs_loop_back_on_their_own_pair(self):
+        """With 2 pairs, a frame sent on transmitq2 (3) comes back on receiveq2 (2), not on 0."""
+        device = self.serve(NetDevice(mac=MAC, pairs=2))
+        fe = self.connect(V1 | MRG | CTRL, queues=(0, 1, 2, 3, 4))
+        (a0,) = self.post_rx(fe, [128], index=0)
+        (a2,) = self.post_rx(fe, [128], index=2)
+        data = frame(MAC, b"pair two")
+        self.send(fe, [data], 12, index=3)
+        self.assertEqual(self.received(fe, 1, index=2), [(a2, 12 + len(data))])
+        self.assertEqual(fe.queue(0).reap(), [])
+        self.assertEqual(self.control(fe, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, b"\x02\x00",
+                                      index=4), VIRTIO_NET_OK)
+        self.assertEqual(device.active_pairs, 2)
+
+    def control(self, fe: Frontend, cls: int, cmd: int, data: bytes = b"", index: int = 2) -> int:
+        """One control command as a driver sends it: class+command, data, then a 1-byte ack."""
+        q = fe.queue(index)
+        out = fe.alloc(2 + max(len(data), 1))
+        ack = fe.alloc(1)
+        fe.memory.write(out, bytes([cls, cmd]) + data)
+        fe.memory.write(ack, b"\xaa")
+        readable = [(out, 2)] + ([(out + 2, len(data))] if data else [])
+        q.add(readable, [(ack, 1)], token=ack)
+        fe.publish(index)
+        used = []
+        deadline = time.monotonic() + TIMEOUT
+        while not used and time.monotonic() < deadline:
+            fe.wait_call(index, timeout=0.2)
+            used = q.reap()
+        self.assertEqual(used, [(ack, 1)])
+        return fe.memory.read(ack, 1)[0]
+
+    def test_control_queue(self):
+        """RX mode, MAC address and table, announce ack, MQ: VIRTIO_NET_OK and the state changed;
+        a bad class, command or length: VIRTIO_NET_ERR and nothing changed."""
+        device = self.serve(NetDevice(mac=MAC, pairs=2))
+        fe = self.connect(V1 | MRG | CTRL, queues=(4,), size=16)
+        ok = lambda *args: self.assertEqual(self.control(fe, *args, index=4), VIRTIO_NET_OK, args)   # noqa: E731
+        err = lambda *args: self.assertEqual(self.control(fe, *args, index=4), VIRTIO_NET_ERR, args)  # noqa: E731
+        ok(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x00")
+        ok(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI, b"\x01")
+        self.assertEqual((device.promisc, device.allmulti), (False, True))
+        new_mac = bytes.fromhex("020000000001")
+        ok(VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, new_mac)
+        self.assertEqual(fe.get_config(0, 6), new_mac)
+        uni, multi = bytes.fromhex("020000000002"), bytes.fromhex("01005e000001")
+        ok(VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET,
+           struct.pack("<I", 1) + uni + struct.pack("<I", 1) + multi)
+        self.assertEqual((device.uni_macs, device.multi_macs), ({uni}, {multi}))
+        device.announce()
+        self.assertTrue(device.status & VIRTIO_NET_S_ANNOUNCE)
+        ok(VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK)
+        self.assertEqual(device.status, VIRTIO_NET_S_LINK_UP)
+        ok(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, b"\x02\x00")
+        self.assertEqual(device.active_pairs, 2)
+        errors = [
+            (9, 0, b""),                                                            # no such class
+            (VIRTIO_NET_CTRL_VLAN, 0, b"\x01\x00"),                                 # CTRL_VLAN not offered
+            (VIRTIO_NET_CTRL_RX, 7, b"\x01"),                                       # no such command
+            (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_NOBCAST, b"\x01"),              # CTRL_RX_EXTRA not offered
+            (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x01\x01"),          # length 2, not 1
+            (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b""),                  # length 0
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, b"\x02\x00\x00"),   # 3 bytes of a MAC
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, struct.pack("<I", 2) + uni),   # entries > data
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET,
+             struct.pack("<I", 0) + struct.pack("<I", 0) + b"\x00"),                # a byte too many
+            (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, b"\x00"),      # ack has no data
+            (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, b"\x03\x00"),     # more pairs than we have
+            (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, b"\x00\x00"),     # fewer than 1
+            (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, b"\x01"),         # le16 cut short
+        ]
+        with self.assertLogs("vhost_min.net", logging.INFO):
+            for args in errors:
+                err(*args)
+        self.assertEqual(device.ctrl_errors, len(errors))
+        self.assertEqual((device.promisc, device.allmulti, device.mac, device.active_pairs),
+                         (False, True, new_mac, 2))
+        self.assertEqual((device.uni_macs, device.multi_macs), ({uni}, {multi}))
+
+    def test_control_without_negotiation_is_refused(self):
+        """A command whose feature the driver did not take is VIRTIO_NET_ERR (CTRL_VQ alone)."""
+        device = self.serve(NetDevice(mac=MAC, pairs=2))
+        fe = self.connect(V1 | int(N.VIRTIO_NET_F_CTRL_VQ), queues=(4,), size=16)
+        with self.assertLogs("vhost_min.net", logging.INFO):
+            self.assertEqual(self.control(fe, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x00", index=4),
+                             VIRTIO_NET_ERR)
+            self.assertEqual(self.control(fe, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, b"\x02\x00",
+                                          index=4), VIRTIO_NET_ERR)
+        self.assertEqual((device.promisc, device.active_pairs), (True, 1))
+
+    def test_receive_filter(self):
+        """Promiscuous off: our MAC, broadcast, a listed unicast and (allmulti or listed) multicast
+        come in; another unicast and an unlisted multicast are filtered and counted."""
+        device = self.serve(NetDevice(mac=MAC))
+        fe = self.connect(V1 | MRG | CTRL, queues=(0, 1, 2))
+        listed = bytes.fromhex("020000000002")
+        self.assertEqual(self.control(fe, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x00"), VIRTIO_NET_OK)
+        self.assertEqual(self.control(fe, VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET,
+                                      struct.pack("<I", 1) + listed + struct.pack("<I", 0)), VIRTIO_NET_OK)
+        self.post_rx(fe, [128] * 8)
+        keep = [frame(MAC, b"1"), frame(b"\xff" * 6, b"2"), frame(listed, b"3")]
+        drop = [frame(bytes.fromhex("020000000009"), b"4"), frame(bytes.fromhex("01005e000009"), b"5")]
+        self.send(fe, keep + drop, 12)
+        used = self.received(fe, 3)
+        self.assertEqual([fe.memory.read(a + 12, n - 12) for a, n in used], keep)
+        self.assertEqual(device.rx_filtered, 2)
+
+    def test_send_rarp_in_loopback_reaches_the_driver(self):
+        device = self.serve(NetDevice(mac=MAC))
+        fe = self.connect(V1 | MRG)
+        (addr,) = self.post_rx(fe, [128])
+        self.wait_for(lambda: device.backend.rings[0].queue is not None, "the RX queue")
+        device.send_rarp(MAC)           # as VHOST_USER_SEND_RARP asks (called here in the test thread)
+        (_, n), = self.received(fe, 1)
+        self.assertEqual(fe.memory.read(addr + 12, n - 12), rarp_frame(MAC))
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+class TapTest(NetTestCase):
+    """The tap back end on a real tap device (root, /dev/net/tun, ip): frames written by the
+    driver come out of the tap, frames sent into the tap land in the driver's RX buffers; a tap
+    deleted under the device is logged and the other queues keep serving."""
+
+    def setUp(self) -> None:
+        require_root("a tap device")
+        require(os.path.exists("/dev/net/tun"), "/dev/net/tun", "modprobe tun")
+        super().setUp()
+        self.name = f"vmt{os.getpid() % 100000}"
+        self.addCleanup(subprocess.run, ["ip", "link", "del", self.name], capture_output=True)
+
+    def packet_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+        self.addCleanup(sock.close)
+        sock.bind((self.name, 0))
+        sock.settimeout(TIMEOUT)
+        return sock
+
+    def test_frames_both_ways_and_tap_gone(self):
+        device = self.serve(NetDevice(tap=self.name, mac=MAC))
+        _ip("link", "set", self.name, "up")
+        sock = self.packet_socket()
+        fe = self.connect(V1 | MRG | CTRL, queues=(0, 1, 2))
+        addrs = self.post_rx(fe, [2048] * 4)
+        # TX: the driver's frame comes out of the tap, byte for byte.
+        out = frame(b"\xff" * 6, b"from the driver")
+        self.send(fe, [out], 12)
+        self.assertEqual(sock.recv(2048), out)
+        # RX: a frame sent into the tap lands in an RX buffer with its header (num_buffers 1).
+        into = b"\xff" * 6 + bytes.fromhex("020000000077") + b"\x88\xb5" + b"from the host".ljust(50, b".")
+        sock.send(into)
+        (addr, n), = self.received(fe, 1)
+        self.assertEqual(addr, addrs[0])
+        self.assertEqual(fe.memory.read(addr, n), VIRTIO_NET_HDR_MRG_RXBUF.pack(0, 0, 0, 0, 0, 0, 1) + into)
+        # The tap goes away: logged; TX chains are still used (and counted as errors); the control
+        # queue still answers.
+        with self.assertLogs("vhost_min.net", logging.WARNING) as logs:
+            _ip("link", "del", self.name)
+            self.send(fe, [out, out], 12)
+            self.wait_for(lambda: any(device._tap_gone), "the device to notice")
+        self.assertIn("went away", "\n".join(logs.output))
+        self.assertEqual(device.tx_errors, 2)
+        self.assertEqual(self.control_ok(fe), VIRTIO_NET_OK)
+        self.send(fe, [out], 12)
+        self.assertEqual(device.tx_errors, 3)
+
+    def control_ok(self, fe: Frontend) -> int:
+        return LoopbackTest.control(self, fe, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x01")
+
+
+if __name__ == "__main__":
+    unittest.main()
