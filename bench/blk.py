@@ -233,6 +233,9 @@ def measure(binary: str | None, daemon, rw: str, bs: int, qd: int, event_idx: bo
                             queue_size=QUEUE_SIZE, backend_pid=daemon.pid, cpu=cpu)
             if r["requests"]:
                 break
+        if r["stderr"]:
+            print(f"    {daemon.name}, {rw} {bs} qd{qd}{' event_idx' if event_idx else ''}: {r['stderr']}",
+                  file=sys.stderr, flush=True)
         if r["returncode"] or r["bad_status"] or not r["requests"]:
             raise RuntimeError(f"vublk: exit {r['returncode']}, {r['bad_status']} requests failed of {r['requests']}")
     except Exception as exc:
@@ -242,7 +245,8 @@ def measure(binary: str | None, daemon, rw: str, bs: int, qd: int, event_idx: bo
     return {"iops": r["iops"], "mib_s": r["mib_s"], "cpu_us_per_req": r["backend_cpu_s"] / n * 1e6,
             "backend_busy": r["backend_cpu_s"] / wall, "lat_us_p50": r["lat_us_p50"], "lat_us_p99": r["lat_us_p99"],
             "lat_us_mean": r["lat_us_mean"], "client_cpu_us_per_req": r["client_cpu_s"] / n * 1e6,
-            "client_busy": r["client_cpu_s"] / wall, "kicks_per_req": r["kicks"] / n, "requests": n}
+            "client_busy": r["client_cpu_s"] / wall, "kicks_per_req": r["kicks"] / n, "requests": n,
+            "stalls": r["stalls"]}
 
 
 def _process_cpu(pid: int) -> float:
@@ -291,7 +295,7 @@ def _measure_python(daemon, rw: str, bs: int, qd: int, event_idx: bool, seconds:
     return {"iops": done / wall, "mib_s": done * bs / wall / (1 << 20), "cpu_us_per_req": cpu / done * 1e6,
             "backend_busy": cpu / wall, "lat_us_p50": None, "lat_us_p99": None, "lat_us_mean": wall / done * qd * 1e6,
             "client_cpu_us_per_req": client_cpu / done * 1e6, "client_busy": client_cpu / wall,
-            "kicks_per_req": None, "requests": done}
+            "kicks_per_req": None, "requests": done, "stalls": None}
 
 
 def _best(runs: list[dict]) -> dict:

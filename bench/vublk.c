@@ -10,6 +10,9 @@
  * guest would); either way the driver leaves notifications enabled, so the back-end pays for its
  * calls as it would under a guest. One JSON object on stdout: IOPS, MiB/s, latency, this
  * process's CPU, and the CPU of --backend-pid over the same window (/proc/PID/task/{*}/schedstat).
+ * A busy-polling run also counts stalls: 50 ms without a completion while requests are in flight
+ * (the first three described on stderr with the ring's indexes, to tell a lost notification from
+ * a back-end that did not get the CPU).
  *
  * --pattern SEED fills every write with a pattern that depends only on (SEED, byte offset in the
  * image) and checks every read against it: bench/vublk.py computes the same pattern
@@ -411,7 +414,8 @@ static int run_driver(struct options *o) {
     double cpu0 = 0, bcpu0 = 0, cpu1 = 0, bcpu1 = 0, t1 = 0;
     int measuring = o->warmup <= 0, running = 1;
     if (measuring) { cpu0 = self_cpu(); bcpu0 = o->backend_pid ? process_cpu(o->backend_pid) : 0; t0 = start; }
-    unsigned num = o->queue_size;
+    unsigned num = o->queue_size, spins = 0, stall_reports = 0;
+    double last_completion = start;
     uint16_t old = d.avail_idx;
     uint64_t submitted = 0, limit = o->count ? o->count : UINT64_MAX;
     for (unsigned i = 0; i < o->qd && submitted < limit; i++, submitted++) {
@@ -424,7 +428,20 @@ static int run_driver(struct options *o) {
     while (in_flight) {
         uint16_t used_idx = __atomic_load_n((volatile uint16_t *)(d.used + 2), __ATOMIC_ACQUIRE);
         if (used_idx == d.last_used) {
-            if (!o->wait_call) { cpu_relax(); continue; }
+            if (!o->wait_call) {
+                if (!(++spins & 0xfff)) {                  /* a back-end silent for 50 ms with work queued */
+                    double t = now();
+                    if (t - last_completion > 0.05) {
+                        if (stall_reports++ < 3) fprintf(stderr, "vublk: stall: %.0f ms without a completion, %" PRIu64 " in flight, avail idx %u,"
+                                " avail_event %u, used idx %u, used flags %#x\n", (t - last_completion) * 1e3, in_flight,
+                                d.avail_idx, *(volatile uint16_t *)(d.used + 4 + 8 * num), used_idx,
+                                *(volatile uint16_t *)d.used);
+                        last_completion = t;
+                    }
+                }
+                cpu_relax();
+                continue;
+            }
             if (o->event_idx) d.avail[2 + num] = d.last_used;      /* used_event: call on the next one */
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
             if (__atomic_load_n((volatile uint16_t *)(d.used + 2), __ATOMIC_ACQUIRE) != d.last_used) continue;
@@ -435,6 +452,7 @@ static int run_driver(struct options *o) {
             continue;
         }
         double t = now();
+        last_completion = t;
         if (!measuring && t >= t0) {
             measuring = 1;
             t0 = t;
@@ -490,11 +508,12 @@ static int run_driver(struct options *o) {
            "\"seconds\": %.6f, \"requests\": %" PRIu64 ", \"iops\": %.1f, \"mib_s\": %.2f, "
            "\"lat_us_mean\": %.3f, \"lat_us_p50\": %.3f, \"lat_us_p99\": %.3f, \"lat_us_p999\": %.3f, \"lat_us_max\": %.3f, "
            "\"client_cpu_s\": %.6f, \"backend_cpu_s\": %.6f, \"kicks\": %" PRIu64 ", \"calls\": %" PRIu64 ", "
-           "\"bad_status\": %" PRIu64 ", \"mismatches\": %" PRIu64 ", \"capacity\": %" PRIu64 "}\n",
+           "\"bad_status\": %" PRIu64 ", \"mismatches\": %" PRIu64 ", \"capacity\": %" PRIu64 ", \"stalls\": %u}\n",
            o->rw, o->bs, o->qd, o->queue_size, o->event_idx ? "true" : "false", o->wait_call ? "true" : "false",
            elapsed, done, done / elapsed, done * (double)o->bs / elapsed / (1 << 20),
            lat_n ? sum / lat_n * 1e6 : 0, PCT(0.5), PCT(0.99), PCT(0.999), lat_n ? lat[lat_n - 1] * 1e6 : 0,
-           cpu1 - cpu0, o->backend_pid ? bcpu1 - bcpu0 : -1.0, kicks1 - kicks0, calls1 - calls0, bad_status, mismatches, d.capacity_bytes);
+           cpu1 - cpu0, o->backend_pid ? bcpu1 - bcpu0 : -1.0, kicks1 - kicks0, calls1 - calls0, bad_status, mismatches, d.capacity_bytes,
+           stall_reports);
     free(lat);
     free(slots);
     return bad_status || mismatches ? 3 : 0;

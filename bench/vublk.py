@@ -100,6 +100,7 @@ def drive(binary: str, socket: str, rw: str, bs: int, qd: int, seconds: float, *
         raise RuntimeError(f"vublk {' '.join(argv[1:])} exited with {result.returncode}: {result.stderr.strip()}")
     report = json.loads(lines[-1])
     report["returncode"] = result.returncode
+    report["stderr"] = result.stderr.strip()        # stall descriptions, if any
     return report
 
 
