@@ -43,7 +43,6 @@ from .virtio import (SPLIT_AVAIL_ALIGN, SPLIT_DESC_ALIGN, SPLIT_USED_ALIGN, VIRT
 __all__ = ["SplitDeviceQueue", "SplitDriverQueue", "MAX_INDIRECT_ENTRIES", "check_split_size"]
 
 _DESC = struct.Struct("<QIHH")          # struct virtq_desc
-_DESC_HEAD = struct.Struct("<QIH")      # its addr, len, flags (the fast path has no use for next)
 _USED_ELEM = struct.Struct("<II")       # struct virtq_used_elem {le32 id; le32 len}
 _U32_MAX = 0xFFFFFFFF
 #: Largest indirect table accepted: a 16-bit ``next`` addresses 65536 entries (Linux vhost's limit).
@@ -398,7 +397,7 @@ class SplitDeviceQueue:
             # Fast path: a lone descriptor (flags exactly WRITE or 0: no NEXT, no INDIRECT, no
             # unknown bits) inside the region last hit; anything else takes the general path.
             # A head >= Q makes unpack_from run off the table (struct.error).
-            unpack, unpack4, desc, size = _DESC_HEAD.unpack_from, _DESC.unpack_from, self._desc, self.size
+            unpack, desc, size = _DESC.unpack_from, self._desc, self.size
             rstart, rview = self._rstart, self._rview
             rsize = self._rend - rstart
             tables, indirect = _table_shapes_by_length, self.indirect
@@ -406,7 +405,7 @@ class SplitDeviceQueue:
             append = chains.append
             try:
                 for head in heads:
-                    addr, length, flags = unpack(desc, head << 4)
+                    addr, length, flags, nxt = unpack(desc, head << 4)
                     off = addr - rstart
                     end = off + length
                     if 0 <= off and end <= rsize:
@@ -441,11 +440,10 @@ class SplitDeviceQueue:
                         if flags & 1 and not flags & ~3:        # NEXT: walk a direct chain inline
                             readable, writable = ([], [rview[off:end]]) if flags & 2 else ([rview[off:end]], [])
                             total, count = length, 1
-                            nxt = unpack4(desc, head << 4)[3]
                             while True:
                                 if count >= size or nxt >= size:   # a loop, or next out of range
                                     break
-                                addr, length, flags, nxt = unpack4(desc, nxt << 4)
+                                addr, length, flags, nxt = unpack(desc, nxt << 4)
                                 off = addr - rstart
                                 end = off + length
                                 if flags & ~3 or off < 0 or end > rsize:
