@@ -4,6 +4,8 @@
   "Backend program conventions" (``--socket-path`` / ``--fd``, ``--print-capabilities``, exit 0 on
   SIGTERM, never daemonizes). The ``vhost-min-blk`` program is the same command on its own, for
   the JSON descriptor in QEMU's vhost-user folder (``50-vhost-min-blk.json``, beside this file).
+* ``net``   -- a vhost-user-net back-end (vhost_min.net.NetDevice): frames to a tap device or looped
+  back to the driver, with the blk command's program conventions.
 * ``vduse-blk`` -- the same blk device as a VDUSE (vDPA) device of this kernel, until SIGTERM.
 * ``probe`` -- connect as a front-end and print what a back-end offers, leaving it as it was.
 * ``demo``  -- a blk back-end in a child process, our front-end in this one, every byte checked.
@@ -87,12 +89,13 @@ def _human(n: int) -> str:
 class _PrintCapabilities(argparse.Action):
     """--print-capabilities: print the JSON and exit 0 at once; nothing else is looked at."""
 
-    def __init__(self, option_strings, dest, **kwargs) -> None:
+    def __init__(self, option_strings, dest, capabilities: dict = BLK_CAPABILITIES, **kwargs) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
                          help="print the back-end's capabilities as JSON (vhost-user.json) and exit")
+        self.capabilities = capabilities
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        print(json.dumps(BLK_CAPABILITIES))
+        print(json.dumps(self.capabilities))
         parser.exit(0)
 
 
@@ -206,6 +209,80 @@ def cmd_blk(args: argparse.Namespace) -> int:
             print(f"{PROG}: serving {image} ({_human(device.image.capacity * SECTOR_SIZE)}, "
                   f"{'read-only' if args.read_only else 'read-write'}, {queues}, {_device_line(device)}) on {where}",
                   flush=True)
+            server.run(stop_event=stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# net: a vhost-user-net back-end, frames to a tap or looped back (same program conventions as blk)
+# --------------------------------------------------------------------------------------------
+
+#: --print-capabilities of the net command (vhost-user.json: "net" has no optional features).
+NET_CAPABILITIES = {"type": "net"}
+
+
+def _add_net_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket (removed on exit)")
+    where.add_argument("--fd", type=int, metavar="N",
+                       help="serve the inherited unix socket N: listening (socket activation) or connected")
+    frames = parser.add_mutually_exclusive_group()
+    frames.add_argument("--tap", metavar="NAME", help="frames to and from this tap device (created if missing)")
+    frames.add_argument("--loopback", action="store_true", help="every frame the driver sends comes back to it")
+    parser.add_argument("--queues", type=_queue_count, default=1, metavar="N",
+                        help="RX/TX queue pairs (default 1; more offers VIRTIO_NET_F_MQ)")
+    parser.add_argument("--mac", metavar="MAC", help="the device's MAC address (default 52:54:00 and 3 random bytes)")
+    parser.add_argument("--mtu", type=int, default=1500, metavar="N", help="the MTU in config space (default 1500)")
+    parser.add_argument("--no-mrg-rxbuf", action="store_true", help="do not offer VIRTIO_NET_F_MRG_RXBUF")
+    parser.add_argument("--print-capabilities", action=_PrintCapabilities, capabilities=NET_CAPABILITIES)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    parser.set_defaults(func=cmd_net, parser=parser)
+
+
+def cmd_net(args: argparse.Namespace) -> int:
+    """Serve a virtio-net device until SIGTERM (exit 0) or Ctrl-C (130)."""
+    from .backend import Server
+    from .net import NetDevice, format_mac
+
+    if (args.socket_path is None) == (args.fd is None):
+        args.parser.error("give --socket-path PATH or --fd N")
+    if args.tap is None and not args.loopback:
+        args.parser.error("give --tap NAME or --loopback")
+    if 2 * args.queues + 1 > 256:
+        args.parser.error(f"--queues {args.queues}: at most 127 pairs fit vhost-user's 8-bit ring index")
+    try:
+        device = NetDevice(tap=args.tap, pairs=args.queues, mac=args.mac, mtu=args.mtu,
+                           mrg_rxbuf=not args.no_mrg_rxbuf)
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    stop = threading.Event()
+    server: Server | None = None
+
+    def on_sigterm(signum, frame) -> None:
+        stop.set()
+        if server is not None:
+            server.stop()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with contextlib.closing(device), Server() as server:
+            if args.fd is not None:
+                _inherited_socket(args.fd)
+                server.add(device, fd=args.fd)
+                where = f"fd {args.fd}"
+            else:
+                try:
+                    server.add(device, args.socket_path)
+                except VhostError:
+                    raise
+                except OSError as exc:
+                    raise VhostError(f"cannot listen on {args.socket_path}: {exc.strerror}", exc.errno) from None
+                where = args.socket_path
+            frames = f"tap {args.tap}" if args.tap is not None else "loopback"
+            print(f"{PROG}: serving virtio-net {format_mac(device.mac)} ({frames}, {args.queues} queue "
+                  f"pair{'s' if args.queues > 1 else ''}, MTU {device.mtu}) on {where}", flush=True)
             server.run(stop_event=stop)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -808,6 +885,15 @@ def build_parser() -> argparse.ArgumentParser:
         "blk", help="serve a raw disk image as a vhost-user-blk device",
         description=_BLK_DESCRIPTION, epilog=_BLK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_blk_arguments(blk)
+
+    net = sub.add_parser(
+        "net", help="serve a vhost-user-net device: frames to a tap device or looped back",
+        description="Serve a virtio-net device (MQ, MRG_RXBUF, control queue, STATUS, MTU) on a vhost-user "
+                    "socket, for QEMU's -netdev vhost-user or DPDK's virtio-user. Frames go to and from a tap "
+                    "device (--tap, IFF_VNET_HDR; needs /dev/net/tun) or straight back to the driver "
+                    "(--loopback). Stays in the foreground; SIGTERM stops it with exit status 0 and removes "
+                    "its socket.")
+    _add_net_arguments(net)
 
     vduse = sub.add_parser(
         "vduse-blk", help="serve a raw disk image as a VDUSE (vDPA) virtio-blk device of this kernel",

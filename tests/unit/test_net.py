@@ -5,11 +5,14 @@ header in each size, MRG_RXBUF merging, an oversize frame dropped and counted, t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -386,6 +389,51 @@ class TapTest(NetTestCase):
 
     def control_ok(self, fe: Frontend) -> int:
         return LoopbackTest.control(self, fe, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x01")
+
+
+class CommandTest(unittest.TestCase):
+    """``python3 -m vhost_min net``: the blk command's program conventions."""
+
+    def run_cli(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vhost_min", "net", *args], capture_output=True, text=True,
+                              timeout=timeout)
+
+    def test_print_capabilities(self):
+        proc = self.run_cli("--print-capabilities")
+        self.assertEqual((proc.returncode, json.loads(proc.stdout)), (0, {"type": "net"}))
+
+    def test_usage_errors(self):
+        for args in (("--loopback",), ("--socket-path", "x.sock"), ("--socket-path", "x.sock", "--loopback",
+                                                                        "--mac", "52:54"),
+                     ("--socket-path", "x.sock", "--loopback", "--tap", "t0")):
+            with self.subTest(args=args):
+                proc = self.run_cli(*args)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertIn("vhost-min net: error:", proc.stderr)
+
+    def test_serves_a_frontend_and_exits_0_on_sigterm(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "net.sock")
+            proc = subprocess.Popen([sys.executable, "-m", "vhost_min", "net", "--socket-path", path, "--loopback",
+                                     "--queues", "2", "--mac", "52:54:00:aa:bb:cc", "--mtu", "9000"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                line = proc.stdout.readline()
+                self.assertIn(f"serving virtio-net 52:54:00:aa:bb:cc (loopback, 2 queue pairs, MTU 9000) on {path}",
+                              line)
+                with Frontend.connect(path, timeout=TIMEOUT) as fe:
+                    fe.negotiate(V1 | PF)
+                    self.assertEqual(fe.get_config(0, VIRTIO_NET_CONFIG.size),
+                                     VIRTIO_NET_CONFIG.pack(MAC, VIRTIO_NET_S_LINK_UP, 2, 9000))
+                proc.send_signal(signal.SIGTERM)
+                self.assertEqual(proc.wait(10), 0, proc.stderr.read())
+                self.assertFalse(os.path.exists(path))
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                proc.stdout.close()
+                proc.stderr.close()
 
 
 if __name__ == "__main__":
