@@ -69,7 +69,6 @@ IORING_ENTER_GETEVENTS = 1 << 0         #: io_uring_enter: wait for min_complete
 IORING_SETUP_CQSIZE = 1 << 3            #: io_uring_params.cq_entries is ours to choose
 IORING_FEAT_SINGLE_MMAP = 1 << 0        #: the SQ and CQ rings share one mapping (5.4)
 IORING_FEAT_NODROP = 1 << 1             #: completions past a full CQ are kept, not dropped (5.5)
-IORING_CQ_EVENTFD_DISABLED = 1 << 0     #: cq flags: no eventfd signal for completions (5.8)
 IORING_REGISTER_EVENTFD = 4             #: io_uring_register: signal this eventfd on completions
 IORING_OFF_SQ_RING = 0                  #: mmap offsets of the three areas
 IORING_OFF_CQ_RING = 0x8000000
@@ -163,7 +162,6 @@ class IoUring:
         self._sq_mask = self._sq32[so.ring_mask // 4]
         self._cq_head_i, self._cq_tail_i = co.head // 4, co.tail // 4
         self._cq_mask = self._cq32[co.ring_mask // 4]
-        self._cq_flags_i = co.flags // 4 if co.flags else None
         self._cqes = co.cqes
         # The SQ array maps ring slots to SQE indexes: the identity, once, so an SQE is written
         # at its ring slot and publishing is one store of the tail.
@@ -194,17 +192,6 @@ class IoUring:
         if _syscall(SYS_io_uring_register, self.fd, IORING_REGISTER_EVENTFD, ctypes.byref(arg), 1) < 0:
             err = ctypes.get_errno()
             raise IoUringError(f"io_uring_register(IORING_REGISTER_EVENTFD): {os.strerror(err)}", err)
-
-    def set_eventfd_enabled(self, enabled: bool) -> bool:
-        """IORING_CQ_EVENTFD_DISABLED cleared / set; False where the kernel has no cq flags (< 5.8)."""
-        i = self._cq_flags_i
-        if i is None:
-            return False
-        flags = self._cq32[i]
-        self._cq32[i] = flags & ~IORING_CQ_EVENTFD_DISABLED if enabled else flags | IORING_CQ_EVENTFD_DISABLED
-        if enabled:
-            self._mb()      # the flag store before the next load of the CQ tail: a CQE we then miss signals
-        return True
 
     @property
     def sq_space(self) -> int:
@@ -349,11 +336,6 @@ class UringEngine:
         """Submit everything prepared, in one io_uring_enter."""
         self.ring.submit()
 
-    def quiet(self, on: bool) -> bool:
-        """Stop (on) or restart the eventfd signal, around a commit whose completions the caller
-        reaps itself; False where the kernel cannot (the signal stays on)."""
-        return self.ring.set_eventfd_enabled(not on)
-
     def clear_signal(self) -> None:
         """Reset :meth:`fileno` (before :meth:`reap`, so that a completion after it signals again)."""
         try:
@@ -437,9 +419,6 @@ class ThreadEngine:
             with self._cond:
                 self._jobs.extend(batch)
                 self._cond.notify(len(batch))
-
-    def quiet(self, on: bool) -> bool:
-        return False
 
     def _work(self) -> None:
         jobs, cond = self._jobs, self._cond

@@ -1029,13 +1029,8 @@ class BlkDevice(Device):
 
     def _commit_and_push(self, queue: int, vq, done: list[tuple[int, int]]) -> None:
         engine = self.engine
-        quiet = engine.quiet(True)      # what completes inside the commit is reaped just below
-        try:
-            engine.commit()
-        finally:
-            if quiet:
-                engine.quiet(False)
-        posted = self._reap()
+        engine.commit()
+        posted = self._reap()           # what completed inside the commit (page-cache hits)
         done += posted.pop(queue, ())
         backend = self.backend
         if backend is not None:
