@@ -13,7 +13,7 @@ import mmap
 import os
 from typing import Callable, NamedTuple
 
-from .errors import GuestMemoryError, VhostError
+from .errors import GuestMemoryError, NotSupportedError, VhostError
 
 PAGE_SIZE = mmap.PAGESIZE
 #: Most regions a vhost-user backend offers (VHOST_USER_GET_MAX_MEM_SLOTS); QEMU's and lvu's number.
@@ -62,7 +62,9 @@ class Barriers(NamedTuple):
     full: Callable[[], None]
     read: Callable[[], None] | None
     write: Callable[[], None] | None
-    atomic_or8: Callable[[int, int], None]   # (address, bits): *address |= bits, atomically
+    #: (address, bits): *address |= bits, atomically; None where no atomic instruction is
+    #: reachable (membarrier(2) only): the dirty log is then refused, never done racily.
+    atomic_or8: Callable[[int, int], None] | None
     how: str                                  # which mechanism, for the docs and benchmarks
 
 
@@ -71,24 +73,27 @@ _code_page: mmap.mmap | None = None  # kept alive for the process's lifetime
 
 
 def _machine_code_barriers() -> Barriers | None:
+    """The barriers as machine code in a page of their own, mapped writable only while the code
+    is written and then read-execute (W^X: SELinux's execmem, PaX and hardened kernels refuse a
+    page both writable and executable). None where an executable mapping is refused."""
     global _code_page
     code = _CODE.get("x86_64" if _X86_64 else "aarch64" if _AARCH64 else "", None)
     if code is None:
         return None
     try:
-        page = mmap.mmap(-1, PAGE_SIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        page = mmap.mmap(-1, PAGE_SIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except (OSError, ValueError):
         return None
     base = ctypes.addressof(ctypes.c_char.from_buffer(page))
-    funcs = {}
+    offsets = {}
     offset = 0
     for name, blob in code.items():
         page[offset:offset + len(blob)] = blob
-        if name == "atomic_or8":
-            funcs[name] = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_ubyte)(base + offset)
-        else:
-            funcs[name] = ctypes.CFUNCTYPE(None)(base + offset)
+        offsets[name] = offset
         offset += 32
+    if libc.mprotect(ctypes.c_void_p(base), PAGE_SIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+        page.close()                               # PROT_EXEC refused: the fallbacks
+        return None
     if _AARCH64:   # make the new instructions visible to instruction fetch (libgcc's __clear_cache)
         from ctypes.util import find_library   # only here: it imports subprocess
         try:
@@ -97,7 +102,9 @@ def _machine_code_barriers() -> Barriers | None:
         except (OSError, AttributeError):
             page.close()
             return None
-    _code_page = page
+    _code_page = page        # never written again: read-execute for the life of the process
+    funcs = {name: (ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_ubyte) if name == "atomic_or8"
+                    else ctypes.CFUNCTYPE(None))(base + at) for name, at in offsets.items()}
     return Barriers(funcs["full"], funcs.get("read"), funcs.get("write"), funcs["atomic_or8"],
                     "machine code (mfence / lock or)" if _X86_64 else "machine code (dmb / ldaxrb-stlxrb)")
 
@@ -137,14 +144,9 @@ def _membarrier_barriers() -> Barriers:
     def full() -> None:
         libc.syscall(nr, private_expedited, 0, 0)
 
-    def atomic_or8(address: int, bits: int) -> None:   # single-writer fallback, fenced
-        full()
-        cell = ctypes.c_ubyte.from_address(address)
-        cell.value |= bits
-        full()
-
     weak = None if _X86_64 else full
-    return Barriers(full, weak, weak, atomic_or8, "membarrier(2)")
+    # No atomic OR: a fenced read-modify-write would still lose bits the front-end sets meanwhile.
+    return Barriers(full, weak, weak, None, "membarrier(2)")
 
 
 def barriers() -> Barriers:
@@ -187,6 +189,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -565,6 +568,9 @@ class DirtyLog:
             raise GuestMemoryError("the dirty log must be writable")
         self._address = address_of(self.view)
         self._or = barriers().atomic_or8
+        if self._or is None:
+            raise NotSupportedError(f"no dirty log: it needs an atomic byte OR, and this process has only "
+                                    f"{barriers().how} (no executable memory, no libatomic)")
 
     @classmethod
     def from_fd(cls, fd: int, size: int, offset: int = 0) -> DirtyLog:

@@ -9,9 +9,10 @@ import struct
 import subprocess
 import tempfile
 import unittest
+from unittest import mock
 
 from tests.support import IN_CI, memfd, open_fds, require_commands, seeded_random
-from vhost_min.errors import GuestMemoryError, VhostError
+from vhost_min.errors import GuestMemoryError, NotSupportedError, VhostError
 from vhost_min.memory import (IOTLB, MAX_MEM_SLOTS, VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO,
                               DirtyLog, GuestMemory, IOTLBMiss, barriers)
 
@@ -270,6 +271,34 @@ class BarrierTest(unittest.TestCase):
         b.atomic_or8(ctypes.addressof(cell), 0x84)
         self.assertEqual(cell.raw, b"\xa5")
         self.assertTrue(b.how)
+
+    def test_the_code_page_is_never_writable_and_executable(self):
+        """W^X: the barrier code runs from a read-execute page; no mapping of this process is
+        both writable and executable because of us."""
+        b = barriers()
+        if not b.how.startswith("machine code"):
+            self.skipTest(f"the barriers are {b.how}")
+        address = ctypes.cast(b.full, ctypes.c_void_p).value
+        with open("/proc/self/maps") as f:
+            maps = [line.split() for line in f]
+        holding = [m for m in maps if int(m[0].split("-")[0], 16) <= address < int(m[0].split("-")[1], 16)]
+        self.assertEqual(len(holding), 1, holding)
+        self.assertEqual(holding[0][1][:3], "r-x", holding[0])
+
+    def test_where_exec_is_refused_the_fallbacks_serve(self):
+        """mprotect(PROT_EXEC) refused (SELinux execmem, a hardened kernel): no machine code, the
+        next mechanism takes over; without an atomic at all the dirty log is refused, not racy."""
+        from vhost_min import memory
+        with mock.patch.object(memory, "libc", mock.Mock(wraps=memory.libc)) as libc:
+            libc.mprotect.return_value = -1
+            self.assertIsNone(memory._machine_code_barriers())
+        membarrier_only = memory._membarrier_barriers()
+        membarrier_only.full()                                  # still a full barrier
+        self.assertIsNone(membarrier_only.atomic_or8)
+        with mock.patch.object(memory, "_barriers", membarrier_only):
+            with self.assertRaises(NotSupportedError) as caught:
+                DirtyLog(memoryview(bytearray(64)))
+            self.assertIn("atomic byte OR", str(caught.exception))
 
     def test_store_buffering_litmus(self):
         """Dekker's store-buffering test, both sides racing from the same instant: each stores its
