@@ -400,6 +400,7 @@ class _Stream:
         self.fds: list[int] = []                # received with the message being read
         self.out: memoryview | None = None      # bytes not yet written to the sink
         self.out_fds: list[int] = []            # sent with the first byte written, then closed
+        self.injected: collections.deque[bytes] = collections.deque()     # Tracer.inject()'s messages
 
     @property
     def busy(self) -> bool:
@@ -420,6 +421,7 @@ class _Stream:
         _close_all(self.fds)
         _close_all(self.out_fds)
         self.fds, self.out_fds, self.out = [], [], None
+        self.injected.clear()
 
 
 def _close_all(fds) -> None:
@@ -447,6 +449,7 @@ class _Session:
         # stream by the socket it reads from
         self.streams: dict[socket.socket, _Stream] = {}
         self.owed: dict[str, collections.deque] = {MAIN: collections.deque(), BACKEND_CHANNEL: collections.deque()}
+        self.asked: collections.deque = collections.deque()     # (request, callback) of inject()
         self.add_channel(MAIN, frontend, backend)
 
     def add_channel(self, channel: str, frontend: socket.socket, backend: socket.socket) -> None:
@@ -486,6 +489,7 @@ class Tracer:
         self._masks: dict[socket.socket, int] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
         try:
             self._listener = Listener(listen, backlog=8)
         except BaseException:
@@ -529,6 +533,8 @@ class Tracer:
                     os.read(self._wake_r, 64)
                 except BlockingIOError:
                     pass
+                while self._calls:
+                    self._calls.popleft()()
             elif obj is self._listener:
                 self._accept()
             else:
@@ -536,6 +542,37 @@ class Tracer:
                 if stream.session.closed or obj not in self._masks:
                     continue                    # ended earlier in this round
                 self._ready(stream, events)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in the tracer's thread, at its next turn (safe from any thread)."""
+        self._calls.append(callback)
+        try:
+            os.write(self._wake_w, b"c")
+        except OSError:
+            pass
+
+    def inject(self, session: int, request: int, payload: bytes, on_reply: Callable[[Record | None], None]) -> None:
+        """Send a request of our own to ``session``'s back-end between two of the front-end's
+        messages; its reply goes to ``on_reply`` (not to the front-end, nor to ``report``), or None
+        if the session ends first. Call in the tracer's thread (see :meth:`call_soon`). For a tool
+        or a test that asks the back-end something mid-session while the front-end is quiet: a
+        reply is taken as ours only when no request of the front-end's is still owed one."""
+        live = next((s for s in self._live if s.number == session), None)
+        if live is None:
+            on_reply(None)
+            return
+        stream = next(s for s in live.channel_streams(MAIN) if s.sender == FRONTEND)
+        live.asked.append((request, on_reply))
+        stream.injected.append(HEADER.pack(int(request), VHOST_USER_VERSION, len(payload)) + bytes(payload))
+        if not stream.busy:
+            stream.out = memoryview(stream.injected.popleft())
+            try:
+                self._flush(stream)
+            except _Closed as closed:
+                self._close_channel(live, MAIN, closed.by, closed.detail)
+                return
+        for s in live.channel_streams(MAIN):
+            self._watch(s)
 
     def _now(self) -> float:
         return time.monotonic() - self._start
@@ -683,14 +720,17 @@ class Tracer:
             new_channel = (frontend_end, ours)
             record.notes.append("the channel's socket is relayed by the tracer: the back-end got one end of a "
                                 "socketpair of the tracer's, traced as the backend channel")
+        if stream.sender == BACKEND and record.is_reply and session.asked and not session.owed[stream.channel] \
+                and stream.channel == MAIN and session.asked[0][0] == record.request:
+            _close_all(fds)                     # the answer to inject(): its caller's, not the front-end's
+            session.asked.popleft()[1](record)
+            return
         stream.out = memoryview(header + payload)
         stream.out_fds = out_fds
         if new_channel is not None:
             session.add_channel(BACKEND_CHANNEL, *new_channel)
-        try:
-            self._flush(stream)
-        finally:
-            self.report(record)
+        self.report(record)                     # before it reaches the other side, so a reader of the
+        self._flush(stream)                     # reports never misses what a peer has already seen
         if new_channel is not None:
             for s in session.channel_streams(BACKEND_CHANNEL):
                 self._watch(s)
@@ -714,6 +754,8 @@ class Tracer:
                 raise _Closed(receiver, f"the {receiver} closed the connection (found while forwarding to it)") \
                     from None
             stream.out = stream.out[sent:] if sent < len(stream.out) else None
+            if stream.out is None and stream.injected:
+                stream.out = memoryview(stream.injected.popleft())
 
     # -- what is owed -------------------------------------------------------------------------
 
@@ -778,6 +820,9 @@ class Tracer:
             partial = next((p for p in (s.partial() for s in streams) if p is not None), None)
             owed = [request_name(r) for r in session.owed[ch]]
             session.owed[ch].clear()
+            if ch == MAIN:
+                while session.asked:
+                    session.asked.popleft()[1](None)
             if ch == channel:
                 event = SessionEvent(session.number, self._now(), "closed", ch, by, detail, owed, partial)
             else:

@@ -23,7 +23,6 @@ import ctypes
 import itertools
 import json
 import os
-import selectors
 import shutil
 import signal
 import socket
@@ -37,7 +36,8 @@ from dataclasses import dataclass, field
 
 from tests import support
 from vhost_min.errors import VhostError
-from vhost_min.user import VHOST_USER_REPLY_MASK, Connection, Listener, unpack_u64
+from vhost_min.trace import FRONTEND, MAIN, Record, SessionEvent, Tracer
+from vhost_min.user import VHOST_USER_REPLY_MASK, unpack_u64
 
 QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -440,28 +440,43 @@ class WireTap:
     """A relay between front-ends (connecting to ``path``) and the back-end at ``upstream``: every
     message is forwarded unchanged, flags and fds included, and recorded in ``messages``.
 
-    Each front-end connection gets its own connection to the back-end; when either side hangs up
-    the other is closed too, as if they were connected directly. The back-end channel
-    (SET_BACKEND_REQ_FD) and the eventfds and memory fds pass through as fds, so the data path
-    never touches the tap. :meth:`ask` sends a request of the test's own to the back-end in the
-    middle of a session (the front-end never sees it). Runs in a thread; use it as a context manager.
+    A thin user of vhost_min.trace.Tracer (the ``trace`` command's core), run in a thread: each
+    front-end connection gets its own connection to the back-end; when either side hangs up the
+    other is closed too, as if they were connected directly. Eventfds and memory fds pass through
+    as fds, so the data path never touches the tap; the back-end channel (SET_BACKEND_REQ_FD) is
+    relayed through the tracer's socketpair but not recorded here (``messages`` holds the main
+    socket's traffic). :meth:`ask` sends a request of the test's own to the back-end in the
+    middle of a session (the front-end never sees it). Use it as a context manager.
     """
 
     def __init__(self, path: str, upstream: str) -> None:
         self.path, self.upstream = path, upstream
         self.messages: list[Tapped] = []
         self.errors: list[BaseException] = []
-        self.sessions = 0
-        self._listener = Listener(path, backlog=4)
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
-        self._pairs: dict[int, tuple] = {}          # fd -> (this connection, its other end, session, to_backend)
-        self._asked: list[tuple] = []               # (session, request, payload, event, [reply]) for the thread
-        self._pending: dict[int, tuple] = {}        # back-end fd -> (request, event, [reply]) of an ask()
-        self._selector.register(self._listener, selectors.EVENT_READ)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._tracer = Tracer(path, upstream, self._report)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"wire tap {path}", daemon=True)
         self._thread.start()
+
+    @property
+    def sessions(self) -> int:
+        """Front-end connections accepted so far (the next session's number)."""
+        return self._tracer.sessions
+
+    def _report(self, event: Record | SessionEvent) -> None:
+        if isinstance(event, Record):
+            if event.channel == MAIN:
+                self.messages.append(Tapped(event.session, event.sender == FRONTEND, event.request, event.flags,
+                                            event.payload, event.fds))
+        elif event.event == "closed" and event.by == "tracer" and event.channel == MAIN \
+                and event.detail != "the tracer stopped":
+            self.errors.append(VhostError(f"session {event.session}: {event.detail}"))
+
+    def _run(self) -> None:
+        try:
+            self._tracer.run(self._stop)
+        except BaseException as exc:   # noqa: BLE001 (reported to the test through .errors)
+            self.errors.append(exc)
 
     def requests(self, session: int | None = None) -> list[Tapped]:
         """What the front-end sent (of one session, or all)."""
@@ -487,95 +502,24 @@ class WireTap:
         moment when the front-end is quiet on the socket (its control path idle)."""
         done = threading.Event()
         answer: list[Tapped] = []
-        self._asked.append((self.sessions - 1 if session is None else session, request, payload, done, answer))
-        os.write(self._wake_w, b"a")
+        number = self.sessions - 1 if session is None else session
+
+        def on_reply(reply: Record | None) -> None:
+            if reply is not None:
+                answer.append(Tapped(number, False, reply.request, reply.flags, reply.payload, ()))
+            done.set()
+        self._tracer.call_soon(lambda: self._tracer.inject(number, request, payload, on_reply))
         if not done.wait(timeout) or not answer:
             raise AssertionError(f"the back-end did not answer the tap's {getattr(request, 'name', request)} "
                                  f"within {timeout} s")
         return answer[0]
 
-    def _send_asked(self) -> None:
-        while self._asked:
-            session, request, payload, done, answer = self._asked.pop(0)
-            backend = next((conn for conn, _, s, to_backend in self._pairs.values()
-                            if s == session and not to_backend), None)
-            if backend is None:
-                done.set()
-                continue
-            self._pending[backend.fileno()] = (request, done, answer)
-            backend.send(request, payload)
-
-    def _run(self) -> None:
-        try:
-            while True:
-                for key, _ in self._selector.select():
-                    if key.fileobj == self._wake_r:
-                        if os.read(self._wake_r, 1) == b"x":      # close()
-                            return
-                        self._send_asked()
-                        continue
-                    if key.fileobj is self._listener:
-                        frontend = self._listener.accept()
-                        try:
-                            backend = Connection.connect(self.upstream)
-                        except OSError as exc:
-                            self.errors.append(exc)
-                            frontend.close()
-                            continue
-                        session, self.sessions = self.sessions, self.sessions + 1
-                        self._pairs[frontend.fileno()] = (frontend, backend, session, True)
-                        self._pairs[backend.fileno()] = (backend, frontend, session, False)
-                        self._selector.register(frontend, selectors.EVENT_READ)
-                        self._selector.register(backend, selectors.EVENT_READ)
-                        continue
-                    self._relay(key.fd)
-        except BaseException as exc:   # noqa: BLE001 (reported to the test through .errors)
-            self.errors.append(exc)
-
-    def _relay(self, fd: int) -> None:
-        source, sink, session, to_backend = self._pairs[fd]
-        try:
-            msg = source.recv()
-        except VhostError:                          # that side hung up (or broke the framing)
-            self._hang_up(source, sink)
-            return
-        pending = self._pending.get(fd)
-        if pending is not None and msg.is_reply and msg.request == pending[0]:
-            del self._pending[fd]                   # the answer to ask(): the test's, not the front-end's
-            with msg:
-                pending[2].append(Tapped(session, False, msg.request, msg.flags, msg.payload, ()))
-            pending[1].set()
-            return
-        with msg:
-            targets = tuple(os.readlink(f"/proc/self/fd/{f}") for f in msg.fds)
-            self.messages.append(Tapped(session, to_backend, msg.request, msg.flags, msg.payload, targets))
-            try:
-                sink.send(msg.request, msg.payload, msg.fds, flags=msg.flags)
-            except VhostError:
-                self._hang_up(source, sink)
-
-    def _hang_up(self, *connections) -> None:
-        for conn in connections:
-            if not conn.closed:
-                self._pairs.pop(conn.fileno(), None)
-                pending = self._pending.pop(conn.fileno(), None)
-                if pending is not None:             # ask() gets no answer: it fails at once
-                    pending[1].set()
-                self._selector.unregister(conn)
-                conn.close()
-
     def close(self) -> None:
         """Stop relaying and close every connection and the listener (removing its socket)."""
-        if self._thread.is_alive():
-            os.write(self._wake_w, b"x")
-            self._thread.join(10)
-        for conn, *_ in list(self._pairs.values()):
-            conn.close()
-        self._pairs.clear()
-        self._selector.close()
-        self._listener.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._stop.set()
+        self._tracer.stop()
+        self._thread.join(10)
+        self._tracer.close()
 
     def __enter__(self) -> WireTap:
         return self

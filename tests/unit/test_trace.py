@@ -9,7 +9,8 @@
 - Bad input: a peer that closes inside a header, inside a payload, a back-end that closes (or
   sends half its reply) while a reply is owed, a header announcing more than the protocol's
   maximum: the tracer says who closed, forwards nothing half, leaves no fd open, and serves on.
-- One direction stalled never holds up the other.
+- One direction stalled never holds up the other; a request of our own (inject) goes between the
+  front-end's and its reply comes back to us alone.
 - The command: `python3 -m vhost_min trace --once --json` relays one session, prints one JSON
   object per line, and exits 0 when a peer disconnects mid-message.
 """
@@ -351,6 +352,41 @@ class ByteExactTests(TracerTestCase):
         self.assertIn("NOT the one owed", wrong.text())
         self.assertEqual(unsolicited.matched, False)
         self.assertIn("a reply when no request was waiting for one", unsolicited.problems)
+
+
+class InjectTests(TracerTestCase):
+    def test_a_request_of_our_own_between_the_frontends(self) -> None:
+        """inject(): the back-end gets our request between two of the front-end's, its reply comes
+        to our callback only, and the front-end's own traffic goes on as if nothing happened."""
+        tracer = self.start_tracer()
+        frontend, backend = self.scripted_pair()
+        frontend.send(F.SET_OWNER)
+        backend.recv().close()
+        got = []
+        answered = threading.Event()
+
+        def on_reply(record) -> None:
+            got.append(record)
+            answered.set()
+        tracer.call_soon(lambda: tracer.inject(0, F.GET_STATUS, b"", on_reply))
+        with backend.recv() as msg:
+            self.assertEqual((msg.request, msg.flags, msg.payload), (F.GET_STATUS, 0x1, b""))
+        backend.send(F.GET_STATUS, pack_u64(0xf), reply=True)
+        self.assertTrue(answered.wait(TIMEOUT))
+        self.assertEqual((got[0].request, got[0].payload), (F.GET_STATUS, pack_u64(0xf)))
+        frontend.send(F.GET_FEATURES)
+        with backend.recv() as msg:
+            self.assertEqual(msg.request, F.GET_FEATURES)
+        backend.send(F.GET_FEATURES, pack_u64(1), reply=True)
+        with frontend.recv() as reply:                  # the first thing the front-end receives
+            self.assertEqual((reply.request, reply.u64()), (F.GET_FEATURES, 1))
+        self.wait_for(lambda: len(self.records()) == 3, "three records")
+        self.assertEqual([r.name for r in self.records()], ["VHOST_USER_SET_OWNER", "VHOST_USER_GET_FEATURES",
+                                                           "VHOST_USER_GET_FEATURES"])
+        # A session that is gone answers None at once.
+        tracer.call_soon(lambda: tracer.inject(7, F.GET_STATUS, b"", on_reply))
+        self.wait_for(lambda: len(got) == 2, "the refusal")
+        self.assertIsNone(got[1])
 
 
 # --------------------------------------------------------------------------------------------
