@@ -199,7 +199,8 @@ class IoUring:
         return self.sq_entries - (self._tail - self._sq32[self._sq_head_i]) % (1 << 32)
 
     def prep(self, opcode: int, fd: int, addr: int, length: int, offset: int, rw_flags: int, user_data: int) -> None:
-        """Fill the next SQE (the caller checked :attr:`sq_space`); not yet visible to the kernel."""
+        """Fill the next SQE (the caller keeps at most :attr:`sq_entries` prepared, see
+        :attr:`sq_space`); not yet visible to the kernel."""
         tail = self._tail
         IO_URING_SQE.pack_into(self._sqes, (tail & self._sq_mask) * 64, opcode, 0, 0, fd, offset, addr, length,
                                rw_flags, user_data, 0, 0, 0, 0, 0)

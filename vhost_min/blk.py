@@ -357,8 +357,8 @@ def _direct_alignment(fd: int, st: os.stat_result) -> int:
         if size.value >= SECTOR_SIZE:
             return size.value
     probe = mmap.mmap(-1, 4096)
+    view = memoryview(probe)
     try:
-        view = memoryview(probe)
         for size in (512, 1024, 2048, 4096):
             try:
                 os.preadv(fd, [view[:size]], 0)
@@ -569,7 +569,7 @@ class BlockImage:
         offset = sector * SECTOR_SIZE
         if length % SECTOR_SIZE or offset + length > self._end:
             return VIRTIO_BLK_S_IOERR
-        fd, views, guest = self._io_target(offset, length, inp, False)
+        fd, views, guest = self._io_target(offset, length, inp, False) if self.direct else (self.fd, inp, None)
         try:
             done = os.preadv(fd, views, offset) if len(views) <= IOV_MAX else 0
             if done != length:
@@ -591,7 +591,7 @@ class BlockImage:
         if length % SECTOR_SIZE or offset + length > self._end:
             return VIRTIO_BLK_S_IOERR
         flags = 0 if self.writeback or self._no_rwf else os.RWF_DSYNC
-        fd, views, guest = self._io_target(offset, length, out, True)
+        fd, views, guest = self._io_target(offset, length, out, True) if self.direct else (self.fd, out, None)
         try:
             try:
                 done = os.pwritev(fd, views, offset, flags) if len(views) <= IOV_MAX else 0
