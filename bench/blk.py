@@ -233,8 +233,9 @@ def measure(binary: str | None, daemon, rw: str, bs: int, qd: int, event_idx: bo
                             queue_size=QUEUE_SIZE, backend_pid=daemon.pid, cpu=cpu)
             if r["requests"]:
                 break
-        if r["stderr"]:
-            print(f"    {daemon.name}, {rw} {bs} qd{qd}{' event_idx' if event_idx else ''}: {r['stderr']}",
+        if r["stalls"]:                    # the first, with the ring's indexes (vublk.c says how to read them)
+            first = r["stderr"].splitlines()[0] if r["stderr"] else ""
+            print(f"    {daemon.name}, {rw} {bs} qd{qd}{' event_idx' if event_idx else ''}: {r['stalls']} stalls; {first}",
                   file=sys.stderr, flush=True)
         if r["returncode"] or r["bad_status"] or not r["requests"]:
             raise RuntimeError(f"vublk: exit {r['returncode']}, {r['bad_status']} requests failed of {r['requests']}")
