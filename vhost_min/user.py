@@ -657,7 +657,7 @@ class RequestSpec(NamedTuple):
     def missing(self, negotiated: ProtocolFeature | int, nfds: int = 0) -> ProtocolFeature:
         """The protocol features this request (with ``nfds`` fds) needs but ``negotiated`` lacks."""
         # Plain int arithmetic: an IntFlag operator costs a microsecond, and every message asks.
-        needed = self.features._value_ | (self.fd_features._value_ if nfds else 0)
+        needed = int(self.features) | (int(self.fd_features) if nfds else 0)
         lacking = needed & ~int(negotiated)
         return ProtocolFeature(lacking) if lacking else NO_FEATURES
 
