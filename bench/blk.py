@@ -243,11 +243,12 @@ def measure(binary: str | None, daemon, rw: str, bs: int, qd: int, event_idx: bo
         raise RuntimeError(f"{daemon.name} (pid {daemon.pid}), {rw} {bs} bytes at depth {qd}: {exc}; "
                            f"its output:\n{daemon.log()}") from exc
     n, wall = r["requests"], r["seconds"]
+    threads = len(os.listdir(f"/proc/{daemon.pid}/task"))    # on a contended core, each thread gets a share
     return {"iops": r["iops"], "mib_s": r["mib_s"], "cpu_us_per_req": r["backend_cpu_s"] / n * 1e6,
             "backend_busy": r["backend_cpu_s"] / wall, "lat_us_p50": r["lat_us_p50"], "lat_us_p99": r["lat_us_p99"],
             "lat_us_mean": r["lat_us_mean"], "client_cpu_us_per_req": r["client_cpu_s"] / n * 1e6,
             "client_busy": r["client_cpu_s"] / wall, "kicks_per_req": r["kicks"] / n, "requests": n,
-            "stalls": r["stalls"]}
+            "stalls": r["stalls"], "threads": threads}
 
 
 def _process_cpu(pid: int) -> float:
@@ -296,7 +297,8 @@ def _measure_python(daemon, rw: str, bs: int, qd: int, event_idx: bool, seconds:
     return {"iops": done / wall, "mib_s": done * bs / wall / (1 << 20), "cpu_us_per_req": cpu / done * 1e6,
             "backend_busy": cpu / wall, "lat_us_p50": None, "lat_us_p99": None, "lat_us_mean": wall / done * qd * 1e6,
             "client_cpu_us_per_req": client_cpu / done * 1e6, "client_busy": client_cpu / wall,
-            "kicks_per_req": None, "requests": done, "stalls": None}
+            "kicks_per_req": None, "requests": done, "stalls": None,
+            "threads": len(os.listdir(f"/proc/{daemon.pid}/task"))}
 
 
 def _best(runs: list[dict]) -> dict:
@@ -431,7 +433,7 @@ def _figure(entry: dict, side: str) -> float | None:
 def table_rows(rows: dict, ours_sides: tuple[str, ...] = ("ours",)) -> tuple[list[str], list[list]]:
     """The printed table (also the README's): one line per row and per side of ours."""
     columns = ["workload", "unit", "ours", "qsd", "ours/qsd", "client ceiling", "cpu us/req ours", "qsd",
-               "ours/qsd", "busy % ours/qsd", "p50 us ours/qsd"]
+               "ours/qsd", "busy % ours/qsd", "p50 us ours/qsd", "threads ours/qsd"]
     out = []
     for row, e in rows.items():
         for side in ours_sides:
@@ -450,7 +452,8 @@ def table_rows(rows: dict, ours_sides: tuple[str, ...] = ("ours",)) -> tuple[lis
                         f"{mine['backend_busy'] * 100:.0f}/{t['backend_busy'] * 100:.0f}" if t
                         else f"{mine['backend_busy'] * 100:.0f}/-",
                         (f"{mine['lat_us_p50']:.1f}/{t['lat_us_p50']:.1f}" if t and mine["lat_us_p50"] is not None
-                         else "-")])
+                         else "-"),
+                        f"{mine['threads']}/{t['threads']}" if t else f"{mine['threads']}/-"])
     return columns, out
 
 
@@ -538,7 +541,8 @@ def run(argv: list[str]) -> dict:
           f"{QUEUE_SIZE}, rows with _event_idx negotiate VIRTIO_RING_F_EVENT_IDX;\n"
           f"  client ceiling = the same client against vublk's null back-end (no I/O); cpu = back-end CPU (all "
           f"threads) per request; busy = back-end CPU / wall time\n"
-          f"  (near 100% at qd32: the back-end, not the client, is the limit); p50 = median latency seen by the client."
+          f"  (near 100% at qd32: the back-end, not the client, is the limit); p50 = median latency seen by the client;"
+          f"\n  threads = the back-end's threads after the run (on a core shared with other work, each gets a share)."
           f"\n  load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (other work on this machine "
           f"takes CPU from both sides).")
     if want_markdown:                      # the README's fragment, between its "bench blk" markers

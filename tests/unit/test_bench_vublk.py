@@ -1,6 +1,7 @@
 """bench/vublk.c, the C front-end ``python3 -m bench blk`` measures with, checked against our blk
 back-end: it builds, completes requests, and what it writes is in the image and what it reads is
-checked (a benchmark client that lies is worthless). Its null back-end completes requests too."""
+checked (a benchmark client that lies is worthless). Its null back-end completes requests too; and
+bench blk's table, printed and in the README's Markdown, from one row of figures."""
 
 from __future__ import annotations
 
@@ -79,3 +80,21 @@ class VublkDriverTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class BenchBlkTableTest(unittest.TestCase):
+    """bench blk's table (printed and the README's Markdown) from one row of figures."""
+
+    def test_a_row_shows_each_side_the_ratio_and_the_ceiling(self) -> None:
+        from bench import blk
+        side = {"iops": 20000.0, "mib_s": 78.1, "cpu_us_per_req": 10.0, "backend_busy": 0.2, "lat_us_p50": 12.5,
+                "threads": 1}
+        row = {"bs": 4096, "ours": side, "theirs": dict(side, iops=40000.0, cpu_us_per_req=12.5, threads=60),
+               "null": dict(side, iops=500000.0), "ratio": 0.5, "cpu_ratio": 0.8}
+        columns, lines = blk.table_rows({"randread_4k_qd32": row})
+        self.assertEqual(lines, [["randread_4k_qd32", "IOPS", 20000.0, 40000.0, 0.5, 500000.0, 10.0, 12.5, 0.8,
+                                  "20/20", "12.5/12.5", "1/60"]])
+        text = blk.markdown(columns, lines).splitlines()
+        self.assertEqual(len(text), 3)
+        self.assertEqual(text[2], "| randread_4k_qd32 | IOPS | 20,000 | 40,000 | 0.50 | 500,000 | 10.00 | 12.50 | 0.80 "
+                                  "| 20/20 | 12.5/12.5 | 1/60 |")
