@@ -22,6 +22,7 @@ _LAZY = {
     "Connection": "user", "Listener": "user",
     "Device": "device", "Backend": "backend", "Server": "backend", "serve": "backend",
     "Frontend": "frontend",
+    "Tracer": "trace",
     "BlkDevice": "blk", "BlkClient": "blk",
     "VhostKernel": "ioctl", "VhostNet": "ioctl", "VhostVsock": "ioctl", "VhostScsi": "ioctl",
     "VhostVdpa": "vdpa", "VdpaDriver": "vdpa",

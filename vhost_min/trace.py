@@ -17,7 +17,8 @@ other direction or another session, and memory stays bounded. A header announcin
 beyond the protocol's maximum ends the session: nothing of that message is forwarded.
 
 ``python3 -m vhost_min trace --listen PATH --connect PATH [--json]`` is this, printing each record
-as a line of text or JSON.
+as a line of text or JSON. tests/peers/launch.py's WireTap is this too, recording instead of
+printing, and asking the back-end things of its own mid-session (:meth:`Tracer.inject`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ _CODES = {FrontendRequest: {int(m): m for m in FrontendRequest}, BackendRequest:
 
 @dataclass
 class Record:
-    """One message as it crossed the tracer (already forwarded, unchanged, when reported).
+    """One message as it crossed the tracer, reported as it is forwarded (unchanged) to the other side.
 
     ``sender`` is FRONTEND or BACKEND, ``channel`` MAIN or BACKEND_CHANNEL. ``fields`` is the
     payload decoded by name (``{"hex": ...}`` where no layout applies); ``fds`` the link target of
