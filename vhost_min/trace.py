@@ -389,9 +389,10 @@ def fd_target(fd: int) -> str:
 class _Stream:
     """Messages from ``source`` to ``sink``: at most one being read and one being written."""
 
-    def __init__(self, session: _Session, channel: str, sender: str, source: socket.socket,
+    def __init__(self, session: _Session, link: _Channel, sender: str, source: socket.socket,
                  sink: socket.socket) -> None:
-        self.session, self.channel, self.sender = session, channel, sender
+        self.session, self.link, self.sender = session, link, sender
+        self.channel = channel = link.kind
         self.source, self.sink = source, sink
         self.requests = FrontendRequest if channel == MAIN else BackendRequest
         self.table = FRONTEND_REQUESTS if channel == MAIN else BACKEND_REQUESTS
@@ -441,26 +442,37 @@ class _Closed(Exception):
         self.by, self.detail = by, detail
 
 
+class _Channel:
+    """One connection relayed both ways: the main socket, or one back-end channel (a front-end may
+    hand over a new one; each is its own _Channel). ``owed``: its requests still awaiting a reply."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.streams: list[_Stream] = []
+        self.owed: collections.deque = collections.deque()
+
+
 class _Session:
-    """One front-end connection and its own back-end connection (and, later, the back-end channel)."""
+    """One front-end connection and its own back-end connection (and, later, back-end channels)."""
 
     def __init__(self, number: int, frontend: socket.socket, backend: socket.socket) -> None:
         self.number = number
         self.closed = False
-        # stream by the socket it reads from
-        self.streams: dict[socket.socket, _Stream] = {}
-        self.owed: dict[str, collections.deque] = {MAIN: collections.deque(), BACKEND_CHANNEL: collections.deque()}
+        self.streams: dict[socket.socket, _Stream] = {}         # by the socket each reads from
+        self.channels: list[_Channel] = []
         self.asked: collections.deque = collections.deque()     # (request, callback) of inject()
-        self.add_channel(MAIN, frontend, backend)
+        self.main = self.add_channel(MAIN, frontend, backend)
 
-    def add_channel(self, channel: str, frontend: socket.socket, backend: socket.socket) -> None:
+    def add_channel(self, kind: str, frontend: socket.socket, backend: socket.socket) -> _Channel:
         for sock in (frontend, backend):
             sock.setblocking(False)
-        self.streams[frontend] = _Stream(self, channel, FRONTEND, frontend, backend)
-        self.streams[backend] = _Stream(self, channel, BACKEND, backend, frontend)
-
-    def channel_streams(self, channel: str) -> list[_Stream]:
-        return [s for s in self.streams.values() if s.channel == channel]
+        link = _Channel(kind)
+        link.streams = [_Stream(self, link, FRONTEND, frontend, backend),
+                        _Stream(self, link, BACKEND, backend, frontend)]
+        for stream in link.streams:
+            self.streams[stream.source] = stream
+        self.channels.append(link)
+        return link
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,7 +574,7 @@ class Tracer:
         if live is None:
             on_reply(None)
             return
-        stream = next(s for s in live.channel_streams(MAIN) if s.sender == FRONTEND)
+        stream = live.main.streams[0]          # front-end -> back-end
         live.asked.append((request, on_reply))
         stream.injected.append(HEADER.pack(int(request), VHOST_USER_VERSION, len(payload)) + bytes(payload))
         if not stream.busy:
@@ -570,9 +582,9 @@ class Tracer:
             try:
                 self._flush(stream)
             except _Closed as closed:
-                self._close_channel(live, MAIN, closed.by, closed.detail)
+                self._close_channel(live, live.main, closed.by, closed.detail)
                 return
-        for s in live.channel_streams(MAIN):
+        for s in live.main.streams:
             self._watch(s)
 
     def _now(self) -> float:
@@ -599,7 +611,7 @@ class Tracer:
         self._live.add(session)
         self.report(SessionEvent(number, self._now(), "open",
                                  detail=f"front-end connected; relaying to {self.connect_path}"))
-        for stream in session.channel_streams(MAIN):
+        for stream in session.main.streams:
             self._watch(stream)
 
     def _watch(self, stream: _Stream) -> None:
@@ -633,10 +645,10 @@ class Tracer:
                     if not self._read(stream) or stream.busy:
                         break
         except _Closed as closed:
-            self._close_channel(session, stream.channel, closed.by, closed.detail)
+            self._close_channel(session, stream.link, closed.by, closed.detail)
             return
         if not session.closed:
-            for s in session.channel_streams(stream.channel):
+            for s in stream.link.streams:
                 if s.source.fileno() >= 0:
                     self._watch(s)
 
@@ -721,19 +733,19 @@ class Tracer:
             new_channel = (frontend_end, ours)
             record.notes.append("the channel's socket is relayed by the tracer: the back-end got one end of a "
                                 "socketpair of the tracer's, traced as the backend channel")
-        if stream.sender == BACKEND and record.is_reply and session.asked and not session.owed[stream.channel] \
-                and stream.channel == MAIN and session.asked[0][0] == record.request:
+        if stream.sender == BACKEND and record.is_reply and session.asked and stream.link is session.main \
+                and not session.main.owed and session.asked[0][0] == record.request:
             _close_all(fds)                     # the answer to inject(): its caller's, not the front-end's
             session.asked.popleft()[1](record)
             return
         stream.out = memoryview(header + payload)
         stream.out_fds = out_fds
         if new_channel is not None:
-            session.add_channel(BACKEND_CHANNEL, *new_channel)
+            new_channel = session.add_channel(BACKEND_CHANNEL, *new_channel)
         self.report(record)                     # before it reaches the other side, so a reader of the
         self._flush(stream)                     # reports never misses what a peer has already seen
         if new_channel is not None:
-            for s in session.channel_streams(BACKEND_CHANNEL):
+            for s in new_channel.streams:
                 self._watch(s)
 
     def _flush(self, stream: _Stream) -> None:
@@ -768,7 +780,7 @@ class Tracer:
             record.problems.append(f"header version {version}, expected {VHOST_USER_VERSION}")
         if flags & VHOST_USER_RESERVED_FLAGS:
             record.problems.append(f"reserved flag bits {flags & VHOST_USER_RESERVED_FLAGS:#x} set")
-        owed = stream.session.owed[stream.channel]
+        owed = stream.link.owed
         spec = stream.table.get(record.request)
         requester = FRONTEND if stream.channel == MAIN else BACKEND
         if record.is_reply:
@@ -805,13 +817,14 @@ class Tracer:
 
     # -- ending -------------------------------------------------------------------------------
 
-    def _close_channel(self, session: _Session, channel: str, by: str, detail: str) -> None:
-        """End ``channel`` (the main one ends the session, and with it the back-end channel)."""
-        channels = [MAIN, BACKEND_CHANNEL] if channel == MAIN else [BACKEND_CHANNEL]
-        for ch in channels:
-            streams = sorted(session.channel_streams(ch), key=lambda s: s.sender != by)   # the closer first
-            if not streams:
-                continue
+    def _close_channel(self, session: _Session, channel: _Channel, by: str, detail: str) -> None:
+        """End ``channel`` (the main one ends the session, and with it every back-end channel)."""
+        if channel not in session.channels:
+            return
+        ending = list(session.channels) if channel is session.main else [channel]
+        for ch in ending:
+            session.channels.remove(ch)
+            streams = sorted(ch.streams, key=lambda s: s.sender != by)      # the closer first
             for s in streams:
                 if s.busy and s.sink.fileno() >= 0:
                     try:
@@ -819,15 +832,15 @@ class Tracer:
                     except _Closed:
                         pass
             partial = next((p for p in (s.partial() for s in streams) if p is not None), None)
-            owed = [request_name(r) for r in session.owed[ch]]
-            session.owed[ch].clear()
-            if ch == MAIN:
+            owed = [request_name(r) for r in ch.owed]
+            ch.owed.clear()
+            if ch is session.main:
                 while session.asked:
                     session.asked.popleft()[1](None)
-            if ch == channel:
-                event = SessionEvent(session.number, self._now(), "closed", ch, by, detail, owed, partial)
+            if ch is channel:
+                event = SessionEvent(session.number, self._now(), "closed", ch.kind, by, detail, owed, partial)
             else:
-                event = SessionEvent(session.number, self._now(), "closed", ch, "tracer",
+                event = SessionEvent(session.number, self._now(), "closed", ch.kind, "tracer",
                                      "the session's main connection ended", owed, partial)
             for s in streams:
                 s.discard()
@@ -837,7 +850,7 @@ class Tracer:
                 s.source.close()
                 del session.streams[s.source]
             self.report(event)
-        if channel == MAIN:
+        if channel is session.main:
             session.closed = True
             self._live.discard(session)
             self._ended += 1
@@ -845,7 +858,7 @@ class Tracer:
     def close(self) -> None:
         """End every session (reported as closed by the tracer) and stop listening."""
         for session in list(self._live):
-            self._close_channel(session, MAIN, "tracer", "the tracer stopped")
+            self._close_channel(session, session.main, "tracer", "the tracer stopped")
         self._selector.close()
         self._listener.close()
         for fd in (self._wake_r, self._wake_w):

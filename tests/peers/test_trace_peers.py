@@ -42,7 +42,8 @@ for d in /sys/block/vd*; do
     [ "$(cat "$d/size")" = "{IMAGE_SIZE // 512}" ] && disk=${{d##*/}}
 done
 echo "disk=$disk"
-dd if=/mnt/data/pattern of=/dev/$disk bs={DD_BLOCK} seek={PATTERN_OFFSET // DD_BLOCK} oflag=direct conv=fsync 2>/dev/null
+dd if=/mnt/data/pattern of=/dev/$disk bs={DD_BLOCK} seek={PATTERN_OFFSET // DD_BLOCK} oflag=direct conv=fsync \
+    2>/dev/null
 echo 3 >/proc/sys/vm/drop_caches
 dd if=/dev/$disk of=/tmp/back bs={DD_BLOCK} skip={PATTERN_OFFSET // DD_BLOCK} count={PATTERN_SIZE // DD_BLOCK} \
     iflag=direct 2>/dev/null

@@ -354,6 +354,49 @@ class ByteExactTests(TracerTestCase):
         self.assertIn("a reply when no request was waiting for one", unsolicited.problems)
 
 
+class BackendChannelTests(TracerTestCase):
+    def hand_over(self, frontend: Connection, backend: Connection) -> tuple[Connection, Connection]:
+        """SET_BACKEND_REQ_FD: (the front-end's end, the back-end's end) of the relayed channel."""
+        ours, theirs = socket.socketpair()
+        frontend.send(F.SET_BACKEND_REQ_FD, b"", [theirs.fileno()])
+        theirs.close()
+        with backend.recv() as msg:
+            channel = Connection(socket.socket(fileno=msg.take_fd()), requests=BackendRequest)
+        mine = Connection(ours, requests=BackendRequest)
+        for conn in (channel, mine):
+            self.addCleanup(conn.close)
+            conn.sock.settimeout(TIMEOUT)
+        return mine, channel
+
+    def test_a_second_channel_lives_on_when_the_first_closes(self) -> None:
+        self.start_tracer()
+        frontend, backend = self.scripted_pair()
+        first_fe, first_be = self.hand_over(frontend, backend)
+        second_fe, second_be = self.hand_over(frontend, backend)
+        first_be.close()                                    # as libvhost-user does with the old one
+        with self.assertRaises(DisconnectedError):
+            first_fe.recv()
+        second_be.send(B.CONFIG_CHANGE_MSG, need_reply=True)
+        with second_fe.recv() as msg:
+            self.assertEqual(msg.request, B.CONFIG_CHANGE_MSG)
+        second_fe.send(B.CONFIG_CHANGE_MSG, pack_u64(0), reply=True)
+        with second_be.recv() as reply:
+            self.assertEqual(reply.u64(), 0)
+        self.wait_for(lambda: len(self.records(BACKEND_CHANNEL)) == 2, "the second channel's records")
+        (closed,) = self.closes()
+        self.assertEqual((closed.channel, closed.by, closed.detail),
+                         (BACKEND_CHANNEL, BACKEND, "the backend closed the connection"))
+        request, reply = self.records(BACKEND_CHANNEL)
+        self.assertEqual((request.expects, reply.answers, reply.matched),
+                         ("ack", "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG", True))
+        frontend.close()                                    # the session ends, the second channel with it
+        with self.assertRaises(DisconnectedError):
+            second_be.recv()
+        self.wait_for(lambda: len(self.closes()) == 3, "the session's end")
+        self.assertEqual([(c.channel, c.by) for c in self.closes()[1:]],
+                         [(MAIN, FRONTEND), (BACKEND_CHANNEL, "tracer")])
+
+
 class InjectTests(TracerTestCase):
     def test_a_request_of_our_own_between_the_frontends(self) -> None:
         """inject(): the back-end gets our request between two of the front-end's, its reply comes
