@@ -60,20 +60,21 @@ _EMPTY = memoryview(bytearray())               # what a zero-length descriptor m
 #   q[2s] = addr, q[2s+1] = len | id << 32 | flags << 48; i[4s+2] = len; h[8s+6] = id, h[8s+7] = flags.
 
 
-#: Indirect tables of up to this many entries take _indirect's fast path.
-_FAST_TABLE_ENTRIES = 256
+#: Indirect tables of up to this many bytes (256 entries) take _parse's fast path.
+_FAST_TABLE_BYTES = 256 * VIRTQ_DESC_SIZE
 _ADDR_LEN = struct.Struct("<QI4x").iter_unpack        # each descriptor's addr and len
 _TABLE_SHAPES: dict[int, tuple] = {}
 
 
-def _table_shapes(entries: int) -> tuple:
-    """For an indirect table of ``entries`` descriptors, compiled once per count: a struct reading
-    every entry's flags, and the flag tuples of well-formed tables (readable entries, flags 0,
-    then writable ones, WRITE) mapped to their count of readable entries."""
-    shape = _TABLE_SHAPES.get(entries)
+def _table_shapes(length: int) -> tuple:
+    """For an indirect table of ``length`` bytes, compiled once per length: a struct reading every
+    entry's flags, and the flag tuples of well-formed tables (readable entries, flags 0, then
+    writable ones, WRITE) mapped to their count of readable entries."""
+    shape = _TABLE_SHAPES.get(length)
     if shape is None:
-        shapes = {(0,) * r + (_WRITE,) * (entries - r): r for r in range(entries + 1)}
-        shape = _TABLE_SHAPES[entries] = (struct.Struct("<" + "14xH" * entries).unpack, shapes)
+        n = length // VIRTQ_DESC_SIZE
+        shapes = {(0,) * r + (_WRITE,) * (n - r): r for r in range(n + 1)}
+        shape = _TABLE_SHAPES[length] = (struct.Struct("<" + "14xH" * n).unpack, shapes)
     return shape
 
 
@@ -320,12 +321,34 @@ class PackedDeviceQueue(_PackedRing):
 
                 if f & (_NEXT | _INDIRECT) == _INDIRECT and translate and self.indirect:
                     # One descriptor pointing at an indirect table (a virtio-blk request from
-                    # Linux): expanded by _indirect, checked in the general walk's order.
+                    # Linux). The tables drivers write, in the cached region: readable entries
+                    # (flags 0) then writable ones (WRITE), no other bit, every buffer in the
+                    # region, are checked by one struct call and read by one iterator; any other
+                    # table is expanded by _indirect. Either way checked in the general walk's order.
                     addr, w = q[slot * 2], q[slot * 2 + 1]
-                    readable, writable = [], []
-                    log = [] if written is not None else None
-                    total = self._indirect(slot, addr, w & _MAX_LEN, readable, writable, log, True)
-                    rs, re, rv = self._rs, self._re, self._rv
+                    ln = w & _MAX_LEN
+                    readable = None
+                    if (written is None and ln and not ln & 15 and ln <= _FAST_TABLE_BYTES
+                            and rs <= addr and addr + ln <= re):
+                        table = rv[addr - rs:addr - rs + ln]
+                        read_flags, shapes = _TABLE_SHAPES.get(ln) or _table_shapes(ln)
+                        nread = shapes.get(read_flags(table))
+                        if nread is not None:
+                            views = []
+                            total = 0
+                            for a, ln in _ADDR_LEN(table):
+                                if rs <= a and a + ln <= re:
+                                    total += ln
+                                    views.append(rv[a - rs:a + ln - rs])
+                                else:
+                                    break
+                            else:
+                                readable, writable = views[:nread], views[nread:]
+                    if readable is None:
+                        readable, writable = [], []
+                        log = [] if written is not None else None
+                        total = self._indirect(slot, addr, w & _MAX_LEN, readable, writable, log, True)
+                        rs, re, rv = self._rs, self._re, self._rv
                     bid = w >> 32 & 0xFFFF
                     if bid >= n or ndescs[bid] or occupied >= n:
                         raise self._chain_error(slot, head, bid, 1, occupied)
@@ -496,25 +519,6 @@ class PackedDeviceQueue(_PackedRing):
             views = self._translate(slot, addr, length, False)
             table = views[0] if len(views) == 1 else b"".join(views)
             rs, re, rv = self._rs, self._re, self._rv
-        if translate and log is None and entries <= _FAST_TABLE_ENTRIES:
-            # The tables drivers write: readable entries (flags 0) then writable ones (WRITE), no
-            # other bit, every buffer in the cached region: one struct call checks the flags,
-            # one iterator reads (addr, len). Anything else takes the walk below.
-            read_flags, shapes = _TABLE_SHAPES.get(entries) or _table_shapes(entries)
-            nread = shapes.get(read_flags(table))
-            if nread is not None:
-                views = []
-                total = 0
-                for a, ln in _ADDR_LEN(table):
-                    if rs <= a and a + ln <= re:
-                        total += ln
-                        views.append(rv[a - rs:a + ln - rs])
-                    else:
-                        break
-                else:
-                    readable += views[:nread]
-                    writable += views[nread:]
-                    return total
         total = 0
         saw_write = False
         for e, (a, ln, _, f) in enumerate(PVIRTQ_DESC.iter_unpack(table)):

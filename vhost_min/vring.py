@@ -62,30 +62,30 @@ _used_elem_structs: dict[int, struct.Struct] = {}
 _FAST_TABLE_ENTRIES = 256
 _FAST_TABLE_BYTES = _FAST_TABLE_ENTRIES * VIRTQ_DESC_SIZE
 _ADDR_LEN = struct.Struct("<QI4x").iter_unpack          # each descriptor's addr and len
-_table_shapes_by_length: dict[int, tuple] = {}
+_table_readers: dict[int, object] = {}
+#: Well-formed indirect table shapes -> their count of device-readable entries (see _table_reader).
+_TABLE_SHAPES: dict[tuple[int, ...], int] = {}
 
 
-def _table_shapes(length: int) -> tuple:
-    """For an indirect table of ``length`` bytes, compiled once per length: (read, shapes).
-    ``read(buffer, offset)`` gives the table's shape: (flags, next) of every entry but the last,
-    and the last one's flags. ``shapes`` maps each well-formed shape to its count of
-    device-readable entries; well-formed is what drivers write: walked in order (next = 1, 2,
-    ...), NEXT on every entry but the last, readable (flags 0) before writable (WRITE), no
-    INDIRECT and no other bit. Any other table is left to the general walk."""
-    entry = _table_shapes_by_length.get(length)
-    if entry is None:
+def _table_reader(length: int):
+    """For an indirect table of ``length`` bytes (made once per length): ``read(buffer, offset)``
+    gives the table's shape, (flags, next) of every entry but the last and the last one's flags.
+    _TABLE_SHAPES gets the well-formed shapes of that length (a shape's length says its table's),
+    each mapped to its count of device-readable entries; well-formed is what drivers write: walked
+    in order (next = 1, 2, ...), NEXT on every entry but the last, readable (flags 0) before
+    writable (WRITE), no INDIRECT and no other bit. Any other table is left to the general walk."""
+    read = _table_readers.get(length)
+    if read is None:
         n = length // VIRTQ_DESC_SIZE
-        shapes = {}
         for readable in range(n + 1):
             flags = [VIRTQ_DESC_F_NEXT] * readable + [VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE] * (n - readable)
             flags[-1] &= ~VIRTQ_DESC_F_NEXT
             shape: list[int] = []
             for j, f in enumerate(flags):
                 shape += (f, j + 1) if j + 1 < n else (f,)
-            shapes[tuple(shape)] = readable
-        read = struct.Struct("<" + "12xHH" * (n - 1) + "12xH2x").unpack_from
-        entry = _table_shapes_by_length[length] = (read, shapes)
-    return entry
+            _TABLE_SHAPES[tuple(shape)] = readable
+        read = _table_readers[length] = struct.Struct("<" + "12xHH" * (n - 1) + "12xH2x").unpack_from
+    return read
 
 
 def _used_elems(n: int) -> struct.Struct:
@@ -400,7 +400,7 @@ class SplitDeviceQueue:
             unpack, desc, size = _DESC.unpack_from, self._desc, self.size
             rstart, rview = self._rstart, self._rview
             rsize = self._rend - rstart
-            tables, indirect = _table_shapes_by_length, self.indirect
+            tables, shapes, indirect = _table_readers, _TABLE_SHAPES, self.indirect
             chains = []
             append = chains.append
             try:
@@ -417,12 +417,12 @@ class SplitDeviceQueue:
                             continue
                         if flags & ~2 == 4 and indirect and not length & 15 and length:
                             # INDIRECT alone (its WRITE is ignored), the table in the cached region:
-                            # one struct call checks its shape (see _table_shapes), one iterator
-                            # reads (addr, len) per entry; every buffer must lie in the region.
-                            entry = tables.get(length) or (_table_shapes(length) if length <= _FAST_TABLE_BYTES
-                                                           else None)
-                            if entry is not None:
-                                nread = entry[1].get(entry[0](rview, off))
+                            # one struct call reads its shape (see _table_reader), one iterator
+                            # (addr, len) per entry; every buffer must lie in the region.
+                            read = tables.get(length) or (_table_reader(length) if length <= _FAST_TABLE_BYTES
+                                                          else None)
+                            if read is not None:
+                                nread = shapes.get(read(rview, off))
                                 if nread is not None:
                                     views = []
                                     total = 0
