@@ -481,7 +481,7 @@ class _Session:
 
 class Tracer:
     """Listen on ``listen``; relay each front-end to a new connection to ``connect``; hand every
-    message and session event to ``report`` (called in the tracer's thread, after forwarding).
+    message and session event to ``report`` (called in the tracer's thread, as each is forwarded).
 
     ``run()`` serves until ``stop()`` (or, with ``once``, until the first session ends);
     ``fileno()`` and ``process()`` fit it into another event loop instead. Each session ends when

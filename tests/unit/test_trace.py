@@ -710,6 +710,20 @@ class CommandTests(TracerTestCase):
                                    r"num=256$")
         self.assertRegex(lines[3], r"^#0 +[0-9.]+s -- closed by the frontend: the frontend closed the connection$")
 
+    def test_once_with_no_backend_is_one_line_and_status_1(self) -> None:
+        proc = self.run_command("--once")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        sock.connect(self.listen)
+        self.assertEqual(sock.recv(1), b"")
+        out, err = proc.communicate(timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(err, f"vhost-min: cannot connect to the back-end at {self.backend_path}: No such file or "
+                              f"directory; front-end disconnected\n")
+        self.assertIn("closed by the tracer: cannot connect", out)
+        self.assertFalse(os.path.exists(self.listen), "the listening socket was left behind")
+
     def test_a_listen_path_that_is_not_a_socket_is_one_line(self) -> None:
         with open(self.listen, "w"):
             pass
