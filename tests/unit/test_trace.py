@@ -336,6 +336,42 @@ class ByteExactTests(TracerTestCase):
             self.assertIn(r.name, r.text())
             self.assertEqual(json.loads(json.dumps(r.as_dict()))["request"], r.name)
 
+    def test_what_the_spec_refuses_is_still_forwarded_as_it_came_and_reported(self) -> None:
+        """A tracer shows what the peers do, it does not police them: a header with version 2 and
+        a reserved flag bit, a payload of the wrong size, and 12 fds (the spec allows 8) all reach
+        the other side unchanged, each with its problem in the record."""
+        self.start_tracer()
+        frontend, backend = self.scripted_pair()
+        odd = HEADER.pack(F.SET_OWNER, 0x102, 0)
+        short = HEADER.pack(F.SET_VRING_NUM, 0x1, 4) + b"\x01\x02\x03\x04"
+        fds = [eventfd() for _ in range(12)]
+        for fd in fds:
+            self.addCleanup(os.close, fd)
+        many = HEADER.pack(F.SET_OWNER, 0x1, 0)
+        frontend.sock.sendall(odd)
+        frontend.sock.sendall(short)
+        frontend.sock.sendmsg([many], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                        b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
+        got, received = b"", []
+        while len(got) < len(odd + short + many):
+            data, ancdata, _, _ = backend.sock.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
+            self.assertTrue(data)
+            got += data
+            for _, _, fd_data in ancdata:
+                received += [int.from_bytes(fd_data[i:i + 4], sys.byteorder) for i in range(0, len(fd_data), 4)]
+        for fd in received:
+            self.addCleanup(os.close, fd)
+        self.assertEqual(got, odd + short + many)
+        self.assertEqual([identity(fd) for fd in received], [identity(fd) for fd in fds])
+        self.wait_for(lambda: len(self.records()) == 3, "three records")
+        odd_record, short_record, many_record = self.records()
+        self.assertEqual(odd_record.problems, ["header version 2, expected 1", "reserved flag bits 0x100 set"])
+        self.assertEqual(short_record.problems, ["payload not decodable: vring state: payload is 4 bytes, expected 8",
+                                                 "VHOST_USER_SET_VRING_NUM: payload is 4 bytes, expected 8"])
+        self.assertEqual(short_record.fields, {"hex": "01020304"})
+        self.assertEqual(many_record.problems, ["VHOST_USER_SET_OWNER: carries 12 fds, expected 0"])
+        self.assertEqual(len(many_record.fds), 12)
+
     def test_a_reply_to_the_wrong_request_is_flagged(self) -> None:
         self.start_tracer()
         frontend, backend = self.scripted_pair()
