@@ -20,6 +20,9 @@ Decisions, in one place:
   the guest's buffers (a trailing scratch buffer catches what does not fit). A tap that goes
   away (the interface deleted: EBADFD) is logged once; its fd is replaced by a never-readable
   eventfd, TX for that pair is dropped and counted, the other queues keep serving.
+* TX is polled while it is busy, as NAPI does: a non-empty batch turns the driver's kicks off and
+  asks the loop to come back at once (process() returns True); the first empty pop turns them on
+  again (and looks once more, closing the race). Each batch is one push and at most one signal.
 * Rings are reached through the vhost-user Backend serving the device (``backend.rings``): the
   tap's callback asks the loop to run the RX ring (``ring.again``), so RX runs in process() with
   the transport's error handling."""
@@ -376,17 +379,29 @@ class NetDevice(Device):
         hdr = self.hdr_size
         chains = vq.pop_batch(self.batch_size)
         if not chains:
-            return False
+            # Idle: kicks on again; chains published meanwhile mean another look at once.
+            return vq.enable_notifications()
+        # Busy: no kicks while the loop comes back for more (process() returns True).
+        vq.disable_notifications()
         self.tx_packets += len(chains)
         if self.tap is None:
-            frames = []
-            append = frames.append
-            for _head, readable, _writable in chains:
-                if len(readable) == 1:
-                    append(readable[0][hdr:])
-                else:
-                    append(memoryview(b"".join(readable))[hdr:])
-            self._deliver(pair, frames)
+            # Loopback. RX buffers first: with none offered (a driver that does not empty its RX
+            # ring) the batch is dropped without looking at a frame.
+            rx = self._ring(2 * pair)
+            spare = self._spare[pair]
+            if rx is not None and not spare:
+                spare.extend(rx.queue.pop_batch(len(chains)))
+            if rx is None or not spare:
+                self.rx_dropped += len(chains)
+            else:
+                frames = []
+                append = frames.append
+                for _head, readable, _writable in chains:
+                    if len(readable) == 1:
+                        append(readable[0][hdr:])
+                    else:
+                        append(memoryview(b"".join(readable))[hdr:])
+                self._deliver(pair, frames)
         elif self._tap_gone[pair]:
             self.tx_errors += len(chains)
         else:
@@ -402,7 +417,7 @@ class NetDevice(Device):
                         break
         if vq.push_batch([(chain[0], 0) for chain in chains]) and self.backend is not None:
             self.backend.signal_used(queue)
-        return len(chains) == self.batch_size
+        return True
 
     def _wanted(self, frame) -> bool:
         """The receive filter (CTRL_RX, CTRL_MAC) for a frame's destination address."""
@@ -429,18 +444,23 @@ class NetDevice(Device):
         hdr, mrg = self.hdr_size, self.mrg_rxbuf
         header = self._header_ones[hdr]
         avail = self._spare[pair]
+        short = False                       # the driver has offered no more than we hold
         if len(avail) < len(frames):
-            avail.extend(vq.pop_batch(max(len(frames) - len(avail), 1)))
+            want = len(frames) - len(avail)
+            more = vq.pop_batch(want)
+            short = len(more) < want
+            avail.extend(more)
+            if not avail:
+                self.rx_dropped += len(frames)      # no buffer at all: the whole batch is dropped
+                return
         done = []
         i = delivered = rx_bytes = 0
         n_avail = len(avail)
         for frame in frames:
             if i >= n_avail:
-                if not mrg:
-                    self.rx_dropped += 1
-                    continue
-                more = vq.pop_batch(self.batch_size)
+                more = [] if short else vq.pop_batch(self.batch_size)
                 if not more:
+                    short = True
                     self.rx_dropped += 1
                     continue
                 avail.extend(more)
