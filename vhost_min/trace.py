@@ -74,8 +74,10 @@ class Record:
     ``sender`` is FRONTEND or BACKEND, ``channel`` MAIN or BACKEND_CHANNEL. ``fields`` is the
     payload decoded by name (``{"hex": ...}`` where no layout applies); ``fds`` the link target of
     each fd as it passed. ``expects`` says what a request is owed ("reply", "ack" for NEED_REPLY,
-    or None); ``answers`` names, for a reply, the request it was matched against, and ``matched``
-    whether it was the one owed. ``problems`` lists what the spec would refuse (still forwarded).
+    or None); ``answers`` names, for a reply, the request it was matched against (the oldest one
+    owed on its channel), ``answer_kind`` what that request was owed ("reply" or "ack"), and
+    ``matched`` whether the codes agree. ``problems`` lists what the spec would refuse (still
+    forwarded).
     """
 
     session: int
@@ -89,6 +91,7 @@ class Record:
     fields: dict = field(default_factory=dict)
     expects: str | None = None
     answers: str | None = None
+    answer_kind: str | None = None
     matched: bool | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -119,7 +122,7 @@ class Record:
         if self.expects:
             d["expects"] = self.expects
         if self.answers is not None:
-            d["reply"] = {"to": self.answers, "matched": self.matched}
+            d["reply"] = {"to": self.answers, "kind": self.answer_kind, "matched": self.matched}
         if self.problems:
             d["problems"] = self.problems
         if self.notes:
@@ -137,7 +140,8 @@ class Record:
         if self.expects:
             parts.append(f"expects {self.expects}")
         if self.answers is not None:
-            parts.append(f"reply to {self.answers}: {'matched' if self.matched else 'NOT the one owed'}")
+            what = "ack of" if self.answer_kind == "ack" else "reply to"
+            parts.append(f"{what} {self.answers}: {'matched' if self.matched else 'NOT the one owed'}")
         parts += [f"PROBLEM: {p}" for p in self.problems]
         parts += [f"note: {n}" for n in self.notes]
         return "  ".join(parts)
@@ -787,7 +791,7 @@ class Tracer:
             if stream.sender == requester:
                 record.problems.append(f"a reply from the {stream.sender}, who asks on this channel")
             if owed:
-                expected = owed.popleft()
+                expected, record.answer_kind = owed.popleft()
                 record.answers = request_name(expected)
                 record.matched = expected == record.request
                 if not record.matched:
@@ -813,7 +817,7 @@ class Tracer:
             record.expects = "reply" if spec.reply else "ack"
             if len(owed) >= _MAX_OWED:
                 owed.popleft()
-            owed.append(record.request)
+            owed.append((record.request, record.expects))
 
     # -- ending -------------------------------------------------------------------------------
 
@@ -832,7 +836,7 @@ class Tracer:
                     except _Closed:
                         pass
             partial = next((p for p in (s.partial() for s in streams) if p is not None), None)
-            owed = [request_name(r) for r in ch.owed]
+            owed = [request_name(r) for r, _kind in ch.owed]
             ch.owed.clear()
             if ch is session.main:
                 while session.asked:

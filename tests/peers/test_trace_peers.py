@@ -198,7 +198,11 @@ class TraceGuestTest(unittest.TestCase):
         stops = [r for r in requests if r["request"] == "VHOST_USER_GET_VRING_BASE"]
         self.assertGreater(requests.index(stops[0]), requests.index(kicks[0]))
         answer = next(r for r in replies if r["request"] == "VHOST_USER_GET_VRING_BASE")
-        self.assertEqual(answer["reply"], {"to": "VHOST_USER_GET_VRING_BASE", "matched": True})
+        self.assertEqual(answer["reply"], {"to": "VHOST_USER_GET_VRING_BASE", "kind": "reply", "matched": True})
+        # QEMU asks REPLY_ACK of the memory table: each acknowledged with 0.
+        acks = [r for r in replies if r["request"] in MEMORY_REQUESTS]
+        self.assertTrue(acks and all(r["reply"]["kind"] == "ack" and r["fields"] == {"status": 0} for r in acks),
+                        acks)
         self.assertEqual(set(answer["fields"]), {"index", "num"})
         # The back-end channel went through the tracer's socketpair.
         channel = next(r for r in requests if r["request"] == "VHOST_USER_SET_BACKEND_REQ_FD")

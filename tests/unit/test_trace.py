@@ -287,6 +287,8 @@ class ByteExactTests(TracerTestCase):
                 self.assertEqual(r.problems, [])
                 if r.is_reply:
                     self.assertEqual((r.answers, r.matched), (r.name, True))
+                    asked = next(q for q in main + channel if q.name == r.name and not q.is_reply)
+                    self.assertEqual(r.answer_kind, asked.expects)
                 else:
                     spec = (FRONTEND_REQUESTS if r.channel == MAIN else BACKEND_REQUESTS)[r.request]
                     self.assertEqual(r.expects, ("reply" if spec.reply else "ack") if spec.reply_due(r.flags)
@@ -423,8 +425,9 @@ class BackendChannelTests(TracerTestCase):
         self.assertEqual((closed.channel, closed.by, closed.detail),
                          (BACKEND_CHANNEL, BACKEND, "the backend closed the connection"))
         request, reply = self.records(BACKEND_CHANNEL)
-        self.assertEqual((request.expects, reply.answers, reply.matched),
-                         ("ack", "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG", True))
+        self.assertEqual((request.expects, reply.answers, reply.answer_kind, reply.matched),
+                         ("ack", "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG", "ack", True))
+        self.assertIn("ack of VHOST_USER_BACKEND_CONFIG_CHANGE_MSG: matched", reply.text())
         frontend.close()                                    # the session ends, the second channel with it
         with self.assertRaises(DisconnectedError):
             second_be.recv()
@@ -722,7 +725,7 @@ class CommandTests(TracerTestCase):
                          ("frontend->backend", ["NEED_REPLY"], "ack"))
         self.assertEqual(table_line["fields"]["regions"][0]["userspace_addr"], 0x7f0000000000)
         self.assertTrue(table_line["fds"][0]["target"].startswith("/memfd:vhost-min-test"))
-        self.assertEqual(lines[2]["reply"], {"to": "VHOST_USER_GET_FEATURES", "matched": True})
+        self.assertEqual(lines[2]["reply"], {"to": "VHOST_USER_GET_FEATURES", "kind": "reply", "matched": True})
         closed = lines[-1]
         self.assertEqual((closed["by"], closed["owed"]), ("backend", ["VHOST_USER_SET_MEM_TABLE"]))
         self.assertEqual(closed["partial"], {"header_bytes": 5, "fds": 0})
