@@ -41,6 +41,7 @@ __all__ = ["PackedDeviceQueue", "PackedDriverQueue", "PVIRTQ_DESC", "PVIRTQ_EVEN
 
 #: struct pvirtq_desc {le64 addr; le32 len; le16 id; le16 flags} ("The Virtqueue Descriptor Format").
 PVIRTQ_DESC = struct.Struct("<QIHH")
+_DESC_REST = struct.Struct("<QIH")              # addr, len, id: the rest of a descriptor whose flags were read
 #: struct pvirtq_event_suppress {le16 desc (off: 15, wrap: 1); le16 flags (2 bits)}
 #: ("Event Suppression Structure Format").
 PVIRTQ_EVENT_SUPPRESS = struct.Struct("<HH")
@@ -143,6 +144,7 @@ class _PackedRing:
             raise GuestMemoryError(f"packed ring of size {self.size} (desc {self.desc_addr:#x}, driver "
                                    f"{self.driver_area:#x}, device {self.device_area:#x}): {exc}") from None
         self._q, self._i, self._h = _cast(ring, "Q"), _cast(ring, "I"), _cast(ring, "H")
+        self._ring = ring
         self._driver_event, self._device_event = _cast(driver, "I"), _cast(device, "I")
         self._generation = self.memory.generation
 
@@ -268,7 +270,7 @@ class PackedDeviceQueue(_PackedRing):
         """Pop chains into ``out`` from the next avail slot.  Returns True when it stopped at a slot
         that is not available, False at ``limit`` slots (only used on weakly ordered hosts), None
         when ``max_chains`` is reached or an IOTLB miss stopped it before a chain."""
-        n, q, h = self.size, self._q, self._h
+        n, q, h, ring, read_rest = self.size, self._q, self._h, self._ring, _DESC_REST.unpack_from
         ndescs, written, inflight = self._ndescs, self._written, self.inflight
         slot, occupied = self._avail_slot, self._occupied
         expect = _AVAIL if self._avail_wrap else _USED
@@ -290,8 +292,7 @@ class PackedDeviceQueue(_PackedRing):
                     break
                 if not f & (_NEXT | _INDIRECT):
                     # One descriptor, the common case: everything inline.
-                    addr, w = q[slot * 2], q[slot * 2 + 1]
-                    bid, ln = w >> 32 & 0xFFFF, w & _MAX_LEN
+                    addr, ln, bid = read_rest(ring, slot << 4)
                     if bid >= n or ndescs[bid] or occupied >= n:
                         raise self._chain_error(slot, head, bid, 1, occupied)
                     if translate:
