@@ -566,6 +566,19 @@ class BadInputTests(TracerTestCase):
         self.assertEqual(self.records(), [])
         self.assert_serves_on()
 
+    def test_frontend_sends_a_whole_header_and_no_payload(self) -> None:
+        self.start_tracer()
+        frontend, backend = self.scripted_pair()
+        frontend.sock.sendall(HEADER.pack(F.SET_MEM_TABLE, 0x9, 40))
+        frontend.close()
+        self.assert_backend_gets_nothing(backend)
+        self.wait_for(self.closes, "the close")
+        (closed,) = self.closes()
+        self.assertEqual((closed.by, closed.detail), (FRONTEND, "the frontend closed the connection in the middle of "
+                                                                "VHOST_USER_SET_MEM_TABLE (0 of 40 payload bytes): "
+                                                                "not forwarded"))
+        self.assert_serves_on()
+
     def test_frontend_closes_inside_a_payload_with_its_fd(self) -> None:
         self.start_tracer()
         frontend, backend = self.scripted_pair()
