@@ -1000,7 +1000,12 @@ class AsyncEndToEndTest(EndToEndTest):
         (c,) = other.complete()
         self.assertEqual((c.status, bytes(c.data)), (VIRTIO_BLK_S_OK, bytes(expect[40 * 512:41 * 512])))
         self.assertEqual(client.get_id(), "")
-        client.flush()
+        with uring_rw_flags() as sqes, mock.patch("os.fdatasync", wraps=os.fdatasync) as fdatasync:
+            client.flush()
+        if mode == "io_uring":          # IORING_OP_FSYNC with IORING_FSYNC_DATASYNC, on the ring
+            self.assertEqual((sqes, fdatasync.called), ([(3, 1)], False))
+        else:
+            self.assertEqual(len(fdatasync.call_args_list), 1)
         client.set_writeback(False)
         with pwritev_flags() as flags, uring_rw_flags() as sqes:
             client.write(0, bytes(4096))
