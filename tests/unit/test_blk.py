@@ -635,7 +635,7 @@ class DeviceTest(ImageTestCase):
                 self.assertEqual(bytes(data[0]), self.original[queue * 512:(queue + 1) * 512])
 
 
-class EndToEndTest(ImageTestCase):
+class ServedImageCase(ImageTestCase):
     """BlkClient over our Frontend, BlkDevice served by our backend framework in a thread."""
 
     def setUp(self):
@@ -665,6 +665,10 @@ class EndToEndTest(ImageTestCase):
         fe = self.Frontend.connect(self.socket)
         self.addCleanup(fe.close)
         return fe, blk.BlkClient(fe, **kwargs)
+
+
+class EndToEndTest(ServedImageCase):
+    """The default device (sync I/O, writeback) end to end."""
 
     def test_write_read_flush(self):
         server = self.serve(blk.BlkDevice(self.path, serial="e2e-disk"))
@@ -946,7 +950,7 @@ class AsyncEngineTest(unittest.TestCase):
             blk.BlkDevice(path, aio="posix")
 
 
-class AsyncEndToEndTest(EndToEndTest):
+class AsyncEndToEndTest(ServedImageCase):
     """BlkClient against BlkDevice under every aio x cache: the bytes in the image file, read
     back, a deep queue of mixed requests, flush, writethrough's RWF_DSYNC."""
 
