@@ -12,6 +12,7 @@ BENCHMARKS = {
     "handshake": "connect to first 4 KiB read done, our frontend against our back-end and qemu-storage-daemon",
     "blk": "4k randread qd1/32, randwrite qd32, 64k read qd1/32, +-EVENT_IDX, C front-end: ours against qemu-storage-daemon",
     "startup": "import time of vhost_min and resident memory of a blk backend under I/O",
+    "net": "64-byte frames, dpdk-testpmd virtio-user into and out of our net back-end and DPDK's vhost PMD",
     "vdpa": "in a QEMU guest (TCG): our VdpaDriver on vdpa_sim_blk, and our VDUSE blk device under dd O_DIRECT",
 }
 
