@@ -34,7 +34,7 @@ import threading
 from collections.abc import Sequence
 
 from .errors import VhostError
-from .memory import barriers, libc
+from .memory import address_of, barriers, libc
 
 __all__ = ["IoUringOp", "IoUring", "IoUringError", "UringEngine", "ThreadEngine", "OP_READ", "OP_WRITE",
            "OP_FSYNC", "io_uring_available"]
@@ -266,10 +266,6 @@ def io_uring_available() -> tuple[bool, str]:
 OP_READ, OP_WRITE, OP_FSYNC = 0, 1, 2       #: what an engine is asked to do
 
 
-def _address(view: memoryview) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
-
-
 class UringEngine:
     """Operations through one io_uring: SQEs prepared by :meth:`submit`, one io_uring_enter per
     :meth:`commit`; completions signal :meth:`fileno`. At most ``entries`` are in flight (the CQ
@@ -280,6 +276,8 @@ class UringEngine:
     max_views = 256
 
     def __init__(self, entries: int = 128) -> None:
+        self.in_flight = 0
+        self._waiting: collections.deque = collections.deque()
         self.ring = IoUring(entries)
         self._efd = -1
         try:
@@ -293,8 +291,6 @@ class UringEngine:
         self._iov_base = ctypes.addressof(self._iovecs)
         self._slots: list[object] = [None] * n        # user_data -> (token, views): kept alive
         self._free = list(range(n - 1, -1, -1))
-        self._waiting: collections.deque = collections.deque()
-        self.in_flight = 0
 
     def fileno(self) -> int:
         return self._efd
@@ -323,13 +319,13 @@ class UringEngine:
         elif len(views) == 1:
             v = views[0]
             self.ring.prep(IoUringOp.IORING_OP_READ if op == OP_READ else IoUringOp.IORING_OP_WRITE, fd,
-                           _address(v), len(v), offset, flags, slot)
+                           address_of(v), len(v), offset, flags, slot)
         else:
             base = slot * self.max_views
             iov = self._iovecs
             for i, v in enumerate(views):
                 entry = iov[base + i]
-                entry.iov_base, entry.iov_len = _address(v), len(v)
+                entry.iov_base, entry.iov_len = address_of(v), len(v)
             self.ring.prep(IoUringOp.IORING_OP_READV if op == OP_READ else IoUringOp.IORING_OP_WRITEV, fd,
                            self._iov_base + base * ctypes.sizeof(iovec), len(views), offset, flags, slot)
 
