@@ -259,6 +259,7 @@ class NetDevice(Device):
         self._scratch = bytearray(65536 + 64)                       # what a tap frame overflows into
         self._scratch_view = memoryview(self._scratch)
         self._tap_gone = [False] * pairs
+        self._tap_errors_logged: set[tuple[int, str, int]] = set()
         self._header_ones = {10: bytes(10), 12: VIRTIO_NET_HDR_MRG_RXBUF.pack(0, 0, 0, 0, 0, 0, 1)}
         self._watched = ({fd: functools.partial(self._on_tap, pair) for pair, fd in enumerate(self.tap.fds)}
                          if self.tap is not None else {})
@@ -352,7 +353,9 @@ class NetDevice(Device):
         return None
 
     def stopped(self, queue: int) -> None:
-        """RX buffers held back are returned unused (0 bytes) before the ring stops."""
+        """RX buffers popped but not filled yet (a batch pops more than the frames waiting) are
+        used with 0 bytes before the ring stops: the driver gets every buffer back, a driver
+        counts them as short frames."""
         if queue < self.ctrl_queue and queue % 2 == 0:
             spare, self._spare[queue // 2] = self._spare[queue // 2], []
             if spare and self.backend is not None:
@@ -547,7 +550,10 @@ class NetDevice(Device):
     def _tap_failed(self, pair: int, exc: OSError, what: str) -> bool:
         """A tap read or write failed: True (and the tap's fd retired) when the tap is gone."""
         if exc.errno not in (errno.EBADFD, errno.ENODEV, errno.ENXIO):
-            log.warning("tap %s queue %d: %s failed: %s", self.tap.name, pair, what, exc)
+            if (pair, what, exc.errno) not in self._tap_errors_logged:     # once each, not once a frame
+                self._tap_errors_logged.add((pair, what, exc.errno))
+                log.warning("tap %s queue %d: %s failed: %s (counted in tx_errors from now on, not logged)",
+                            self.tap.name, pair, what, exc)
             return False
         if not self._tap_gone[pair]:
             self._tap_gone[pair] = True

@@ -387,6 +387,48 @@ class TapTest(NetTestCase):
         self.send(fe, [out], 12)
         self.assertEqual(device.tx_errors, 3)
 
+    def test_tap_frame_spread_over_small_buffers_and_oversize_without_mrg(self):
+        """A 300-byte frame from the host into 128-byte buffers: with MRG_RXBUF it takes 3
+        (num_buffers 3, the bytes in order); without, it is dropped and counted, the buffer kept
+        for the next frame, which fits."""
+        for mrg in (True, False):
+            with self.subTest(mrg=mrg):
+                device = self.serve(NetDevice(tap=self.name, mac=MAC))
+                _ip("link", "set", self.name, "up")
+                sock = self.packet_socket()
+                fe = self.connect(V1 | (MRG if mrg else 0))
+                addrs = self.post_rx(fe, [128] * 4)
+                big = b"\xff" * 6 + bytes.fromhex("020000000077") + b"\x88\xb5" + bytes(range(256)) + b"x" * 30
+                small = b"\xff" * 6 + bytes.fromhex("020000000077") + b"\x88\xb5" + b"small".ljust(46, b".")
+                sock.send(big)
+                if mrg:
+                    used = self.received(fe, 3)
+                    self.assertEqual([a for a, _ in used], addrs[:3])
+                    blob = b"".join(fe.memory.read(a, n) for a, n in used)
+                    self.assertEqual(blob, VIRTIO_NET_HDR_MRG_RXBUF.pack(0, 0, 0, 0, 0, 0, 3) + big)
+                else:
+                    self.wait_for(lambda: device.rx_oversize == 1, "the oversize count")
+                sock.send(small)
+                (addr, n), = self.received(fe, 1)
+                self.assertEqual(addr, addrs[3] if mrg else addrs[0])
+                self.assertEqual(fe.memory.read(addr + 12, n - 12), small)
+                self.assertEqual(device.rx_oversize, 0 if mrg else 1)
+                fe.close()
+                self.doCleanups()
+                self.setUp()
+
+    def test_multiqueue_tap(self):
+        """Two pairs: two tap queues (IFF_MULTI_QUEUE); a frame sent on transmitq2 leaves the tap."""
+        device = self.serve(NetDevice(tap=self.name, mac=MAC, pairs=2))
+        self.assertEqual(len(device.tap.fds), 2)
+        _ip("link", "set", self.name, "up")
+        sock = self.packet_socket()
+        fe = self.connect(V1 | MRG | CTRL, queues=(0, 1, 2, 3, 4))
+        out = frame(b"\xff" * 6, b"on the second pair")
+        self.send(fe, [out], 12, index=3)
+        self.assertEqual(sock.recv(2048), out)
+        self.assertEqual(device.tx_packets, 1)
+
     def control_ok(self, fe: Frontend) -> int:
         return LoopbackTest.control(self, fe, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x01")
 
