@@ -5,6 +5,10 @@
   RX queue and is sent again. Split and packed rings, mergeable RX buffers on and off. Checked:
   testpmd's own port counters (its final forward statistics) against our device's, both ways, no
   frame dropped on our side, and the frames' bytes as testpmd built them.
+- TapTest: the tap back end on this host (root): our front-end in-process drives the device;
+  frames both ways through a real tap (an AF_PACKET socket on the tap's host side), a frame
+  spread over small buffers (MRG_RXBUF) or dropped and counted (without), two tap queues, and the
+  tap deleted under the device (logged; TX still used and counted, the control queue answers).
 - NetGuestTest: a Linux guest under QEMU 7.2 (TCG) with two virtio-net-pci devices on vhost-user
   netdevs (``vectors=0``: QEMU 7.2 under TCG crashes in vhost_net_start with MSI-X), each served by
   ``python3 -m vhost_min net`` in its own process, in one boot: on the loopback one the guest sends
@@ -16,14 +20,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import unittest
 
 from tests import guest, support
+from tests.unit import test_net as unit
 from tests.peers import launch
 from tests.peers.test_backend_peers import PeerTestCase, served, wait_until
 from tests.peers.test_wire_peers import report
@@ -122,6 +129,104 @@ class VirtioUserNetTest(PeerTestCase):
     def test_two_queue_pairs(self):
         """MQ: testpmd with 2 RX/TX queues on our 2-pair device; frames loop on both pairs."""
         self.run_loop(packed=False, mrg=True, pairs=2)
+
+
+# --------------------------------------------------------------------------------------------
+# The tap back end on this host's kernel (root)
+# --------------------------------------------------------------------------------------------
+
+class TapTest(unit.NetTestCase):
+    """The tap back end on a real tap device (root, /dev/net/tun, ip): frames written by the
+    driver come out of the tap, frames sent into the tap land in the driver's RX buffers; a tap
+    deleted under the device is logged and the other queues keep serving."""
+
+    def setUp(self) -> None:
+        support.require_root("a tap device")
+        support.require(os.path.exists("/dev/net/tun"), "/dev/net/tun", "modprobe tun")
+        support.require_commands("ip", install="apt-get install -y iproute2")
+        super().setUp()
+        self.name = f"vmt{os.getpid() % 100000}"
+        self.addCleanup(subprocess.run, ["ip", "link", "del", self.name], capture_output=True)
+
+    def packet_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+        self.addCleanup(sock.close)
+        sock.bind((self.name, 0))
+        sock.settimeout(unit.TIMEOUT)
+        return sock
+
+    def test_frames_both_ways_and_tap_gone(self):
+        device = self.serve(NetDevice(tap=self.name, mac=unit.MAC))
+        _ip("link", "set", self.name, "up")
+        sock = self.packet_socket()
+        fe = self.connect(unit.V1 | unit.MRG | unit.CTRL, queues=(0, 1, 2))
+        addrs = self.post_rx(fe, [2048] * 4)
+        # TX: the driver's frame comes out of the tap, byte for byte.
+        out = unit.frame(b"\xff" * 6, b"from the driver")
+        self.send(fe, [out], 12)
+        self.assertEqual(sock.recv(2048), out)
+        # RX: a frame sent into the tap lands in an RX buffer with its header (num_buffers 1).
+        into = b"\xff" * 6 + bytes.fromhex("020000000077") + b"\x88\xb5" + b"from the host".ljust(50, b".")
+        sock.send(into)
+        (addr, n), = self.received(fe, 1)
+        self.assertEqual(addr, addrs[0])
+        self.assertEqual(fe.memory.read(addr, n), unit.VIRTIO_NET_HDR_MRG_RXBUF.pack(0, 0, 0, 0, 0, 0, 1) + into)
+        # The tap goes away: logged; TX chains are still used (and counted as errors); the control
+        # queue still answers.
+        with self.assertLogs("vhost_min.net", logging.WARNING) as logs:
+            _ip("link", "del", self.name)
+            self.send(fe, [out, out], 12)
+            self.wait_for(lambda: any(device._tap_gone), "the device to notice")
+        self.assertIn("went away", "\n".join(logs.output))
+        self.assertEqual(device.tx_errors, 2)
+        self.assertEqual(self.control_ok(fe), unit.VIRTIO_NET_OK)
+        self.send(fe, [out], 12)
+        self.assertEqual(device.tx_errors, 3)
+
+    def test_tap_frame_spread_over_small_buffers_and_oversize_without_mrg(self):
+        """A 300-byte frame from the host into 128-byte buffers: with MRG_RXBUF it takes 3
+        (num_buffers 3, the bytes in order); without, it is dropped and counted, the buffer kept
+        for the next frame, which fits."""
+        for mrg in (True, False):
+            with self.subTest(mrg=mrg):
+                device = self.serve(NetDevice(tap=self.name, mac=unit.MAC))
+                _ip("link", "set", self.name, "up")
+                sock = self.packet_socket()
+                fe = self.connect(unit.V1 | (unit.MRG if mrg else 0))
+                addrs = self.post_rx(fe, [128] * 4)
+                big = b"\xff" * 6 + bytes.fromhex("020000000077") + b"\x88\xb5" + bytes(range(256)) + b"x" * 30
+                small = b"\xff" * 6 + bytes.fromhex("020000000077") + b"\x88\xb5" + b"small".ljust(46, b".")
+                sock.send(big)
+                if mrg:
+                    used = self.received(fe, 3)
+                    self.assertEqual([a for a, _ in used], addrs[:3])
+                    blob = b"".join(fe.memory.read(a, n) for a, n in used)
+                    self.assertEqual(blob, unit.VIRTIO_NET_HDR_MRG_RXBUF.pack(0, 0, 0, 0, 0, 0, 3) + big)
+                else:
+                    self.wait_for(lambda: device.rx_oversize == 1, "the oversize count")
+                sock.send(small)
+                (addr, n), = self.received(fe, 1)
+                self.assertEqual(addr, addrs[3] if mrg else addrs[0])
+                self.assertEqual(fe.memory.read(addr + 12, n - 12), small)
+                self.assertEqual(device.rx_oversize, 0 if mrg else 1)
+                fe.close()
+                self.doCleanups()
+                self.setUp()
+
+    def test_multiqueue_tap(self):
+        """Two pairs: two tap queues (IFF_MULTI_QUEUE); a frame sent on transmitq2 leaves the tap."""
+        device = self.serve(NetDevice(tap=self.name, mac=unit.MAC, pairs=2))
+        self.assertEqual(len(device.tap.fds), 2)
+        _ip("link", "set", self.name, "up")
+        sock = self.packet_socket()
+        fe = self.connect(unit.V1 | unit.MRG | unit.CTRL, queues=(0, 1, 2, 3, 4))
+        out = unit.frame(b"\xff" * 6, b"on the second pair")
+        self.send(fe, [out], 12, index=3)
+        self.assertEqual(sock.recv(2048), out)
+        self.assertEqual(device.tx_packets, 1)
+
+    def control_ok(self, fe: unit.Frontend) -> int:
+        return unit.LoopbackTest.control(self, fe, unit.VIRTIO_NET_CTRL_RX, unit.VIRTIO_NET_CTRL_RX_PROMISC, b"\x01")
 
 
 # --------------------------------------------------------------------------------------------

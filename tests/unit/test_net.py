@@ -1,7 +1,7 @@
 """vhost_min.net.NetDevice served by our back-end, driven by our front-end in one process: the
 header in each size, MRG_RXBUF merging, an oversize frame dropped and counted, the control queue
-(and VIRTIO_NET_ERR for bad commands), MQ, the config space, the receive filter; the tap back end
-(root): frames both ways through a real tap device, and a tap deleted under the device."""
+(and VIRTIO_NET_ERR for bad commands), MQ, the config space, the receive filter, the net command.
+The tap back end needs root and a real tap: tests/peers/test_net_peers.py (TapTest)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import threading
 import time
 import unittest
 
-from tests.support import open_fds, require, require_root
+from tests.support import open_fds
 from vhost_min.backend import Server
 from vhost_min.frontend import Frontend
 from vhost_min.net import (VIRTIO_NET_CONFIG, VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK,
@@ -334,103 +333,6 @@ class LoopbackTest(NetTestCase):
         device.send_rarp(MAC)           # as VHOST_USER_SEND_RARP asks (called here in the test thread)
         (_, n), = self.received(fe, 1)
         self.assertEqual(fe.memory.read(addr + 12, n - 12), rarp_frame(MAC))
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-class TapTest(NetTestCase):
-    """The tap back end on a real tap device (root, /dev/net/tun, ip): frames written by the
-    driver come out of the tap, frames sent into the tap land in the driver's RX buffers; a tap
-    deleted under the device is logged and the other queues keep serving."""
-
-    def setUp(self) -> None:
-        require_root("a tap device")
-        require(os.path.exists("/dev/net/tun"), "/dev/net/tun", "modprobe tun")
-        super().setUp()
-        self.name = f"vmt{os.getpid() % 100000}"
-        self.addCleanup(subprocess.run, ["ip", "link", "del", self.name], capture_output=True)
-
-    def packet_socket(self) -> socket.socket:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
-        self.addCleanup(sock.close)
-        sock.bind((self.name, 0))
-        sock.settimeout(TIMEOUT)
-        return sock
-
-    def test_frames_both_ways_and_tap_gone(self):
-        device = self.serve(NetDevice(tap=self.name, mac=MAC))
-        _ip("link", "set", self.name, "up")
-        sock = self.packet_socket()
-        fe = self.connect(V1 | MRG | CTRL, queues=(0, 1, 2))
-        addrs = self.post_rx(fe, [2048] * 4)
-        # TX: the driver's frame comes out of the tap, byte for byte.
-        out = frame(b"\xff" * 6, b"from the driver")
-        self.send(fe, [out], 12)
-        self.assertEqual(sock.recv(2048), out)
-        # RX: a frame sent into the tap lands in an RX buffer with its header (num_buffers 1).
-        into = b"\xff" * 6 + bytes.fromhex("020000000077") + b"\x88\xb5" + b"from the host".ljust(50, b".")
-        sock.send(into)
-        (addr, n), = self.received(fe, 1)
-        self.assertEqual(addr, addrs[0])
-        self.assertEqual(fe.memory.read(addr, n), VIRTIO_NET_HDR_MRG_RXBUF.pack(0, 0, 0, 0, 0, 0, 1) + into)
-        # The tap goes away: logged; TX chains are still used (and counted as errors); the control
-        # queue still answers.
-        with self.assertLogs("vhost_min.net", logging.WARNING) as logs:
-            _ip("link", "del", self.name)
-            self.send(fe, [out, out], 12)
-            self.wait_for(lambda: any(device._tap_gone), "the device to notice")
-        self.assertIn("went away", "\n".join(logs.output))
-        self.assertEqual(device.tx_errors, 2)
-        self.assertEqual(self.control_ok(fe), VIRTIO_NET_OK)
-        self.send(fe, [out], 12)
-        self.assertEqual(device.tx_errors, 3)
-
-    def test_tap_frame_spread_over_small_buffers_and_oversize_without_mrg(self):
-        """A 300-byte frame from the host into 128-byte buffers: with MRG_RXBUF it takes 3
-        (num_buffers 3, the bytes in order); without, it is dropped and counted, the buffer kept
-        for the next frame, which fits."""
-        for mrg in (True, False):
-            with self.subTest(mrg=mrg):
-                device = self.serve(NetDevice(tap=self.name, mac=MAC))
-                _ip("link", "set", self.name, "up")
-                sock = self.packet_socket()
-                fe = self.connect(V1 | (MRG if mrg else 0))
-                addrs = self.post_rx(fe, [128] * 4)
-                big = b"\xff" * 6 + bytes.fromhex("020000000077") + b"\x88\xb5" + bytes(range(256)) + b"x" * 30
-                small = b"\xff" * 6 + bytes.fromhex("020000000077") + b"\x88\xb5" + b"small".ljust(46, b".")
-                sock.send(big)
-                if mrg:
-                    used = self.received(fe, 3)
-                    self.assertEqual([a for a, _ in used], addrs[:3])
-                    blob = b"".join(fe.memory.read(a, n) for a, n in used)
-                    self.assertEqual(blob, VIRTIO_NET_HDR_MRG_RXBUF.pack(0, 0, 0, 0, 0, 0, 3) + big)
-                else:
-                    self.wait_for(lambda: device.rx_oversize == 1, "the oversize count")
-                sock.send(small)
-                (addr, n), = self.received(fe, 1)
-                self.assertEqual(addr, addrs[3] if mrg else addrs[0])
-                self.assertEqual(fe.memory.read(addr + 12, n - 12), small)
-                self.assertEqual(device.rx_oversize, 0 if mrg else 1)
-                fe.close()
-                self.doCleanups()
-                self.setUp()
-
-    def test_multiqueue_tap(self):
-        """Two pairs: two tap queues (IFF_MULTI_QUEUE); a frame sent on transmitq2 leaves the tap."""
-        device = self.serve(NetDevice(tap=self.name, mac=MAC, pairs=2))
-        self.assertEqual(len(device.tap.fds), 2)
-        _ip("link", "set", self.name, "up")
-        sock = self.packet_socket()
-        fe = self.connect(V1 | MRG | CTRL, queues=(0, 1, 2, 3, 4))
-        out = frame(b"\xff" * 6, b"on the second pair")
-        self.send(fe, [out], 12, index=3)
-        self.assertEqual(sock.recv(2048), out)
-        self.assertEqual(device.tx_packets, 1)
-
-    def control_ok(self, fe: Frontend) -> int:
-        return LoopbackTest.control(self, fe, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x01")
 
 
 class CommandTest(unittest.TestCase):
