@@ -876,6 +876,13 @@ class BlkDevice(Device):
     FLUSH and CONFIG_WCE (writeback cache by default, the guest may switch to writethrough);
     RO when ``read_only``, else DISCARD and WRITE_ZEROES; MQ when ``num_queues`` > 1; and
     VIRTIO_F_ACCESS_PLATFORM, so a guest behind a vIOMMU can use it (``iommu_platform=on``).
+
+    ``cache`` is BlockImage's (CACHE_MODES). ``aio`` says who does reads, writes and flushes:
+    "sync" (the loop thread, Device's default process()), "io_uring" or "threads" (an engine of
+    aio.py: process() submits everything a kick brought in one commit, the engine's eventfd is in
+    :meth:`watched`, completions go to the used ring as the disk finishes them, one batch per queue
+    per sweep). None picks io_uring for cache="none" (the thread pool where io_uring is refused,
+    logged once) and sync otherwise: a page-cache hit costs less done in place than submitted.
     """
 
     device_id = DeviceId.BLOCK
