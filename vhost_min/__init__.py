@@ -23,7 +23,7 @@ _LAZY = {
     "Device": "device", "Backend": "backend", "Server": "backend", "serve": "backend",
     "Frontend": "frontend",
     "Tracer": "trace",
-    "BlkDevice": "blk", "BlkClient": "blk",
+    "BlkDevice": "blk", "BlkClient": "blk", "NetDevice": "net",
     "VhostKernel": "ioctl", "VhostNet": "ioctl", "VhostVsock": "ioctl", "VhostScsi": "ioctl",
     "VhostVdpa": "vdpa", "VdpaDriver": "vdpa",
     "VduseDevice": "vdpa",
