@@ -23,6 +23,10 @@ Decisions, in one place:
 * TX is polled while it is busy, as NAPI does: a non-empty batch turns the driver's kicks off and
   asks the loop to come back at once (process() returns True); the first empty pop turns them on
   again (and looks once more, closing the race). Each batch is one push and at most one signal.
+* Not done: offloads (CSUM, TSO, UFO), VLAN filtering, RX mode extras (CTRL_RX_EXTRA), RSS and
+  hash reports, notification coalescing. VQ_PAIRS_SET is recorded, not acted on: with a
+  multi-queue tap, frames the kernel steers to a pair whose RX ring is not running are dropped and
+  counted (QEMU detaches such tap queues with TUNSETQUEUE; we do not yet).
 * Rings are reached through the vhost-user Backend serving the device (``backend.rings``): the
   tap's callback asks the loop to run the RX ring (``ring.again``), so RX runs in process() with
   the transport's error handling."""
@@ -399,11 +403,14 @@ class NetDevice(Device):
             else:
                 frames = []
                 append = frames.append
+                short = hdr + ETH_HLEN
                 for _head, readable, _writable in chains:
-                    if len(readable) == 1:
+                    if len(readable) == 1 and len(readable[0]) >= short:
                         append(readable[0][hdr:])
-                    else:
+                    elif sum(map(len, readable)) >= short:
                         append(memoryview(b"".join(readable))[hdr:])
+                    else:
+                        self.tx_errors += 1         # not even a header and an Ethernet header
                 self._deliver(pair, frames)
         elif self._tap_gone[pair]:
             self.tx_errors += len(chains)

@@ -188,6 +188,18 @@ class LoopbackTest(NetTestCase):
         self.assertEqual(fe.memory.read(addr + 12, len(fits)), fits)
         self.assertEqual((device.rx_oversize, device.rx_packets, device.rx_dropped), (1, 1, 0))
 
+    def test_runt_tx_chain_is_counted_not_delivered(self):
+        """A TX chain shorter than the header and an Ethernet header: used, counted in tx_errors,
+        nothing delivered; the next frame is."""
+        device = self.serve(NetDevice(mac=MAC))
+        fe = self.connect(V1 | MRG)
+        (addr,) = self.post_rx(fe, [128])
+        self.send(fe, [b"\x01\x02"], 12)
+        data = frame(MAC, b"after the runt")
+        self.send(fe, [data], 12)
+        self.assertEqual(self.received(fe, 1), [(addr, 12 + len(data))])
+        self.assertEqual((device.tx_packets, device.tx_errors, device.rx_packets), (2, 1, 1))
+
     def test_no_rx_buffer_drops_and_counts(self):
         device = self.serve(NetDevice(mac=MAC))
         fe = self.connect(V1 | MRG)
