@@ -772,6 +772,14 @@ class Backend:
         region = self.inflight
         if region is None or ring.index >= region.num_queues:
             return None
+        # The region's layout was fixed by the features of GET/SET_INFLIGHT_FD's time; a later
+        # SET_FEATURES may have switched VIRTIO_F_RING_PACKED, and neither layout reads the other.
+        packed = bool(self.features & VIRTIO_F_RING_PACKED)
+        if region.packed != packed:
+            layouts = ("split", "packed")
+            raise ProtocolError(f"inflight region has {layouts[region.packed]} queue regions but ring {ring.index} "
+                                f"is {layouts[packed]} (VHOST_USER_SET_FEATURES changed VIRTIO_F_RING_PACKED after "
+                                f"VHOST_USER_SET_INFLIGHT_FD)")
         return region.queue(ring.index)
 
     def _resume_inflight(self, ring: Ring, vq, tracker, desc_gpa: int) -> list:

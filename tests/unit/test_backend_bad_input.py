@@ -20,9 +20,9 @@ from tests.unit.test_backend import (DRIVER_FEATURES, QEMU_PROTOCOL, RAM_SIZE, T
 from vhost_min.backend import REGION_ALIGN, Server
 from vhost_min.errors import GuestMemoryError, NotNegotiatedError, ProtocolError
 from vhost_min.user import (HEADER, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_REPLY_MASK, VHOST_USER_VERSION,
-                            FrontendRequest, MemoryRegion, MemoryTable, ProtocolFeature, VringAddr, VringFd,
+                            FrontendRequest, Inflight, MemoryRegion, MemoryTable, ProtocolFeature, VringAddr, VringFd,
                             VringState, pack_u64)
-from vhost_min.virtio import VHOST_USER_F_PROTOCOL_FEATURES, DeviceStatus
+from vhost_min.virtio import VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_RING_PACKED, DeviceStatus
 
 F, P = FrontendRequest, ProtocolFeature
 
@@ -411,6 +411,28 @@ class BadInputTests(unittest.TestCase):
         fe = self.connect()
         self.assertEqual(fe.ack(F.SET_VRING_ENABLE, VringState(0, 2).pack()), errno.EPROTO)
         self.error(ProtocolError, "num 2 is neither 0 nor 1")
+        self.finish(fe)
+
+    def test_inflight_region_of_the_other_ring_layout(self) -> None:
+        """A region handed over for split rings, then SET_FEATURES switching to packed (found by
+        tests/fuzz.py): the packed ring is refused with a ProtocolError, not a TypeError from
+        feeding a split tracker the packed reconnect rule."""
+        fe = self.connect()
+        self.assertEqual(fe.ack(F.SET_MEM_TABLE, self.ram.table(), self.ram.fds), 0)
+        with fe.request(F.GET_INFLIGHT_FD, Inflight(0, 0, 2, 8).pack()) as reply:
+            inflight, fd = Inflight.unpack(reply.payload), reply.take_fd()
+        self.assertEqual(fe.ack(F.SET_INFLIGHT_FD, inflight.pack(), [fd]), 0)
+        os.close(fd)
+        ring = DriverRing(self.ram, 0)
+        ring.setup(fe, need_reply=True)
+        ring.add(b"split")
+        ring.kick_now()
+        self.assertTrue(fired(ring.call, TIMEOUT))          # the region now has history
+        self.assertEqual(fe.ack(F.SET_FEATURES, pack_u64(DRIVER_FEATURES | VIRTIO_F_RING_PACKED)), 0)
+        ring.kick_now()
+        self.error(ProtocolError, "inflight region has split queue regions but ring 0 is packed")
+        self.assertTrue(all(isinstance(e, ProtocolError) for e in self.server.errors), self.server.errors)
+        ring.close()
         self.finish(fe)
 
 
