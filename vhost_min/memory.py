@@ -11,6 +11,7 @@ import bisect
 import ctypes
 import mmap
 import os
+from stat import S_ISREG as _S_ISREG
 from typing import Callable, NamedTuple
 
 from .errors import GuestMemoryError, NotSupportedError, VhostError
@@ -201,12 +202,16 @@ def map_fd(fd: int, size: int, offset: int = 0) -> memoryview:
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     skip = offset - start
     try:
-        file_size = os.fstat(fd).st_size
+        st = os.fstat(fd)
     except OSError as exc:
         raise GuestMemoryError(f"fd {fd} cannot be mapped: {exc.strerror}", exc.errno) from None
     if size <= 0 or offset < 0 or offset + size > 1 << 63:
         raise GuestMemoryError(f"cannot map {size:#x} bytes at fd offset {offset:#x}")
-    if file_size and offset + size > file_size:
+    # A regular file (memfd, tmpfs, hugetlbfs) must hold the whole mapping, an empty one too: a page
+    # past its end raises SIGBUS at the first touch, which kills the process. Device files (DAX)
+    # say size 0 and are not checked.
+    file_size = st.st_size
+    if _S_ISREG(st.st_mode) and offset + size > file_size:
         raise GuestMemoryError(f"mapping of {size:#x} bytes at fd offset {offset:#x} runs past the end of its "
                                f"file ({file_size:#x} bytes)")
     length = skip + size

@@ -350,6 +350,18 @@ class BadInputTests(unittest.TestCase):
         self.error(GuestMemoryError, "runs past the end of its file")
         self.finish(fe)
 
+    def test_region_in_an_empty_file(self) -> None:
+        """An empty memfd (found by tests/fuzz.py): refused like any file too short for its region.
+        It used to be mapped, its size 0 taken for "unknown", and the first ring read killed the
+        process with SIGBUS."""
+        fe = self.connect()
+        fd = memfd(0)
+        self.assertEqual(fe.ack(F.SET_MEM_TABLE, self.ram.table(), [fd]), errno.EFAULT)
+        self.sent([fd])
+        self.error(GuestMemoryError, "runs past the end of its file (0x0 bytes)")
+        self.still_open(fe)
+        self.finish(fe)
+
     def test_remove_unknown_region(self) -> None:
         fe = self.connect()
         self.assertEqual(fe.ack(F.REM_MEM_REG, self.ram.regions[0].pack_single()), errno.EFAULT)
