@@ -162,6 +162,9 @@ def _window(pmd: Testpmd, what: str, seconds: float, backend_pid: int | None) ->
     time.sleep(seconds)
     cpu = _process_cpu(backend_pid) - cpu0 if backend_pid else None
     wall = time.monotonic() - t0
+    deadline = time.monotonic() + 5
+    while len(pmd.rates(what)) <= before and pmd.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)                         # a starved testpmd printed nothing yet: its next line
     rates = pmd.rates(what)[before:]
     if pmd.proc.poll() is not None or not rates:
         raise RuntimeError(f"testpmd {pmd.name} printed no {what}-pps in the window:\n{pmd.log()[-3000:]}")
@@ -237,7 +240,13 @@ def run(argv: list[str]) -> dict:
                               ("dpdk_rx", lambda: run_dpdk("rx", seconds, workdir)),
                               ("ours_tx", lambda: run_ours("tx", seconds, backend_cpu, workdir)),
                               ("dpdk_tx", lambda: run_dpdk("tx", seconds, workdir))):
-                entry = call()
+                try:
+                    entry = call()
+                except RuntimeError as exc:         # a side starved or failed: kept, the others go on
+                    print(f"  run {n + 1}/{runs} {key:8} failed: {str(exc).splitlines()[0]}", file=sys.stderr)
+                    sides[key].append({"mpps": 0.0, "error": str(exc)[-2000:], "cpu_share": None,
+                                       "cpu_s_per_mpkt": None, "mpps_per_core": None})
+                    continue
                 sides[key].append(entry)
                 print(f"  run {n + 1}/{runs} {key:8} {entry['mpps']:.3f} Mpps"
                       + (f", back-end CPU {entry['cpu_share']:.0%}, {entry['cpu_s_per_mpkt']} s per Mpkt"
