@@ -107,6 +107,9 @@ REGION_ALIGN = 0x1000
 MAX_QUEUES = VHOST_USER_VRING_IDX_MASK + 1
 #: How long CHECK_DEVICE_STATE waits for the device's save_state/load_state to finish.
 STATE_TRANSFER_TIMEOUT = 30.0
+#: How long CHECK_DEVICE_STATE may hold up the loop; a transfer still running then is answered
+#: from poll() when it ends (a front-end that keeps its end of the pipe open stalls only itself).
+STATE_CHECK_GRACE = 0.1
 #: How long a back-end request may take to send and, where one is due, to be answered; a front-end
 #: slower than that loses the back-end channel (the loop serves every connection and ring).
 BACKEND_REQUEST_TIMEOUT = 2.0
@@ -283,6 +286,7 @@ class Backend:
         self.channel: Connection | None = None      # SET_BACKEND_REQ_FD
         self.inflight = None                        # inflight.InflightRegion
         self._transfer: _StateTransfer | None = None
+        self._state_check: tuple[Message, float] | None = None   # CHECK_DEVICE_STATE owed, its deadline
         self._config_change_pending = False
         self.rings = [Ring(i) for i in range(nq)]
         for ring in self.rings:
@@ -369,7 +373,7 @@ class Backend:
     def poll_interval(self) -> float | None:
         """When :meth:`poll` wants to run: 0 (work pending), POLL_INTERVAL (a ring is in poll mode
         or waits for nothing but time), or None (only fds matter)."""
-        interval = None
+        interval = POLL_INTERVAL if self._state_check is not None else None
         for ring in self.rings:
             if ring.started and not ring.broken:
                 if ring.again:
@@ -382,6 +386,8 @@ class Backend:
         """Process rings in poll mode and rings whose device asked to be called again."""
         if self.closed:
             return
+        if self._state_check is not None:
+            self._answer_state_check()
         for ring in self.rings:
             if ring.started and (ring.polling or ring.again) and not ring.broken:
                 self._run(ring)
@@ -1419,14 +1425,39 @@ class Backend:
         self._transfer = _StateTransfer(self.device, direction, fd)
         return pack_u64(VHOST_USER_VRING_NOFD_MASK)   # success, and we hand back no fd of our own
 
-    def _on_check_device_state(self, msg: Message) -> bytes:
-        transfer, self._transfer = self._transfer, None
-        if transfer is None:
-            raise ProtocolError("VHOST_USER_CHECK_DEVICE_STATE: no state transfer was started")
-        transfer.thread.join(STATE_TRANSFER_TIMEOUT)
+    def _on_check_device_state(self, msg: Message):
+        transfer = self._transfer
+        if transfer is None or self._state_check is not None:
+            raise ProtocolError("VHOST_USER_CHECK_DEVICE_STATE: no state transfer was started"
+                                if transfer is None else "VHOST_USER_CHECK_DEVICE_STATE: already asked")
+        transfer.thread.join(STATE_CHECK_GRACE)
         if transfer.thread.is_alive():
-            raise VhostError(f"VHOST_USER_CHECK_DEVICE_STATE: the state transfer did not finish within "
-                             f"{STATE_TRANSFER_TIMEOUT} s", errno.ETIMEDOUT)
+            # Answered by poll() when the transfer ends (or times out); the loop goes on meanwhile.
+            self._state_check = (msg, time.monotonic() + STATE_TRANSFER_TIMEOUT)
+            return _ALREADY_ANSWERED
+        self._transfer = None
+        return self._state_transfer_result(transfer)
+
+    def _answer_state_check(self) -> None:
+        """The deferred answer to CHECK_DEVICE_STATE, once its transfer ended or timed out."""
+        msg, deadline = self._state_check
+        transfer = self._transfer
+        if transfer.thread.is_alive() and time.monotonic() < deadline:
+            return
+        self._state_check = None
+        self._transfer = None
+        try:
+            if transfer.thread.is_alive():
+                raise VhostError(f"VHOST_USER_CHECK_DEVICE_STATE: the state transfer did not finish within "
+                                 f"{STATE_TRANSFER_TIMEOUT} s", errno.ETIMEDOUT)
+            payload = self._state_transfer_result(transfer)
+        except VhostError as exc:
+            self._reject(msg, FRONTEND_REQUESTS[FrontendRequest.CHECK_DEVICE_STATE], 0, exc)
+            return
+        self._send_reply(msg, payload)
+
+    @staticmethod
+    def _state_transfer_result(transfer: _StateTransfer) -> bytes:
         if transfer.error is not None:
             error = transfer.error
             raise VhostError(f"VHOST_USER_CHECK_DEVICE_STATE: the state transfer failed: "

@@ -1107,6 +1107,32 @@ class LogAndStateTests(BackendCase):
         self.assertEqual(self.device.loaded, b"new state")
         self.assertEqual(self.fe.u64(F.CHECK_DEVICE_STATE), errno.EPROTO)    # nothing to check
 
+    def test_device_state_check_does_not_hold_up_the_loop(self) -> None:
+        """CHECK_DEVICE_STATE while the front-end still holds its end of the pipe (found by
+        tests/fuzz.py: the loop, and every connection it serves, waited 30 s): answered from
+        poll() once the transfer ends, the loop free meanwhile."""
+        self.fe.negotiate(protocol=QEMU_PROTOCOL | P.DEVICE_STATE)
+        r, w = os.pipe()
+        with self.fe.request(F.SET_DEVICE_STATE_FD, DeviceState(1, 0).pack(), [r]) as reply:
+            self.assertEqual(reply.u64(), VHOST_USER_VRING_NOFD_MASK)
+        os.close(r)
+        start = time.monotonic()
+        self.fe.send(F.CHECK_DEVICE_STATE)
+        self.assertLess(time.monotonic() - start, 2.0)
+        self.assertFalse(self.fe.pending())                 # not answered yet
+        self.assertEqual(self.backend.poll_interval, POLL_INTERVAL)
+        self.assertEqual(self.fe.u64(F.GET_FEATURES) & Echo.features, Echo.features)   # still served
+        os.write(w, b"late state")
+        os.close(w)
+        deadline = time.monotonic() + TIMEOUT
+        while not self.fe.pending() and time.monotonic() < deadline:
+            self.backend.poll()
+            time.sleep(0.01)
+        reply = self.fe.conn.recv()
+        self.assertEqual((reply.request, reply.u64()), (F.CHECK_DEVICE_STATE, 0))
+        self.assertEqual(self.device.loaded, b"late state")
+        self.assertIsNone(self.backend.poll_interval)
+
     def test_device_state_only_while_suspended(self) -> None:
         ring = self.ring(0)
         self.ready(ring, protocol=QEMU_PROTOCOL | P.DEVICE_STATE)
