@@ -409,12 +409,6 @@ class SplitDeviceQueue:
                     off = addr - rstart
                     end = off + length
                     if 0 <= off and end <= rsize:
-                        if flags == 2:                          # VIRTQ_DESC_F_WRITE
-                            append((head, [], [rview[off:end]]))
-                            continue
-                        if flags == 0:
-                            append((head, [rview[off:end]], []))
-                            continue
                         if flags & ~2 == 4 and indirect and not length & 15 and length:
                             # INDIRECT alone (its WRITE is ignored), the table in the cached region:
                             # one struct call reads its shape (see _table_reader), one iterator
@@ -437,6 +431,12 @@ class SplitDeviceQueue:
                                         if total <= _U32_MAX:
                                             append((head, views[:nread], views[nread:]))
                                             continue
+                        if flags == 2:                          # VIRTQ_DESC_F_WRITE
+                            append((head, [], [rview[off:end]]))
+                            continue
+                        if flags == 0:
+                            append((head, [rview[off:end]], []))
+                            continue
                         if flags & 1 and not flags & ~3:        # NEXT: walk a direct chain inline
                             readable, writable = ([], [rview[off:end]]) if flags & 2 else ([rview[off:end]], [])
                             total, count = length, 1
