@@ -1541,7 +1541,7 @@ class Frontend(Dataplane):
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if m.flags & VHOST_USER_FLAG_MAP_RW else 0)
             try:
                 mapping = mmap.mmap(fd, m.len, mmap.MAP_SHARED, prot, offset=m.fd_offset)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, OverflowError) as exc:     # OverflowError: beyond off_t / size_t
                 raise VhostError(f"SHMEM_MAP: cannot map {m.len:#x} bytes at fd offset {m.fd_offset:#x}: {exc}",
                                  getattr(exc, "errno", None) or errno.EINVAL) from None
             self.shmem_mappings[(m.shmid, m.shm_offset)] = mapping

@@ -890,6 +890,27 @@ class TestBackendChannel(FrontendTestCase):
             self.assertEqual(reply.u64(), 0)
         self.assertEqual(fe.shmem_mappings, {})
 
+    def test_shmem_map_fd_offset_beyond_off_t(self) -> None:
+        """An fd offset of 2^63 or more (found by tests/fuzz.py): refused with EINVAL, not an
+        OverflowError out of mmap logged as a handler bug."""
+        fe, fake = self.pair()
+        fe.negotiate()
+        self.sync(fe)
+        fd = os.memfd_create("shm", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, 8192)
+            fake.channel.send(BackendRequest.SHMEM_MAP, ShmemMap(1, 1 << 63, 0, 4096, 1).pack(), [fd],
+                              need_reply=True)
+        finally:
+            os.close(fd)
+        with self.assertLogs("vhost_min.frontend", "WARNING") as logs:
+            fe.handle_backend_request()
+        self.assertIn("SHMEM_MAP: cannot map 0x1000 bytes at fd offset 0x8000000000000000", logs.output[0])
+        self.assertNotIn("Traceback", "".join(logs.output))
+        with fake.channel.recv() as reply:
+            self.assertEqual(reply.u64(), errno.EINVAL)
+        self.assertEqual(fe.shmem_mappings, {})
+
     def test_shared_objects(self) -> None:
         fe, fake = self.pair()
         fe.negotiate()
