@@ -280,6 +280,7 @@ class Backend:
         self.owner = False
         self.status = 0
         self.memory = GuestMemory(max_regions=MAX_MEM_SLOTS)
+        self._region_users: dict[tuple[int, int, int], int] = {}     # ADD_MEM_REG of a mapped region: extra users
         self.iotlb: IOTLB | None = None
         self.log: DirtyLog | None = None
         self.log_fd: int | None = None
@@ -1067,6 +1068,7 @@ class Backend:
                         raise GuestMemoryError(f"VHOST_USER_SET_MEM_TABLE: regions overlap in {name} addresses: "
                                                f"{key(a):#x}+{a.memory_size:#x} and {key(b):#x}+{b.memory_size:#x}")
             self.memory.clear()
+            self._region_users.clear()
             try:
                 for region, fd in zip(regions, fds):
                     self.memory.add_region(region.guest_phys_addr, region.memory_size, fd=fd,
@@ -1370,6 +1372,13 @@ class Backend:
         region = MemoryRegion.unpack_single(msg.payload, msg.name)
         fd = msg.take_fd()
         try:
+            key = (region.guest_phys_addr, region.memory_size, region.userspace_addr)
+            if any((r.gpa, r.size, r.uva, r.mmap_offset) == (*key, region.mmap_offset) for r in self.memory.regions):
+                # QEMU's multi-queue vhost-user-net runs one vhost_dev per queue pair on this one
+                # connection, and each adds the regions it knows of: the same region again is one
+                # more user of it (REM_MEM_REG takes one away), not an overlap.
+                self._region_users[key] = self._region_users.get(key, 0) + 1
+                return
             self._check_region(region, "VHOST_USER_ADD_MEM_REG")
             self.memory.add_region(region.guest_phys_addr, region.memory_size, fd=fd,
                                    mmap_offset=region.mmap_offset, uva=region.userspace_addr)
@@ -1380,6 +1389,12 @@ class Backend:
     def _on_rem_mem_reg(self, msg: Message) -> None:
         region = MemoryRegion.unpack_single(msg.payload, msg.name)
         _close(msg.take_fd())                       # "MUST close it without using it"
+        key = (region.guest_phys_addr, region.memory_size, region.userspace_addr)
+        users = self._region_users.pop(key, 0)
+        if users:                                   # another vhost_dev still uses it (see ADD_MEM_REG)
+            if users > 1:
+                self._region_users[key] = users - 1
+            return
         self.memory.remove_region(region.guest_phys_addr, region.memory_size, region.userspace_addr)
         self._memory_changed()
 

@@ -597,6 +597,27 @@ class HandshakeTests(BackendCase):
         self.assertEqual(self.fe.ack(F.REM_MEM_REG, self.ram.regions[1].pack_single()), errno.EFAULT)
         self.assertIsInstance(self.backend.last_error, GuestMemoryError)
 
+    def test_the_same_region_added_twice_is_shared(self) -> None:
+        """QEMU's multi-queue vhost-user-net adds each region once per queue pair on one connection
+        (a vhost_dev per pair): the same region again is one more user, not an overlap; it stays
+        mapped until every user has removed it. A different region over it is still refused."""
+        self.fe.negotiate()
+        region, fd = self.ram.regions[0], self.ram.fds[0]
+        for _ in range(2):
+            self.assertEqual(self.fe.ack(F.ADD_MEM_REG, region.pack_single(), [fd]), 0)
+        self.assertEqual(len(self.backend.memory.regions), 1)
+        ring = DriverRing(self.ram, 0)
+        self.addCleanup(ring.close)
+        ring.setup(self.fe)
+        self.assertEqual(self.fe.ack(F.REM_MEM_REG, region.pack_single()), 0)
+        self.assertEqual(len(self.backend.memory.regions), 1)          # the other user still has it
+        self.assertEqual(self.roundtrip(ring, b"slot"), [b"tols\x00"])
+        self.assertEqual(self.fe.ack(F.REM_MEM_REG, region.pack_single()), 0)
+        self.assertEqual(self.backend.memory.regions, ())
+        moved = MemoryRegion(region.guest_phys_addr, region.memory_size, region.userspace_addr + 0x100000, 0)
+        self.assertEqual(self.fe.ack(F.ADD_MEM_REG, region.pack_single(), [fd]), 0)
+        self.assertEqual(self.fe.ack(F.ADD_MEM_REG, moved.pack_single(), [fd]), errno.EFAULT)
+
     def test_set_mem_table_replaces_and_rings_follow(self) -> None:
         ring = self.ring(0)
         self.ready(ring)
