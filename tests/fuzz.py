@@ -10,7 +10,8 @@ says stop and counts what it covered in ``stats``:
   (eventfds, memfds of odd sizes, pipe ends, /dev/null, sockets; right and wrong counts), with
   random ring contents kicked in between.
 * :func:`fuzz_frontend` -- our Frontend's requests answered by a fake back-end whose replies
-  (written before the request is sent, so one thread suffices) are mutated the same way.
+  (written before the request is sent, so one thread suffices) are mutated the same way, and
+  back-end requests of every type, valid and mutated with random fds, on its back-end channel.
 * :func:`fuzz_rings` -- split and packed device queues over memfd guest memory holding random
   descriptor tables, indices, flags, lengths, addresses (inside, across and outside memory),
   indirect tables and loops; pop_batch / pop_descriptors / push_batch with random heads.
@@ -47,15 +48,15 @@ from vhost_min.frontend import Frontend
 from vhost_min.memory import GuestMemory
 from vhost_min.packed import PackedDeviceQueue, PackedDriverQueue
 from vhost_min.user import (FRONTEND_REQUESTS, HEADER, U64, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_REPLY_MASK,
-                            VHOST_USER_VERSION, Config, Connection, DeviceState, FrontendRequest,
+                            VHOST_USER_VERSION, BACKEND_REQUESTS, BackendRequest, Config, Connection, DeviceState, FrontendRequest,
                             Inflight, IotlbMsg, Log, MemoryRegion, MemoryTable, ProtocolFeature, ShmemConfig,
-                            VringAddr, VringFd, VringState)
+                            ShmemMap, VringAddr, VringArea, VringFd, VringState)
 from vhost_min.virtio import (VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC,
                               VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
                               VIRTQ_DESC_F_WRITE, DeviceId)
 from vhost_min.vring import SplitDeviceQueue, SplitDriverQueue
 
-F, P = FrontendRequest, ProtocolFeature
+F, B, P = FrontendRequest, BackendRequest, ProtocolFeature
 
 #: The longest any single call under test may take (a hang is a failure, not a slow run).
 OPERATION_TIMEOUT = 10.0
@@ -685,7 +686,27 @@ def _frontend_calls(rng: random.Random, fe: Frontend) -> list[tuple[FrontendRequ
     ]
 
 
-def _fresh_frontend(rng: random.Random) -> tuple[Frontend, Connection]:
+def _backend_requests(rng: random.Random) -> list[tuple[BackendRequest, bytes, tuple]]:
+    """A valid back-end request of every type for the front-end's channel: (request, payload, fd kinds)."""
+    uuid = rng.randbytes(16)
+    shmem = ShmemMap(rng.choice((0, 1, 2)), 0, rng.choice((0, 0x1000, 0xF000)), rng.choice((0x1000, 0x2000)),
+                     rng.randint(0, 1))
+    return [
+        (B.IOTLB_MSG, IotlbMsg(rng.choice((0, 0x1000, 1 << 40)), 0x1000, 0, 3, rng.choice((1, 4, 2))).pack(), ()),
+        (B.CONFIG_CHANGE_MSG, b"", ()),
+        (B.VRING_HOST_NOTIFIER_MSG, VringArea(rng.choice((0, 1, 0x100)), 0x1000, 0).pack(),
+         ("memfd",) if rng.random() < 0.5 else ()),
+        (B.VRING_CALL, VringState(rng.randrange(3), 0).pack(), ()),
+        (B.VRING_ERR, VringState(rng.randrange(3), 0).pack(), ()),
+        (B.SHARED_OBJECT_ADD, uuid, ()),
+        (B.SHARED_OBJECT_REMOVE, uuid, ()),
+        (B.SHARED_OBJECT_LOOKUP, uuid, ()),
+        (B.SHMEM_MAP, shmem.pack(), ("memfd",)),
+        (B.SHMEM_UNMAP, shmem.pack(), ()),
+    ]
+
+
+def _fresh_frontend(rng: random.Random) -> tuple[Frontend, Connection, Connection]:
     ours, theirs = Connection.pair()
     fe = Frontend(ours, timeout=0.01)     # a truncated reply costs this long
     fe.offered_features = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | (1 << 33)
@@ -696,7 +717,16 @@ def _fresh_frontend(rng: random.Random) -> tuple[Frontend, Connection]:
                                              P.MQ | P.CONFIG | P.STATUS | P.CONFIGURE_MEM_SLOTS | P.INFLIGHT_SHMFD
                                              | P.SHMEM | P.DEVICE_STATE | P.LOG_SHMFD))))
     theirs.sock.setblocking(False)
-    return fe, theirs
+    # The back-end channel, as SET_BACKEND_REQ_FD would have opened it.
+    channel, channel_peer = Connection.pair(requests=BackendRequest)
+    channel.sock.settimeout(fe.timeout)
+    channel_peer.sock.setblocking(False)
+    fe._channel = channel
+    if rng.random() < 0.7:
+        fe.protocol_features |= (P.BACKEND_REQ | P.BACKEND_SEND_FD | P.HOST_NOTIFIER | P.SHARED_OBJECT | P.SHMEM
+                                 | P.INBAND_NOTIFICATIONS | P.CONFIG)
+        fe.shmem_config = ShmemConfig(2, (0, 0x10000))
+    return fe, theirs, channel_peer
 
 
 def _close_fd(fd: int | None) -> None:
@@ -712,11 +742,37 @@ def fuzz_frontend(rng: random.Random, stats: Stats, budget: Budget, calls_per_ca
             case = budget.done
             budget.done += 1
             before, threads = open_fds(), threading.active_count()
-            fe, peer = _fresh_frontend(rng)
+            fe, peer, channel_peer = _fresh_frontend(rng)
             to_close: list[int] = []
             what = f"frontend case {case}"
             try:
                 for _ in range(calls_per_case):
+                    if rng.random() < 0.3:
+                        # A back-end request on the channel, valid or mutated, with random fds.
+                        request, payload, kinds = rng.choice(_backend_requests(rng))
+                        spec = BACKEND_REQUESTS[request]
+                        count = _fd_count(rng, spec.fds)
+                        kinds = (tuple(kinds) + (None,) * count)[:count] if count != len(kinds) else kinds
+                        fds = []
+                        for kind in kinds:
+                            _, fd, closing = _random_fd(rng, kind)
+                            to_close += closing
+                            fds.append(fd)
+                        flags = VHOST_USER_VERSION | (VHOST_USER_NEED_REPLY_MASK if rng.random() < 0.5 else 0)
+                        data, intact, mutation = _frame(rng, request, flags, payload)
+                        stats.add("frontend channel mutations", mutation)
+                        stats.add("frontend channel requests", request.name)
+                        if not _send_raw(channel_peer.sock, data, fds) or not intact:
+                            try:
+                                channel_peer.sock.shutdown(socket.SHUT_WR)
+                            except OSError:
+                                pass
+                        with _Alarm():
+                            while fe._channel is not None and select.select([fe._channel.fileno()], [], [], 0)[0]:
+                                fe.handle_backend_request()
+                                stats.add("frontend", "back-end requests")
+                        _drain(channel_peer.sock)
+                        continue
                     calls = _frontend_calls(rng, fe)
                     request, call, reply = rng.choice(calls)
                     if call is None:
@@ -757,10 +813,11 @@ def fuzz_frontend(rng: random.Random, stats: Stats, budget: Budget, calls_per_ca
                         stats.add("frontend", "accepted")
                     stats.add("frontend", "replies")
                     _drain(peer.sock)
-                    if fe._failure is not None or fe._conn is None or rng.random() < 0.05:
+                    if fe._failure is not None or fe._conn is None or fe._channel is None or rng.random() < 0.05:
                         fe.close()
                         peer.close()
-                        fe, peer = _fresh_frontend(rng)
+                        channel_peer.close()
+                        fe, peer, channel_peer = _fresh_frontend(rng)
                         stats.add("frontend", "reconnects")
                 stats.add("frontend", "cases")
             except FuzzFailure:
@@ -770,6 +827,7 @@ def fuzz_frontend(rng: random.Random, stats: Stats, budget: Budget, calls_per_ca
             finally:
                 fe.close()
                 peer.close()
+                channel_peer.close()
                 for fd in to_close:
                     try:
                         os.close(fd)

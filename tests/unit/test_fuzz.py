@@ -1,6 +1,6 @@
 """The fuzzing harness (tests/fuzz.py) with a fixed seed and a bounded number of cases: at least
 100,000 valid and mutated messages (after the handshakes) through the back-end's message handling,
-20,000 mutated replies to the front-end, and 100,000 split and packed ring states through the
+20,000 mutated replies to the front-end (and back-end requests on its channel), and 100,000 split and packed ring states through the
 virtqueue engine (about 1.5 minutes on a shared 2-core machine). Any crash, hang, leaked fd or
 exception other than a VhostError fails the test with the seed and case to replay
 (VHOST_MIN_SEED=N; ``python3 -m bench fuzz --seed N --minutes M`` runs longer)."""
@@ -42,6 +42,8 @@ class FuzzTest(unittest.TestCase):
         stats = self.run_target("frontend", lambda s: s.counts["frontend"]["replies"] >= REPLIES, "{replies:,} replies")
         self.assertGreaterEqual(stats.counts["frontend"]["replies"], REPLIES)
         self.assertGreater(stats.counts["frontend"]["accepted"], 1000)
+        self.assertEqual(len(stats.counts["frontend channel requests"]), len(fuzz.BackendRequest))
+        self.assertGreater(stats.counts["frontend"]["back-end requests"], 5000)
 
     def test_ring_states(self):
         stats = self.run_target("rings", lambda s: fuzz.summary(s)["ring states"] >= RING_STATES,
