@@ -11,8 +11,11 @@
   tap deleted under the device (logged; TX still used and counted, the control queue answers).
 - NetGuestTest: a Linux guest under QEMU 7.2 (TCG) with two virtio-net-pci devices on vhost-user
   netdevs (``vectors=0``: QEMU 7.2 under TCG crashes in vhost_net_start with MSI-X), each served by
-  ``python3 -m vhost_min net`` in its own process, in one boot: on the loopback one the guest sends
-  broadcast frames from an AF_PACKET socket and gets each one back byte for byte; on the tap one
+  ``python3 -m vhost_min net`` in its own process, in one boot: the loopback one has two queue
+  pairs (the guest turns the second on with ETHTOOL_SCHANNELS, i.e. VQ_PAIRS_SET, and QEMU then
+  enables our rings 2 and 3 -- a vhost_dev per pair on one connection, each adding the same memory
+  regions), and the guest sends broadcast frames from an AF_PACKET socket and gets each one back
+  byte for byte; on the tap one
   (the tap moved into a network namespace the test creates, with an address) the guest pings that
   address, and the namespace's side of the tap counts the frames.
 """
@@ -257,6 +260,23 @@ mac = bytes.fromhex("{LOOP_MAC}".replace(":", ""))
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
 s.bind((loop, 0))
 s.settimeout(10)
+
+def channels(cmd, current=None, combined=0):
+    # SIOCETHTOOL with struct ethtool_channels {{u32 cmd, max_rx, max_tx, max_other, max_combined,
+    # rx_count, tx_count, other_count, combined_count}}, as `ethtool -l/-L` sends it
+    import array, fcntl, struct
+    buf = array.array("I", current or [0] * 9)
+    buf[0] = cmd
+    if combined:
+        buf[8] = combined
+    fcntl.ioctl(s.fileno(), 0x8946, struct.pack("16sQ16x", loop.encode(), buf.buffer_info()[0]))
+    return list(buf)
+
+got = channels(0x3C)                                   # ETHTOOL_GCHANNELS
+print("channels_max", got[4], flush=True)
+if got[4] >= 2:
+    channels(0x3D, got, combined=2)                    # ETHTOOL_SCHANNELS: VQ_PAIRS_SET 2 on the control queue
+print("channels_now", channels(0x3C)[8], flush=True)
 same = 0
 for i in range({LOOP_FRAMES}):
     frame = b"\\xff" * 6 + mac + b"\\x88\\xb5" + (b"vhost_min loopback %d" % i).ljust(46, b".")
@@ -267,6 +287,8 @@ for i in range({LOOP_FRAMES}):
             break
     same += data == frame
 print("loopback_sent", {LOOP_FRAMES}, flush=True)
+print("loopback_queues", len([q for q in os.listdir(f"/sys/class/net/{{loop}}/queues") if q.startswith("rx-")]),
+      flush=True)
 print("loopback_same", same, flush=True)
 with open("/tmp/tap", "w") as f:
     f.write(tap)
@@ -301,12 +323,16 @@ class NetGuestTest(unittest.TestCase):
         loop_sock, tap_sock = os.path.join(work.name, "loop.sock"), os.path.join(work.name, "tap.sock")
         cli = [sys.executable, "-m", "vhost_min", "net", "-v"]
         qemu_args = []
-        for name, sock, mac in (("n0", loop_sock, LOOP_MAC), ("n1", tap_sock, TAP_MAC)):
-            qemu_args += ["-chardev", f"socket,id={name},path={sock}", "-netdev", f"vhost-user,id={name},chardev={name}",
-                          "-device", f"virtio-net-pci,netdev={name},mac={mac},vectors=0"]
+        # The loopback device has two queue pairs (MQ: QEMU answers the guest's VQ_PAIRS_SET and
+        # enables our rings), the tap device one.
+        for name, sock, mac, pairs in (("n0", loop_sock, LOOP_MAC, 2), ("n1", tap_sock, TAP_MAC, 1)):
+            qemu_args += ["-chardev", f"socket,id={name},path={sock}",
+                          "-netdev", f"vhost-user,id={name},chardev={name},queues={pairs}",
+                          "-device", f"virtio-net-pci,netdev={name},mac={mac},vectors=0"
+                                     + (",mq=on" if pairs > 1 else "")]
         _ip("netns", "add", cls.netns)
         cls.addClassCleanup(subprocess.run, ["ip", "netns", "del", cls.netns], capture_output=True)
-        with backend_process("vhost_min-net-loop", [*cli, "--socket-path", loop_sock, "--loopback"], loop_sock,
+        with backend_process("vhost_min-net-loop", [*cli, "--socket-path", loop_sock, "--loopback", "--queues", "2"], loop_sock,
                              work.name) as loop, \
                 backend_process("vhost_min-net-tap", [*cli, "--socket-path", tap_sock, "--tap", cls.tap], tap_sock,
                                 work.name) as tap:
@@ -329,6 +355,11 @@ class NetGuestTest(unittest.TestCase):
         self.assertEqual(self.result.status, 0, f"{out}\n--- back-ends:\n{self.logs}")
         self.assertIn(f"loopback_sent {LOOP_FRAMES}", out)
         self.assertIn(f"loopback_same {LOOP_FRAMES}", out, out)
+        # MQ: the driver sees two pairs and turns the second on (VQ_PAIRS_SET, which QEMU answers
+        # after enabling our rings 2 and 3); the frames still come back.
+        self.assertIn("channels_max 2", out, out)
+        self.assertIn("channels_now 2", out, out)
+        self.assertIn("loopback_queues 2", out, out)
 
     def test_guest_pings_the_namespace_through_the_tap(self) -> None:
         out = self.result.output
@@ -345,6 +376,7 @@ class NetGuestTest(unittest.TestCase):
         self.assertEqual(self.exits, (0, 0), self.logs)
         self.assertNotIn("Traceback", self.logs)
         self.assertNotIn("ERROR", self.logs)
+        self.assertNotIn("rejected", self.logs)         # no message refused (the pairs' shared regions)
         self.assertEqual(self.logs.count("serving a front-end"), 2, self.logs)
 
 
