@@ -7,6 +7,11 @@ Decisions, in one place:
 * Queues: receiveq/transmitq pairs at 2k/2k+1, then the control queue (2N, with CTRL_VQ). QEMU and
   DPDK's virtio-user answer the control queue themselves and never hand it to a vhost-user
   back-end; it is here for front-ends that do (and for VDUSE-like transports).
+* Receive filtering: the device starts promiscuous (as QEMU's does); once the driver turns that
+  off (CTRL_RX), frames reach it for its MAC, broadcast, the MAC table's unicast entries, and
+  multicast that is listed or allowed by ALLMULTI; the rest are counted in ``rx_filtered``.
+* The config space (GET_CONFIG) is offered with the CONFIG protocol feature; QEMU 7.2's netdev
+  does not use it and says so once ("supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not").
 * The header is 12 bytes (virtio_net_hdr_mrg_rxbuf) with VIRTIO_F_VERSION_1 or MRG_RXBUF, else the
   legacy 10. No offloads are offered, so TX headers carry nothing to act on and RX headers are
   zero but for num_buffers (1, or the buffers a merged frame took).
