@@ -917,6 +917,7 @@ class _RingCase:
         self.device = device_cls(self.memory, self.size, lay["desc"], lay["driver"], lay["device"],
                                  event_idx=self.event_idx, indirect=self.indirect)
         self.corrupted = False
+        self.expected: dict[int, tuple[int, int]] = {}      # head -> (readable, writable) bytes added
 
     def close(self) -> None:
         self.memory.clear()
@@ -941,9 +942,10 @@ class _RingCase:
             if not readable and not writable:
                 writable = [self.buffer()]
             try:
-                self.driver.add(readable, writable, indirect=rng.random() < 0.3)
+                head = self.driver.add(readable, writable, indirect=rng.random() < 0.3)
             except VhostError:
                 break                                               # full, or the driver's own limit
+            self.expected[head] = (sum(n for _, n in readable), sum(n for _, n in writable))
             added += 1
         self.driver.publish()
         return added
@@ -1020,7 +1022,13 @@ def _ring_step(case: _RingCase, stats: Stats, target: str, held: dict, what: str
             case.check_view(view, f"{what} head {head} writable")
         if head in held:
             raise FuzzFailure(f"{what}: head {head} popped twice without a push in between")
-        held[head] = sum(len(v) for v in writable)
+        got = (sum(len(v) for v in readable), sum(len(v) for v in writable))
+        if not case.corrupted and got != case.expected.get(head):
+            raise FuzzFailure(f"{what}: head {head} came out as {got} readable/writable bytes, our driver added "
+                              f"{case.expected.get(head)}")
+        if not case.corrupted:
+            stats.add(target, "chains matched to what the driver added")
+        held[head] = got[1]
         stats.add(target, "chains popped")
     # Push some held heads (random order), sometimes with a bogus pair in the batch.
     if held and rng.random() < 0.8:
@@ -1032,6 +1040,7 @@ def _ring_step(case: _RingCase, stats: Stats, target: str, held: dict, what: str
                          rng.choice(((case.size + rng.getrandbits(8), 0), (heads[0], 0), (heads[0], -1),
                                      (heads[0], 1 << 32))))
         before = None if case.packed else vq.used_idx       # the device's own (the driver may scribble)
+        in_flight = vq.in_flight
         try:
             with _Alarm():
                 vq.push_batch(batch)
@@ -1039,6 +1048,8 @@ def _ring_step(case: _RingCase, stats: Stats, target: str, held: dict, what: str
             stats.add(target, f"push: {type(exc).__name__}")
             if not case.packed and not vq.broken and vq.used_idx != before:
                 raise FuzzFailure(f"{what}: a refused push moved used.idx {before} -> {case.used_idx()}")
+            if not vq.broken and vq.in_flight != in_flight:
+                raise FuzzFailure(f"{what}: a refused push changed the chains in flight {in_flight} -> {vq.in_flight}")
             if not bogus and not vq.broken:
                 raise FuzzFailure(f"{what}: a push of held chains {batch} was refused: {exc}")
         else:
@@ -1050,6 +1061,8 @@ def _ring_step(case: _RingCase, stats: Stats, target: str, held: dict, what: str
             stats.add(target, "chains pushed", len(heads))
             if not case.packed and case.used_idx() != (before + len(heads)) & 0xFFFF:
                 raise FuzzFailure(f"{what}: used.idx moved {before} -> {case.used_idx()} for {len(heads)} chains")
+            if vq.in_flight != in_flight - len(heads):
+                raise FuzzFailure(f"{what}: {len(heads)} chains pushed, in flight {in_flight} -> {vq.in_flight}")
     if rng.random() < 0.1:
         try:
             vq.enable_notifications() if rng.random() < 0.5 else vq.disable_notifications()
