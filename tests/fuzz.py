@@ -973,9 +973,11 @@ class _RingCase:
             n = rng.randint(1, 4)
             at = lay["indirect"] + 16 * rng.randrange(self.size * 4 - n + 1)
             mem.write(at, b"".join(_random_desc(rng, self.mem_end, n, False) for _ in range(n)))
-        elif what == "used-idx":
+        elif what == "used-idx":                # packed: the driver event suppression's flags instead
+            what = "driver-event" if self.packed else what
             mem.write(lay["driver"] + 2 if self.packed else lay["device"] + 2, _U16.pack(rng.getrandbits(16)))
-        else:
+        else:                                   # the packed ring has no avail ring: a descriptor instead
+            what = "desc"
             slot = rng.randrange(self.size)
             mem.write(lay["desc"] + 16 * slot, _random_desc(rng, self.mem_end, self.size, self.packed))
         return what
