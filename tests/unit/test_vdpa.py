@@ -281,9 +281,12 @@ class KernelCommandTest(unittest.TestCase):
             self.assertEqual(report.returncode, 0, report.stderr)
             entry, = json.loads(report.stdout)["devices"]
             self.assertEqual(entry["node"], os.path.join(d, "vhost-vdpa-0"))
-            self.assertIn("VHOST_VDPA_GET_DEVICE_ID is not supported by this kernel", entry["error"])
+            # A regular file answers ENOTTY; under qemu-user the emulator answers an ioctl number it
+            # does not know with ENOSYS itself (the aarch64 proof runs this tier there).
+            refused = r"VHOST_VDPA_GET_DEVICE_ID (is not supported by this kernel|failed: Function not implemented)"
+            self.assertRegex(entry["error"], refused)
             text = cli("kernel", "--dev", d)
-            self.assertIn("vhost-vdpa-0: VHOST_VDPA_GET_DEVICE_ID is not supported", text.stdout)
+            self.assertRegex(text.stdout, "vhost-vdpa-0: " + refused)
 
 
 if __name__ == "__main__":
