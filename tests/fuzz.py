@@ -12,15 +12,23 @@ says stop and counts what it covered in ``stats``:
 * :func:`fuzz_frontend` -- our Frontend's requests answered by a fake back-end whose replies
   (written before the request is sent, so one thread suffices) are mutated the same way, and
   back-end requests of every type, valid and mutated with random fds, on its back-end channel.
-* :func:`fuzz_rings` -- split and packed device queues over memfd guest memory holding random
-  descriptor tables, indices, flags, lengths, addresses (inside, across and outside memory),
-  indirect tables and loops; pop_batch / pop_descriptors / push_batch with random heads.
+* :func:`fuzz_rings` -- split and packed device queues over memfd guest memory (one region, two
+  adjacent, two apart), fed well-formed chains by our driver queue (direct and indirect, buffers
+  across a region boundary) that are then corrupted at random: descriptors, single fields,
+  indices, indirect tables (addresses inside, across and outside memory, loops, bad flags and
+  lengths); pop_batch / pop_descriptors, then push_batch of random held heads in random order,
+  sometimes with a bogus pair. A queue that breaks is reset and the case goes on.
 
 Oracles (a violation raises :class:`FuzzFailure` with the seed and case to replay): nothing but
-a VhostError escapes (and the Backend, which swallows everything, logs no exception of another
-kind); no call outlives :data:`OPERATION_TIMEOUT` (SIGALRM); no fd is left open after a case; a
-popped view lies inside guest memory and matches its descriptor's length; the used index moves
-by exactly what a push returned, and not at all when a push is refused.
+a VhostError escapes, and nothing logs an exception of another kind (the Backend and the
+Frontend's channel catch everything and log it); no call outlives :data:`OPERATION_TIMEOUT`
+(SIGALRM); no fd is left open after a case; every popped view lies inside one region of guest
+memory, and on a ring not corrupted since its reset each chain has the byte counts our driver
+added; a push of held heads is accepted and moves the used index (split) and the chains in
+flight by exactly its length; a bogus push is refused and changes neither.
+
+Replay: ``run(seed, {"backend": Budget(cases=N)})`` runs the same cases (one Random per target,
+seeded from the seed and the target's name); a failure names the case that failed.
 """
 
 from __future__ import annotations
