@@ -22,6 +22,7 @@ environment:
   CI=true                    a tier that cannot run fails instead of skipping
   VHOST_MIN_SEED=N           the seed of the randomized tests (each prints the seed it used)
   VHOST_MIN_STRESS_CHAINS=N  chains per ring stress test (default 500000)
+  VHOST_MIN_FUZZ_SCALE=F     the fuzz test's share of its 100,000 messages and ring states (default 1)
   VHOST_MIN_CACHE=DIR        downloads and built guest images (default ~/.cache/vhost_min)
 """
 

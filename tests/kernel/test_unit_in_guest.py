@@ -34,6 +34,8 @@ import unittest
 
 #: Chains per split stress case (half per packed case) in the guest; the host default is 500000.
 STRESS_CHAINS = 2000
+#: The fuzz test's share of its cases in the guest (1% of 100,000: TCG runs the interpreter ~30x slower).
+FUZZ_SCALE = "0.01"
 #: The in-guest bound on the tier (250-460 s measured, the slowest at load 7 on 2 cores); QEMU is
 #: killed boot_timeout after it.
 TIMEOUT = 900
@@ -99,7 +101,8 @@ class UnitTierInGuestTest(unittest.TestCase):
         snapshot(guest.PROJECT_ROOT, tree)
         cls.host_ids = unit_test_ids(tree)
         start = time.monotonic()
-        cls.result = guest.Guest(modules=GUEST_MODULES, env={"VHOST_MIN_STRESS_CHAINS": str(STRESS_CHAINS)},
+        cls.result = guest.Guest(modules=GUEST_MODULES, env={"VHOST_MIN_STRESS_CHAINS": str(STRESS_CHAINS),
+                                                           "VHOST_MIN_FUZZ_SCALE": FUZZ_SCALE},
                                  source_dir=tree).run(
             SCRIPT, timeout=TIMEOUT)
         cls.seconds = time.monotonic() - start

@@ -32,6 +32,8 @@ from tests import aarch64
 
 #: Chains per split stress case (half per packed case); about 15 s of the run under emulation.
 STRESS_CHAINS = 10000
+#: The fuzz test's share of its cases under qemu-user (5%: the emulated interpreter is ~10x slower).
+FUZZ_SCALE = "0.05"
 #: The emulated unit tier takes about 100 s on two cores (building the root once, 5 s more).
 TIMEOUT = 420
 #: Tests (ids, or module prefixes) that must be among those that ran and passed: the aarch64
@@ -104,7 +106,7 @@ class Aarch64Test(unittest.TestCase):
 
     def test_unit_tier_on_arm64_python(self):
         proc = self.emulated("-c", "import sys, tests.aarch64; sys.exit(tests.aarch64.inside(['unit', '-v']))",
-                             VHOST_MIN_STRESS_CHAINS=str(STRESS_CHAINS))
+                             VHOST_MIN_STRESS_CHAINS=str(STRESS_CHAINS), VHOST_MIN_FUZZ_SCALE=FUZZ_SCALE)
         out = proc.stdout
         lines = out.rstrip("\n").splitlines()
         tail = "\n".join(lines[-60:])

@@ -14,9 +14,11 @@ import unittest
 from tests import fuzz
 
 SEED = int(os.environ.get("VHOST_MIN_SEED", 20261203))
-MESSAGES = 100_000
-REPLIES = 20_000
-RING_STATES = 100_000
+#: Fewer cases under emulation (the aarch64 proof under qemu-user, the unit tier in the TCG guest).
+SCALE = float(os.environ.get("VHOST_MIN_FUZZ_SCALE", "1"))
+MESSAGES = int(100_000 * SCALE)
+REPLIES = int(20_000 * SCALE)
+RING_STATES = int(100_000 * SCALE)
 
 
 class FuzzTest(unittest.TestCase):
@@ -35,22 +37,22 @@ class FuzzTest(unittest.TestCase):
         self.assertGreaterEqual(backend["messages sent"], MESSAGES)
         # Every request type went out, valid and mutated, and rings were kicked with hostile contents.
         self.assertEqual(len(stats.counts["backend requests"]), len(fuzz.FrontendRequest))
-        self.assertGreater(stats.counts["backend mutations"]["valid"], 1000)
-        self.assertGreater(backend["ring kicks"], 1000)
+        self.assertGreater(stats.counts["backend mutations"]["valid"], MESSAGES // 100)
+        self.assertGreater(backend["ring kicks"], MESSAGES // 100)
 
     def test_frontend_replies(self):
         stats = self.run_target("frontend", lambda s: s.counts["frontend"]["replies"] >= REPLIES, "{replies:,} replies")
         self.assertGreaterEqual(stats.counts["frontend"]["replies"], REPLIES)
-        self.assertGreater(stats.counts["frontend"]["accepted"], 1000)
+        self.assertGreater(stats.counts["frontend"]["accepted"], REPLIES // 20)
         self.assertEqual(len(stats.counts["frontend channel requests"]), len(fuzz.BackendRequest))
-        self.assertGreater(stats.counts["frontend"]["back-end requests"], 5000)
+        self.assertGreater(stats.counts["frontend"]["back-end requests"], REPLIES // 4)
 
     def test_ring_states(self):
         stats = self.run_target("rings", lambda s: fuzz.summary(s)["ring states"] >= RING_STATES,
                                 "{ring states:,} ring states")
         self.assertGreaterEqual(fuzz.summary(stats)["ring states"], RING_STATES)
         for ring in ("split ring", "packed ring"):
-            self.assertGreater(stats.counts[ring]["chains pushed"], 10_000, ring)
+            self.assertGreater(stats.counts[ring]["chains pushed"], RING_STATES // 10, ring)
 
 
 if __name__ == "__main__":
