@@ -156,6 +156,22 @@ def _add_blk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=cmd_blk, parser=parser)
 
 
+def _serve_on(server, device, args: argparse.Namespace) -> str:
+    """Add ``device`` to ``server`` on --fd N or --socket-path PATH; returns where, for the
+    serving line."""
+    if args.fd is not None:
+        _inherited_socket(args.fd)
+        server.add(device, fd=args.fd)
+        return f"fd {args.fd}"
+    try:
+        server.add(device, args.socket_path)
+    except VhostError:
+        raise
+    except OSError as exc:
+        raise VhostError(f"cannot listen on {args.socket_path}: {exc.strerror}", exc.errno) from None
+    return args.socket_path
+
+
 def _inherited_socket(fd: int) -> None:
     """Refuse an --fd that is not an AF_UNIX stream socket, with a reason a person can act on."""
     try:
@@ -193,18 +209,7 @@ def cmd_blk(args: argparse.Namespace) -> int:
     try:
         with BlkDevice(image, read_only=args.read_only, num_queues=args.num_queues, cache=args.cache,
                        aio=args.aio) as device, Server() as server:
-            if args.fd is not None:
-                _inherited_socket(args.fd)
-                server.add(device, fd=args.fd)
-                where = f"fd {args.fd}"
-            else:
-                try:
-                    server.add(device, args.socket_path)
-                except VhostError:
-                    raise
-                except OSError as exc:
-                    raise VhostError(f"cannot listen on {args.socket_path}: {exc.strerror}", exc.errno) from None
-                where = args.socket_path
+            where = _serve_on(server, device, args)
             queues = f"{args.num_queues} queue{'s' if args.num_queues > 1 else ''}"
             print(f"{PROG}: serving {image} ({_human(device.image.capacity * SECTOR_SIZE)}, "
                   f"{'read-only' if args.read_only else 'read-write'}, {queues}, {_device_line(device)}) on {where}",
@@ -268,18 +273,7 @@ def cmd_net(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with contextlib.closing(device), Server() as server:
-            if args.fd is not None:
-                _inherited_socket(args.fd)
-                server.add(device, fd=args.fd)
-                where = f"fd {args.fd}"
-            else:
-                try:
-                    server.add(device, args.socket_path)
-                except VhostError:
-                    raise
-                except OSError as exc:
-                    raise VhostError(f"cannot listen on {args.socket_path}: {exc.strerror}", exc.errno) from None
-                where = args.socket_path
+            where = _serve_on(server, device, args)
             frames = f"tap {args.tap}" if args.tap is not None else "loopback"
             print(f"{PROG}: serving virtio-net {format_mac(device.mac)} ({frames}, {args.queues} queue "
                   f"pair{'s' if args.queues > 1 else ''}, MTU {device.mtu}) on {where}", flush=True)
