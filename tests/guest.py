@@ -59,7 +59,6 @@ import fcntl
 import gzip
 import hashlib
 import json
-import lzma
 import os
 import py_compile
 import re
@@ -383,6 +382,7 @@ def _read_module(path: str) -> bytes:
     with open(path, "rb") as f:
         data = f.read()
     if path.endswith(".xz"):
+        import lzma                 # here, not at import: a minimal python (the arm64 root) lacks liblzma
         return lzma.decompress(data)
     if path.endswith(".gz"):
         return gzip.decompress(data)
@@ -773,6 +773,7 @@ def _extract_kernel_sources(deb: str, paths: Sequence[str], dest: str) -> None:
     The package holds one tarball, usr/src/linux-source-X.Y.tar.xz (~150 MB, ~1.5 GB unpacked);
     both are read as streams, nothing else is written, and reading stops at the last file wanted.
     """
+    import lzma                     # here, not at import: a minimal python (the arm64 root) lacks liblzma
     what = f"building {', '.join(SIM_MODULES)}: extract sources from {os.path.basename(deb)}"
     left = set(paths)
     with tempfile.TemporaryFile() as stderr:
