@@ -40,7 +40,7 @@ TIMEOUT = 420
 #: barriers and atomics, the engines, fork-based stress, and front-end against back-end.
 MUST_RUN = (
     "tests.unit.test_memory.BarrierTest.test_barriers_run",
-    "tests.unit.test_memory.BarrierTest.test_store_buffering_litmus",
+    "tests.unit.test_memory.BarrierTest.test_the_code_page_is_never_writable_and_executable",
     "tests.unit.test_memory.DirtyLogTest.test_atomic_or_from_two_processes",
     "tests.unit.test_vring_split.", "tests.unit.test_vring_packed.", "tests.unit.test_inflight.",
     "tests.unit.test_vring_stress.SplitStressTest.test_two_processes_event_idx_on",
