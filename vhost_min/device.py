@@ -226,6 +226,15 @@ class Completions:
         with self._lock:
             self._held = on
 
+    def run_held(self, callback: Callable[[], None]) -> None:
+        """Run a device's fd callback (Device.watched) with :meth:`post` held: the loop thread
+        takes what it posted right after, with no wake-up in between."""
+        self.hold(True)
+        try:
+            callback()
+        finally:
+            self.hold(False)
+
     def wake(self) -> None:
         """Thread- and signal-safe: make the loop look (a stop request, say)."""
         with self._lock:

@@ -1255,11 +1255,7 @@ class VduseDevice:
         """A device fd (Device.watched) is readable: the device's callback, then what it posted."""
         if self.closed:
             return
-        self._completions.hold(True)
-        try:
-            callback()
-        finally:
-            self._completions.hold(False)
+        self._completions.run_held(callback)
         self._push_posted()
 
     def _push_posted(self, queue: int | None = None) -> None:
