@@ -526,12 +526,7 @@ class _BackendSession:
 
     def step(self, data: bytes, fds: list[int], intact: bool) -> bool:
         """Send, let the backend handle what arrived, read its answers; False once it is closed."""
-        ok = _send_raw(self.sock, data, fds)
-        if not intact or not ok:
-            try:
-                self.sock.shutdown(socket.SHUT_WR)      # what follows a broken frame is EOF, not a wait
-            except OSError:
-                pass
+        ok = _send_raw(self.sock, data, fds)           # a broken frame may stop midway: the backend waits for the rest
         backend = self.backend
         while not backend.closed:
             if not select.select([backend.fileno()], [], [], 0)[0]:

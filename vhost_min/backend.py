@@ -113,6 +113,12 @@ STATE_CHECK_GRACE = 0.1
 #: How long a back-end request may take to send and, where one is due, to be answered; a front-end
 #: slower than that loses the back-end channel (the loop serves every connection and ring).
 BACKEND_REQUEST_TIMEOUT = 2.0
+#: How long a front-end may leave a message sent in part (header, fds or payload missing), or
+#: leave our replies unread once the socket buffers are full, before it is dropped with a logged
+#: reason. libvhost-user waits forever; one loop here serves many front-ends, and a stalled one
+#: holds at most one message (header + max payload, its fds) and VHOST_USER_MAX_QUEUED of replies
+#: meanwhile. A front-end idle *between* messages is never dropped.
+STALL_TIMEOUT = 30.0
 #: How long a client-mode endpoint waits between connection attempts.
 RECONNECT_INTERVAL = 1.0
 
@@ -260,6 +266,7 @@ class Backend:
             raise ValueError(f"{type(device).__name__}.num_queues must be 1..{MAX_QUEUES}, not {nq!r}")
         self.device = device
         self.connection = connection
+        connection.make_nonblocking()       # never wait on the front-end: messages in part, replies queued
         self.name = name or f"{type(device).__name__}[fd {connection.fileno()}]"
         self.closed = False
         self.last_error: BaseException | None = None
@@ -375,6 +382,12 @@ class Backend:
         """When :meth:`poll` wants to run: 0 (work pending), POLL_INTERVAL (a ring is in poll mode
         or waits for nothing but time), or None (only fds matter)."""
         interval = POLL_INTERVAL if self._state_check is not None else None
+        connection, channel = self.connection, self.channel
+        if connection.pending_output or (channel is not None and channel.pending_output):
+            interval = POLL_INTERVAL                    # try again to hand the replies over
+        elif connection.partial_since is not None:      # due: the stall deadline
+            wait = max(0.0, connection.partial_since + STALL_TIMEOUT - time.monotonic())
+            interval = wait if interval is None else min(interval, wait)
         for ring in self.rings:
             if ring.started and not ring.broken:
                 if ring.again:
@@ -387,20 +400,65 @@ class Backend:
         """Process rings in poll mode and rings whose device asked to be called again."""
         if self.closed:
             return
+        connection, channel = self.connection, self.channel
+        if (connection.pending_output or connection.partial_since is not None
+                or (channel is not None and channel.pending_output)) and not self._keep_up():
+            return
         if self._state_check is not None:
             self._answer_state_check()
         for ring in self.rings:
             if ring.started and (ring.polling or ring.again) and not ring.broken:
                 self._run(ring)
 
+    def _keep_up(self) -> bool:
+        """Hand over queued output (replies, back-end channel messages) and drop a front-end
+        stalled for STALL_TIMEOUT inside a message or on its unread replies; False if dropped."""
+        connection, channel = self.connection, self.channel
+        if channel is not None and channel.pending_output:
+            try:
+                channel.flush()
+            except VhostError as exc:
+                log.warning("%s: the back-end channel failed (%s); dropped", self.name, exc)
+                self._drop_channel()
+        try:
+            if connection.pending_output:
+                connection.flush()
+        except VhostError as exc:
+            log.info("%s: front-end disconnected with replies unread (%s)", self.name, exc)
+            _forget_frames(exc)
+            self.last_error = exc
+            self.close()
+            return False
+        now = time.monotonic()
+        since = connection.partial_since
+        if since is not None and now - since > STALL_TIMEOUT:
+            what = f"sent a message in part ({connection.partial}) and nothing more for {now - since:.1f} s"
+        else:
+            since = connection.output_stalled_since
+            if since is None or now - since <= STALL_TIMEOUT:
+                return True
+            what = (f"took none of our {connection.pending_output} queued reply bytes for {now - since:.1f} s")
+        exc = VhostError(f"the front-end {what} (STALL_TIMEOUT {STALL_TIMEOUT} s)", errno.ETIMEDOUT)
+        self._error(exc)
+        log.warning("%s: closing the connection: %s", self.name, exc)
+        self.close()
+        return False
+
     # -- messages ----------------------------------------------------------------------------------
     def handle_message(self) -> bool:
-        """Read and answer one message (call when the socket is readable). False once the
-        connection is gone (the peer left, or it had to be closed); the backend is then closed."""
+        """Read what the socket holds (call when it is readable) and answer the message it
+        completes; a message sent in part waits for its next bytes. One message per call, so a
+        front-end that floods gets one per loop turn like everyone else. False once the connection
+        is gone (the peer left, or it had to be closed); the backend is then closed."""
         if self.closed:
             return False
+        connection = self.connection
         try:
-            msg = self.connection.recv()
+            if connection.pending_output:
+                connection.flush()
+            msg = connection.recv_nowait()
+            if msg is None:
+                return True
         except DisconnectedError as exc:
             # Normal at VM shutdown, so not an error for on_error; the log line says whether it
             # happened inside a message.
@@ -464,8 +522,12 @@ class Backend:
     def _send_reply(self, msg: Message, payload: bytes, fds: Sequence[int] = ()) -> None:
         try:
             self.connection.reply(msg, payload, fds)
-        except VhostError as exc:
+        except DisconnectedError as exc:
             log.info("%s: cannot answer %s, the front-end is gone: %s", self.name, msg.name, exc)
+            self.close()
+        except VhostError as exc:       # ENOBUFS: it sends requests and does not read the answers
+            self._error(exc)
+            log.warning("%s: closing the connection: %s", self.name, exc)
             self.close()
 
     def _error(self, exc: BaseException) -> None:
@@ -887,7 +949,7 @@ class Backend:
         except (VhostError, OSError) as exc:       # OSError: TimeoutError, a broken socket
             self._drop_channel()
             if isinstance(exc, TimeoutError):
-                raise VhostError(f"{spec.name}: the front-end did not answer within {channel.sock.gettimeout()} s; "
+                raise VhostError(f"{spec.name}: the front-end did not answer within {channel.timeout} s; "
                                  f"back-end channel dropped", errno.ETIMEDOUT) from None
             raise VhostError(f"{spec.name}: the back-end channel failed ({exc}); dropped",
                              getattr(exc, "errno", None)) from None
@@ -1241,7 +1303,9 @@ class Backend:
             _close(fd)
             raise ProtocolError(f"VHOST_USER_SET_BACKEND_REQ_FD: the fd is not a connected AF_UNIX stream "
                                 f"socket: {exc}") from None
-        channel.sock.settimeout(BACKEND_REQUEST_TIMEOUT)     # the loop never waits for long on it
+        # The loop never waits for long on it: one-way requests are queued (bounded), a reply
+        # is waited for at most BACKEND_REQUEST_TIMEOUT.
+        channel.make_nonblocking(timeout=BACKEND_REQUEST_TIMEOUT)
         self._drop_channel()
         self.channel = channel
 

@@ -21,6 +21,8 @@ import socket
 import stat
 import struct
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, NamedTuple, Union
@@ -57,6 +59,12 @@ VHOST_USER_MAX_FDS = VHOST_MEMORY_BASELINE_NREGIONS
 #: reply (2056 bytes), then SET_CONFIG / GET_CONFIG (12 + 256) and SET_MEM_TABLE (8 + 8 * 32);
 #: 4096 matches rust-vmm's MAX_MSG_SIZE and leaves room for all of them.
 VHOST_USER_MAX_PAYLOAD = 4096
+
+#: Default bounds on what a non-blocking connection (Connection.make_nonblocking) keeps queued
+#: for a peer that does not read: bytes beyond what the socket buffers hold, and duplicated fds.
+#: A front-end waits for each reply it needs, so a few hundred bytes is already a lot.
+VHOST_USER_MAX_QUEUED = 64 * 1024
+VHOST_USER_MAX_QUEUED_FDS = 4 * VHOST_USER_MAX_FDS
 
 #: Size of the config-space header {offset, size, flags} before the bytes of GET/SET_CONFIG.
 VHOST_USER_CONFIG_HDR_SIZE = 12
@@ -930,8 +938,31 @@ def _close_all(fds: Iterable[int]) -> None:
 _FD_BYTES = array.array("i").itemsize
 # Plain ints: socket's flag enums cost a call per operation.
 _MSG_CTRUNC, _MSG_CMSG_CLOEXEC, _MSG_NOSIGNAL = int(socket.MSG_CTRUNC), int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_NOSIGNAL)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 #: Each request code space's members by code (a dict lookup, where calling the enum is a slow path).
 _MEMBERS = {enum_type: {int(m): m for m in enum_type} for enum_type in (FrontendRequest, BackendRequest)}
+
+
+class _Partial:
+    """A message read in part by Connection.recv_nowait: the header bytes and fds so far, then
+    (header complete, checked) the payload so far; ``since`` is when its first byte arrived."""
+
+    __slots__ = ("header", "fds", "request", "flags", "size", "payload", "got", "since")
+
+    def __init__(self) -> None:
+        self.header = b""
+        self.fds: list[int] = []
+        self.request = self.flags = 0
+        self.size = -1                          # -1 until the header is complete
+        self.payload: bytearray | None = None
+        self.got = 0
+        self.since = time.monotonic()
+
+    def __repr__(self) -> str:
+        fds = f" ({len(self.fds)} fds)" if self.fds else ""
+        if self.size < 0:
+            return f"{len(self.header)} of {VHOST_USER_HDR_SIZE} header bytes{fds}"
+        return f"{self.got} of {self.size} payload bytes of {request_name(self.request)}{fds}"
 
 
 class Connection:
@@ -956,6 +987,14 @@ class Connection:
         self._send_lock = threading.Lock()
         self._recv_lock = threading.RLock()     # also held across request(): send, then its reply
         self._failure: VhostError | None = None
+        self._partial: _Partial | None = None   # recv_nowait: the message read in part
+        # make_nonblocking: what the kernel did not take yet, [data, duplicated fds] per message.
+        self._out: deque[list] | None = None
+        self._out_bytes = self._out_fds = 0
+        self._out_since: float | None = None    # when the queue last made progress (None: empty)
+        self.max_queued = VHOST_USER_MAX_QUEUED
+        self.max_queued_fds = VHOST_USER_MAX_QUEUED_FDS
+        self._wait_ms = -1                      # make_nonblocking(timeout=): poll() bound of blocking calls
 
     # -- construction -------------------------------------------------------------------------
 
@@ -1004,7 +1043,122 @@ class Connection:
         return self._sock.fileno() < 0
 
     def close(self) -> None:
+        """Close the socket, and the fds of a message read in part or queued for sending."""
+        partial, self._partial = self._partial, None
+        if partial is not None:
+            _close_all(partial.fds)
+        if self._out:
+            for _data, fds in self._out:
+                _close_all(fds)
+            self._out.clear()
+            self._out_bytes = self._out_fds = 0
+            self._out_since = None
         self._sock.close()
+
+    # -- never waiting (a loop serving many peers) ----------------------------------------------
+
+    def make_nonblocking(self, *, max_queued: int = VHOST_USER_MAX_QUEUED,
+                         max_queued_fds: int = VHOST_USER_MAX_QUEUED_FDS, timeout: float | None = None) -> None:
+        """Never let this peer hold up the caller: the socket becomes non-blocking, recv_nowait()
+        assembles messages across reads, and send() queues what the kernel does not take at once
+        -- at most ``max_queued`` bytes and ``max_queued_fds`` fds, beyond which send() raises
+        VhostError (ENOBUFS) and the connection is unusable; flush() sends the queue. The blocking
+        calls (recv, request) still work; with ``timeout`` each of their waits ends in TimeoutError."""
+        self._sock.setblocking(False)
+        self.max_queued, self.max_queued_fds = max_queued, max_queued_fds
+        self._wait_ms = -1 if timeout is None else max(0, round(timeout * 1000))
+        if self._out is None:
+            self._out = deque()
+
+    @property
+    def timeout(self) -> float | None:
+        """How long each wait of a blocking call lasts on a non-blocking connection (None: no bound)."""
+        return None if self._wait_ms < 0 else self._wait_ms / 1000
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes send() queued that the peer has not taken yet (make_nonblocking)."""
+        return self._out_bytes
+
+    @property
+    def output_stalled_since(self) -> float | None:
+        """time.monotonic() when queued output last made progress; None when nothing is queued."""
+        return self._out_since
+
+    @property
+    def partial_since(self) -> float | None:
+        """time.monotonic() when the first byte of a message read in part arrived; None between messages."""
+        partial = self._partial
+        return None if partial is None else partial.since
+
+    @property
+    def partial(self) -> str | None:
+        """What arrived so far of a message read in part (for log lines); None between messages."""
+        partial = self._partial
+        return None if partial is None else repr(partial)
+
+    def flush(self) -> bool:
+        """Send what send() queued, as far as the socket takes it now; True when nothing is left.
+        DisconnectedError if the peer is gone."""
+        with self._send_lock:
+            out = self._out
+            if not out:
+                return True
+            try:
+                while out:
+                    entry = out[0]
+                    data, fds = entry
+                    sent = self._send_nowait(data, fds)
+                    if not sent:
+                        return False
+                    self._out_bytes -= sent
+                    self._out_since = time.monotonic()
+                    if fds:                     # delivered with the first byte
+                        entry[1] = []
+                        self._out_fds -= len(fds)
+                        _close_all(fds)
+                    if sent < len(data):
+                        entry[0] = data[sent:]
+                        return False
+                    out.popleft()
+            except VhostError as exc:
+                self._failure = exc
+                raise
+            self._out_since = None
+            return True
+
+    def _send_nowait(self, data, fds: Sequence[int]) -> int:
+        """One sendmsg that does not wait: the bytes the kernel took (0 when its buffer is full)."""
+        try:
+            if fds:
+                return self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                                          _MSG_NOSIGNAL | _MSG_DONTWAIT)
+            return self._sock.send(data, _MSG_NOSIGNAL | _MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise DisconnectedError(f"peer closed the connection while we were sending: {exc.strerror}",
+                                    exc.errno) from exc
+
+    def _send_queued(self, request: int, data: bytes, fds: Sequence[int]) -> None:
+        """send() on a non-blocking connection: straight out when nothing waits before it (the
+        kernel takes it all), else behind the queue, order of bytes and fds kept."""
+        out = self._out
+        if not out:
+            sent = self._send_nowait(data, fds)
+            if sent == len(data):
+                return
+            if sent:
+                data, fds = data[sent:], ()     # the fds went with the first byte
+            self._out_since = time.monotonic()
+        if self._out_bytes + len(data) > self.max_queued or self._out_fds + len(fds) > self.max_queued_fds:
+            raise VhostError(f"{request_name(request)}: the peer does not read what we send: {self._out_bytes} "
+                             f"bytes and {self._out_fds} fds wait already (at most {self.max_queued} bytes and "
+                             f"{self.max_queued_fds} fds)", errno.ENOBUFS)
+        kept = [os.dup(fd) for fd in fds]       # the caller keeps its fds; ours go when sent
+        out.append([memoryview(data), kept])
+        self._out_bytes += len(data)
+        self._out_fds += len(kept)
 
     def __enter__(self) -> Connection:
         return self
@@ -1037,8 +1191,11 @@ class Connection:
             if self._failure is not None:
                 self._check_usable()
             try:
-                self._send_all(data, fds)
-            except DisconnectedError as exc:
+                if self._out is None:
+                    self._send_all(data, fds)
+                else:
+                    self._send_queued(request, data, fds)
+            except VhostError as exc:
                 self._failure = exc
                 raise
             except BaseException as exc:
@@ -1093,23 +1250,10 @@ class Connection:
                 self._check_usable()
             fds: list[int] = []
             progress = [False]                  # set once a byte of the message was consumed
+            if self._partial is not None:           # recv_nowait() left a message in part: finish it
+                return self._finish_partial()
             try:
-                header = self._recv_header(fds, progress)
-                code, flags, size = HEADER.unpack(header)
-                request = self._as_request(code)
-                version = flags & VHOST_USER_VERSION_MASK
-                if version != VHOST_USER_VERSION:
-                    raise ProtocolError(f"{request_name(request)}: header version {version} (flags {flags:#x}), "
-                                        f"expected {VHOST_USER_VERSION}")
-                if flags & VHOST_USER_RESERVED_FLAGS:
-                    raise ProtocolError(f"{request_name(request)}: reserved header flag bits "
-                                        f"{flags & VHOST_USER_RESERVED_FLAGS:#x} set")
-                if size > self.max_payload:
-                    raise ProtocolError(f"{request_name(request)}: payload of {size} bytes exceeds the "
-                                        f"{self.max_payload}-byte limit")
-                if len(fds) > self.max_fds:
-                    raise ProtocolError(f"{request_name(request)}: {len(fds)} fds, at most {self.max_fds} "
-                                        f"per message")
+                request, flags, size = self._check_header(self._recv_header(fds, progress), len(fds))
                 payload = self._recv_exact(size, request) if size else b""
             except BaseException as exc:
                 _close_all(fds)
@@ -1119,6 +1263,122 @@ class Connection:
                     self._failure = ProtocolError(f"receiving a message failed midway: {exc!r}")
                 raise
             return Message(request, flags, payload, fds)
+
+    def recv_nowait(self) -> Message | None:
+        """Read what the socket holds, without waiting: the next message once it is complete, else
+        None (what arrived is kept -- header bytes, their fds, payload -- for the next call).
+
+        A whole message that is there takes two reads, as with recv(); the same checks and errors.
+        """
+        with self._recv_lock:
+            if self._failure is not None:
+                self._check_usable()
+            try:
+                return self._assemble()
+            except BaseException as exc:
+                partial, self._partial = self._partial, None
+                if partial is not None:
+                    _close_all(partial.fds)
+                self._failure = exc if isinstance(exc, VhostError) else ProtocolError(
+                    f"receiving a message failed midway: {exc!r}")
+                raise
+
+    def _assemble(self) -> Message | None:
+        """recv_nowait's work: advance the message in part as far as the socket allows."""
+        p = self._partial
+        if p is None:
+            p = _Partial()
+        sock = self._sock
+        while p.size < 0:                       # the header, and the fds that ride on it
+            try:
+                data, ancdata, msg_flags, _addr = sock.recvmsg(VHOST_USER_HDR_SIZE - len(p.header), self._cmsg_space,
+                                                               _MSG_CMSG_CLOEXEC | _MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except ConnectionResetError as exc:
+                raise DisconnectedError(f"peer reset the connection: {exc.strerror}", exc.errno) from exc
+            if ancdata:
+                self._partial = p               # p owns the fds now: closed if this goes wrong
+                _collect_fds(ancdata, p.fds)
+                if len(p.fds) > self.max_fds and len(p.header) + len(data) < VHOST_USER_HDR_SIZE:
+                    raise ProtocolError(f"{len(p.fds)} fds, at most {self.max_fds} per message (with "
+                                        f"{len(p.header) + len(data)} header bytes)")
+            if msg_flags & _MSG_CTRUNC:
+                raise ProtocolError(f"ancillary data truncated: the peer sent more than {self.max_fds} fds")
+            if not data:
+                where = f" after {p!r}" if p.header or p.fds else ""
+                raise DisconnectedError(f"peer closed the connection{where}")
+            p.header += data
+            if len(p.header) < VHOST_USER_HDR_SIZE:
+                self._partial = p
+                continue
+            p.request, p.flags, p.size = self._check_header(p.header, len(p.fds))
+        size = p.size
+        if size and p.payload is None:          # the common case: the payload is there, in one piece
+            try:
+                data = sock.recv(size, _MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except ConnectionResetError as exc:
+                raise DisconnectedError(f"peer reset the connection inside {p!r}: {exc.strerror}",
+                                        exc.errno) from exc
+            if data is not None:
+                if len(data) == size:
+                    self._partial = None
+                    return Message(p.request, p.flags, data, p.fds)
+                if not data:
+                    raise DisconnectedError(f"peer closed the connection after {p!r}")
+            p.payload = bytearray(size)
+            if data:
+                p.payload[:len(data)] = data
+                p.got = len(data)
+            self._partial = p
+        if p.got < size:
+            view = memoryview(p.payload)
+            while p.got < size:
+                try:
+                    n = sock.recv_into(view[p.got:], 0, _MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    return None
+                except ConnectionResetError as exc:
+                    raise DisconnectedError(f"peer reset the connection inside {p!r}: {exc.strerror}",
+                                            exc.errno) from exc
+                if not n:
+                    raise DisconnectedError(f"peer closed the connection after {p!r}")
+                p.got += n
+        self._partial = None
+        return Message(p.request, p.flags, bytes(p.payload) if size else b"", p.fds)
+
+    def _finish_partial(self) -> Message:
+        """recv() after recv_nowait() left a message in part: wait for the rest of it."""
+        while True:
+            msg = self.recv_nowait()
+            if msg is not None:
+                return msg
+            self._retry(select.POLLIN, self._raise_again)
+
+    @staticmethod
+    def _raise_again() -> None:
+        raise BlockingIOError(errno.EAGAIN, "nothing to read yet")
+
+    def _check_header(self, header: bytes, nfds: int) -> tuple[int, int, int]:
+        """(request, flags, size) of a received header, checked: the version, the reserved flag
+        bits, ``size`` against max_payload and the fd count against max_fds (ProtocolError)."""
+        code, flags, size = HEADER.unpack(header)
+        request = self._as_request(code)
+        version = flags & VHOST_USER_VERSION_MASK
+        if version != VHOST_USER_VERSION:
+            raise ProtocolError(f"{request_name(request)}: header version {version} (flags {flags:#x}), "
+                                f"expected {VHOST_USER_VERSION}")
+        if flags & VHOST_USER_RESERVED_FLAGS:
+            raise ProtocolError(f"{request_name(request)}: reserved header flag bits "
+                                f"{flags & VHOST_USER_RESERVED_FLAGS:#x} set")
+        if size > self.max_payload:
+            raise ProtocolError(f"{request_name(request)}: payload of {size} bytes exceeds the "
+                                f"{self.max_payload}-byte limit")
+        if nfds > self.max_fds:
+            raise ProtocolError(f"{request_name(request)}: {nfds} fds, at most {self.max_fds} per message")
+        return request, flags, size
 
     def request(self, request: int, payload: bytes = b"", fds: Sequence[int] = (), *,
                 need_reply: bool = False) -> Message:
@@ -1130,6 +1390,8 @@ class Connection:
         """
         with self._recv_lock:
             self.send(request, payload, fds, need_reply=need_reply)
+            while not self.flush():             # make_nonblocking: the request must be out first
+                self._retry(select.POLLOUT, self._raise_again)
             msg = self.recv()
         if msg.request != request or not msg.is_reply:
             msg.close()
@@ -1206,7 +1468,8 @@ class Connection:
             except BlockingIOError:
                 poller = select.poll()
                 poller.register(self._sock.fileno(), events)
-                poller.poll()
+                if not poller.poll(self._wait_ms) and self._wait_ms >= 0:
+                    raise TimeoutError(errno.ETIMEDOUT, f"the peer did not answer within {self._wait_ms} ms")
 
     def _check_usable(self) -> None:
         failure = self._failure
