@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -132,6 +133,21 @@ def _close(fd: int | None) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def _note_unsealed(fd: int, region: MemoryRegion, what: str) -> None:
+    """Log a region whose fd its front-end can still shrink: map_fd checked the size, but an
+    ftruncate afterwards makes our next access to the lost pages a SIGBUS that kills the process
+    (every connection with it). QEMU's memory-backend-memfd seals by default (seal=on: F_SEAL_GROW
+    | F_SEAL_SHRINK | F_SEAL_SEAL); memory-backend-file and DPDK's hugepage files are never sealed."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0                                   # not a file that can be sealed at all
+    if not seals & fcntl.F_SEAL_SHRINK:
+        log.info("%s: region at guest %#x (%#x bytes): its fd is not sealed against shrinking (F_SEAL_SHRINK); "
+                 "the front-end must not truncate it while it is mapped", what, region.guest_phys_addr,
+                 region.memory_size)
 
 
 def _forget_frames(exc: BaseException | None) -> None:
@@ -1131,6 +1147,7 @@ class Backend:
                 for region, fd in zip(regions, fds):
                     self.memory.add_region(region.guest_phys_addr, region.memory_size, fd=fd,
                                            mmap_offset=region.mmap_offset, uva=region.userspace_addr)
+                    _note_unsealed(fd, region, f"{self.name}: VHOST_USER_SET_MEM_TABLE")
             except GuestMemoryError:
                 self.memory.clear()
                 raise
@@ -1442,6 +1459,7 @@ class Backend:
             self._check_region(region, "VHOST_USER_ADD_MEM_REG")
             self.memory.add_region(region.guest_phys_addr, region.memory_size, fd=fd,
                                    mmap_offset=region.mmap_offset, uva=region.userspace_addr)
+            _note_unsealed(fd, region, f"{self.name}: VHOST_USER_ADD_MEM_REG")
         finally:
             _close(fd)
         self._memory_changed()

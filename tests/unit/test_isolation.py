@@ -29,13 +29,13 @@ from unittest import mock
 import vhost_min.backend as backend_module
 from tests.support import memfd, open_fds
 from tests.unit.test_backend import QEMU_PROTOCOL, BackendCase, Echo, eventfd, fired, wait_for
-from vhost_min.backend import Backend, Server
+from vhost_min.backend import Server
 from vhost_min.blk import BlkClient, BlkDevice
 from vhost_min.errors import VhostError
 from vhost_min.frontend import Frontend
 from vhost_min.user import (HEADER, VHOST_USER_MAX_QUEUED, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_VERSION,
                             BackendRequest, Connection, FrontendRequest, MemoryRegion, MemoryTable, ProtocolFeature,
-                            VringFd, VringState, pack_u64)
+                            VringFd, VringState)
 
 F, P = FrontendRequest, ProtocolFeature
 TIMEOUT = 10.0
@@ -237,6 +237,65 @@ class FloodTests(IsolationCase):
             self.blk_io(0)
 
 
+class ConnectionTests(unittest.TestCase):
+    """user.Connection's non-blocking side on its own: the output queue and the partial message."""
+
+    def setUp(self) -> None:
+        fds = open_fds()
+        self.addCleanup(lambda: self.assertEqual(open_fds(), fds, "fd leak"))
+        self.a, self.b = Connection.pair()
+        self.addCleanup(self.a.close)
+        self.addCleanup(self.b.close)
+        self.b.sock.settimeout(TIMEOUT)
+
+    def test_queued_replies_keep_their_order_and_fds(self) -> None:
+        """More replies than the socket buffers hold, an eventfd on every 100th: the receiver gets
+        every one in order, each fd on its own message (told apart by the eventfd's count)."""
+        self.a.make_nonblocking(max_queued=1 << 20, max_queued_fds=64)
+        n = 3000
+        for i in range(n):
+            if i % 100:
+                self.a.send(F.GET_FEATURES, struct.pack("=Q", i), reply=True)
+            else:
+                fd = os.eventfd(i + 1, os.EFD_CLOEXEC)
+                self.a.send(F.GET_FEATURES, struct.pack("=Q", i), [fd], reply=True)
+                os.close(fd)                        # the queue keeps its own duplicate
+        self.assertGreater(self.a.pending_output, 0, "the socket buffers took everything: no queue tested")
+        for i in range(n):
+            self.a.flush()
+            with self.b.recv() as msg:
+                self.assertEqual(msg.u64(), i)
+                self.assertEqual(len(msg.fds), 0 if i % 100 else 1, i)
+                if msg.fds:
+                    self.assertEqual(os.eventfd_read(msg.fds[0]), i + 1)
+        self.assertTrue(self.a.flush())
+        self.assertEqual(self.a.pending_output, 0)
+
+    def test_queue_bound(self) -> None:
+        self.a.make_nonblocking(max_queued=4096)
+        with self.assertRaises(VhostError) as caught:
+            for _ in range(100_000):
+                self.a.send(F.GET_FEATURES, bytes(8), reply=True)
+        self.assertEqual(caught.exception.errno, errno.ENOBUFS)
+        self.assertLessEqual(self.a.pending_output, 4096)
+        with self.assertRaises(VhostError):             # unusable from then on
+            self.a.send(F.GET_FEATURES, bytes(8), reply=True)
+
+    def test_recv_finishes_what_recv_nowait_started(self) -> None:
+        self.b.make_nonblocking()
+        data = header(F.SET_VRING_NUM, 8) + VringState(1, 64).pack()
+        self.a.sock.sendall(data[:10])
+        self.assertIsNone(self.b.recv_nowait())
+        self.assertEqual(self.b.partial, "10 of 12 header bytes")
+        self.a.sock.sendall(data[10:15])
+        self.assertIsNone(self.b.recv_nowait())
+        self.assertEqual(self.b.partial, "3 of 8 payload bytes of VHOST_USER_SET_VRING_NUM")
+        self.a.sock.sendall(data[15:])
+        with self.b.recv() as msg:
+            self.assertEqual((msg.request, VringState.unpack(msg.payload)), (F.SET_VRING_NUM, (1, 64)))
+        self.assertIsNone(self.b.partial)
+
+
 class AssemblyTests(BackendCase):
     """The in-process pair of test_backend: bytes handed to the backend one at a time."""
 
@@ -315,6 +374,28 @@ class BackendChannelTests(BackendCase):
         self.assertIsNone(self.backend.channel)
         self.assertEqual(self.fe.u64(F.GET_QUEUE_NUM), 2)           # the main socket is still served
 
+
+class SealTests(BackendCase):
+    """A region's fd a front-end could shrink under us (SIGBUS at our next access) is logged."""
+
+    def table_with(self, fd: int) -> None:
+        table = MemoryTable((MemoryRegion(0, 1 << 20, 0x7F00_0000_0000, 0),)).pack()
+        self.assertEqual(self.fe.ack(F.SET_MEM_TABLE, table, [fd]), 0)
+
+    def test_unsealed_memfd_is_logged_a_sealed_one_is_not(self) -> None:
+        fd = memfd(1 << 20)
+        self.addCleanup(os.close, fd)
+        with self.assertLogs("vhost_min.backend", logging.INFO) as logs:
+            self.table_with(fd)
+        self.assertIn("region at guest 0x0 (0x100000 bytes): its fd is not sealed against shrinking",
+                      "\n".join(logs.output))
+        # As QEMU's memory-backend-memfd sends it (seal=on: GROW, SHRINK, SEAL): nothing to say.
+        sealed = os.memfd_create("sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.addCleanup(os.close, sealed)
+        os.ftruncate(sealed, 1 << 20)
+        fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        with self.assertNoLogs("vhost_min.backend", logging.INFO):
+            self.table_with(sealed)
 
 if __name__ == "__main__":
     unittest.main()
