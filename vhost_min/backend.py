@@ -55,6 +55,13 @@ Decisions the spec leaves open, in one place (spec = QEMU docs/interop/vhost-use
   version, reserved flags, oversize payload, more than 8 fds, EOF inside a message) and for
   INBAND_NOTIFICATIONS without BACKEND_REQ and REPLY_ACK (the spec's only "should close").
   Anything else keeps the connection open.
+* Front-ends that stall or flood never hold up the loop. The socket is non-blocking: a message is
+  assembled across reads (header, its fds, payload) and handled once complete, one per readable
+  event; replies the kernel does not take at once wait in a bounded queue (VHOST_USER_MAX_QUEUED
+  bytes), past which the front-end is dropped. One that stops inside a message, or leaves its
+  replies unread, for STALL_TIMEOUT is dropped with the reason logged; one idle between messages
+  never is. The back-end channel queues the same way; a request that needs an answer waits for it
+  at most BACKEND_REQUEST_TIMEOUT.
 * Memory regions must be 4 KiB aligned (guest address, size, user address, mmap offset): QEMU
   rounds vhost-user regions to the RAMBlock page size, DPDK sends whole hugepages, and the dirty
   log works in 4 KiB pages. Overlapping regions (guest or user addresses) are refused.

@@ -1269,6 +1269,8 @@ class Connection:
         None (what arrived is kept -- header bytes, their fds, payload -- for the next call).
 
         A whole message that is there takes two reads, as with recv(); the same checks and errors.
+        Meant for a socket without a timeout (make_nonblocking() sees to it): Python waits up to
+        a socket timeout before each read.
         """
         with self._recv_lock:
             if self._failure is not None:
