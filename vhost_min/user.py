@@ -1331,10 +1331,11 @@ class Connection:
                 if not data:
                     raise DisconnectedError(f"peer closed the connection after {p!r}")
             p.payload = bytearray(size)
-            if data:
-                p.payload[:len(data)] = data
-                p.got = len(data)
             self._partial = p
+            if not data:
+                return None                     # nothing of the payload yet
+            p.payload[:len(data)] = data
+            p.got = len(data)
         if p.got < size:
             view = memoryview(p.payload)
             while p.got < size:
@@ -1357,11 +1358,7 @@ class Connection:
             msg = self.recv_nowait()
             if msg is not None:
                 return msg
-            self._retry(select.POLLIN, self._raise_again)
-
-    @staticmethod
-    def _raise_again() -> None:
-        raise BlockingIOError(errno.EAGAIN, "nothing to read yet")
+            self._wait(select.POLLIN)
 
     def _check_header(self, header: bytes, nfds: int) -> tuple[int, int, int]:
         """(request, flags, size) of a received header, checked: the version, the reserved flag
@@ -1393,7 +1390,7 @@ class Connection:
         with self._recv_lock:
             self.send(request, payload, fds, need_reply=need_reply)
             while not self.flush():             # make_nonblocking: the request must be out first
-                self._retry(select.POLLOUT, self._raise_again)
+                self._wait(select.POLLOUT)
             msg = self.recv()
         if msg.request != request or not msg.is_reply:
             msg.close()
@@ -1468,10 +1465,15 @@ class Connection:
             except InterruptedError:
                 continue
             except BlockingIOError:
-                poller = select.poll()
-                poller.register(self._sock.fileno(), events)
-                if not poller.poll(self._wait_ms) and self._wait_ms >= 0:
-                    raise TimeoutError(errno.ETIMEDOUT, f"the peer did not answer within {self._wait_ms} ms")
+                self._wait(events)
+
+    def _wait(self, events: int) -> None:
+        """Wait until our socket is ready for ``events``: TimeoutError after make_nonblocking's
+        ``timeout``, if one was given."""
+        poller = select.poll()
+        poller.register(self._sock.fileno(), events)
+        if not poller.poll(self._wait_ms) and self._wait_ms >= 0:
+            raise TimeoutError(errno.ETIMEDOUT, f"the peer did not answer within {self._wait_ms} ms")
 
     def _check_usable(self) -> None:
         failure = self._failure

@@ -290,10 +290,41 @@ class ConnectionTests(unittest.TestCase):
         self.a.sock.sendall(data[10:15])
         self.assertIsNone(self.b.recv_nowait())
         self.assertEqual(self.b.partial, "3 of 8 payload bytes of VHOST_USER_SET_VRING_NUM")
-        self.a.sock.sendall(data[15:])
-        with self.b.recv() as msg:
-            self.assertEqual((msg.request, VringState.unpack(msg.payload)), (F.SET_VRING_NUM, (1, 64)))
+        later = threading.Timer(0.1, self.a.sock.sendall, (data[15:],))
+        later.start()
+        try:
+            with self.b.recv() as msg:                  # waits for the rest
+                self.assertEqual((msg.request, VringState.unpack(msg.payload)), (F.SET_VRING_NUM, (1, 64)))
+        finally:
+            later.join()
         self.assertIsNone(self.b.partial)
+
+    def test_request_sends_its_queue_then_waits_for_the_answer(self) -> None:
+        """request() on a non-blocking connection whose queue is not empty: the queue goes out
+        first, then the answer is waited for (at most ``timeout`` per wait)."""
+        self.a.make_nonblocking(timeout=TIMEOUT)
+        n = 3000
+        for i in range(n):
+            self.a.send(F.SET_VRING_NUM, VringState(0, i).pack())
+        self.assertGreater(self.a.pending_output, 0)
+
+        def answer() -> None:
+            for i in range(n):
+                with self.b.recv() as msg:
+                    assert VringState.unpack(msg.payload).num == i, msg
+            with self.b.recv() as msg:
+                self.b.reply_u64(msg, 0x1234)
+        peer = threading.Thread(target=answer)
+        peer.start()
+        try:
+            with self.a.request(F.GET_FEATURES) as reply:
+                self.assertEqual(reply.u64(), 0x1234)
+        finally:
+            peer.join(TIMEOUT)
+        self.assertEqual(self.a.pending_output, 0)
+        self.a.make_nonblocking(timeout=0.1)
+        with self.assertRaises(TimeoutError):           # nobody answers now
+            self.a.request(F.GET_FEATURES)
 
 
 class AssemblyTests(BackendCase):
