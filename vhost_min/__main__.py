@@ -2,8 +2,9 @@
 
 * ``blk``   -- a vhost-user-blk back-end over a raw image, following the vhost-user spec's
   "Backend program conventions" (``--socket-path`` / ``--fd``, ``--print-capabilities``, exit 0 on
-  SIGTERM, never daemonizes); ``--connect PATH`` is client mode, for a front-end that listens. The ``vhost-min-blk`` program is the same command on its own, for
-  the JSON descriptor in QEMU's vhost-user folder (``50-vhost-min-blk.json``, beside this file).
+  SIGTERM, never daemonizes); ``--connect PATH`` is client mode, for a front-end that listens. The
+  ``vhost-min-blk`` program is the same command on its own, for the JSON descriptor in QEMU's
+  vhost-user folder (``50-vhost-min-blk.json``, beside this file).
 * ``net``   -- a vhost-user-net back-end (vhost_min.net.NetDevice): frames to a tap device or looped
   back to the driver, with the blk command's program conventions.
 * ``vduse-blk`` -- the same blk device as a VDUSE (vDPA) device of this kernel, until SIGTERM.
