@@ -1,0 +1,293 @@
+"""A front-end that goes away at every step of QEMU 7.2's vhost-user-blk handshake: our Server (a
+BlkDevice on a socket, in this process) must be ready for the next front-end each time, with no fd
+and no mapping of guest memory left behind, and the next full session must do real I/O.
+
+The handshake is the one QEMU 7.2 really sends (recorded through a WireTap by
+tests.peers.test_reconnect_peers, which checks it against :data:`QEMU_BLK_HANDSHAKE`): realize,
+then the first start of the device up to DRIVER_OK. It is replayed here with raw messages, each
+with QEMU's flags and fds, and cut off after every message, in the middle of every message (half
+a header, a header alone with its fds, half a payload), and after a request whose reply is never
+read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import threading
+import time
+import unittest
+from unittest import mock
+from collections.abc import Iterator
+
+from tests import support
+from vhost_min.backend import Server
+from vhost_min.blk import BlkClient, BlkDevice
+from vhost_min.frontend import Frontend
+from vhost_min.user import (FRONTEND_REQUESTS, HEADER, U64, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_VERSION, Config,
+                            Connection, FrontendRequest, Inflight, MemoryRegion, VringAddr, VringFd, VringState)
+from vhost_min.vring import SplitDriverQueue
+
+F = FrontendRequest
+TIMEOUT = 10.0
+
+#: What QEMU 7.2 sends a vhost-user-blk back-end (ours: it offers INFLIGHT_SHMFD, STATUS,
+#: CONFIGURE_MEM_SLOTS and REPLY_ACK) on its first connection: ``-device vhost-user-blk-pci``
+#: realizing, then the device's first start (SeaBIOS drives the disk first) up to DRIVER_OK.
+#: Recorded from a real QEMU by tests.peers.test_reconnect_peers.
+QEMU_BLK_HANDSHAKE = (
+    # realize
+    "GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "GET_QUEUE_NUM", "GET_MAX_MEM_SLOTS",
+    "SET_BACKEND_REQ_FD", "SET_OWNER", "GET_FEATURES", "SET_VRING_CALL", "SET_VRING_ERR", "GET_CONFIG",
+    # the driver's start: features, inflight region, memory, the ring, DRIVER_OK
+    "SET_FEATURES", "GET_STATUS", "SET_STATUS", "GET_INFLIGHT_FD", "SET_INFLIGHT_FD", "SET_VRING_CALL",
+    "SET_FEATURES", "GET_STATUS", "ADD_MEM_REG", "SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR",
+    "SET_VRING_KICK", "SET_VRING_ENABLE", "GET_STATUS", "SET_STATUS",
+)
+#: Requests QEMU 7.2 sends with NEED_REPLY (as recorded; REPLY_ACK negotiated).
+QEMU_NEED_REPLY = {"SET_BACKEND_REQ_FD", "ADD_MEM_REG"}
+#: The virtio features QEMU 7.2 acks for Linux's virtio_blk on our back-end (as recorded).
+QEMU_LINUX_FEATURES = 0x170006A44
+#: QEMU 7.2's protocol-feature mask: every bit up to STATUS (16).
+QEMU_PROTOCOL_FEATURE_MASK = (1 << 17) - 1
+#: The messages of the handshake that are a header alone (SET_BACKEND_REQ_FD: and its fd).
+WITHOUT_PAYLOAD = {"GET_FEATURES", "GET_PROTOCOL_FEATURES", "GET_QUEUE_NUM", "GET_MAX_MEM_SLOTS", "GET_STATUS",
+                   "SET_OWNER", "SET_BACKEND_REQ_FD"}
+QEMU_GET_CONFIG_SIZE = 57          # what vhost-user-blk-pci asks for
+QUEUE_SIZE = 128
+GUEST_MEMORY = 1 << 20
+#: How a cut lands in message N: after the whole message (and its reply), or inside it.
+CUTS = ("after", "half header", "header and fds only", "half payload", "reply unread")
+
+
+class _Session:
+    """One QEMU-like front-end connection with the fds it hands over (all closed by close())."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(TIMEOUT)
+        self.conn = Connection(self.sock)
+        self.fds: list[int] = []
+        self.values: dict[str, int] = {}
+        self.inflight: tuple[int, Inflight] | None = None
+        self.memory = support.memfd(GUEST_MEMORY, "vhost-min-cut-guest")
+        self.fds.append(self.memory)
+
+    def eventfd(self) -> int:
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.fds.append(fd)
+        return fd
+
+    def message(self, name: str) -> tuple[F, bytes, list[int]]:
+        """QEMU's message ``name`` at this point of the handshake: request, payload, fds."""
+        request = F[name]
+        if name in WITHOUT_PAYLOAD and name != "SET_BACKEND_REQ_FD":
+            return request, b"", []
+        if name == "SET_PROTOCOL_FEATURES":
+            return request, U64.pack(self.values["GET_PROTOCOL_FEATURES"] & QEMU_PROTOCOL_FEATURE_MASK), []
+        if name == "SET_BACKEND_REQ_FD":
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.fds += [ours.detach(), theirs.detach()]
+            return request, b"", [self.fds[-1]]
+        if name in ("SET_VRING_CALL", "SET_VRING_ERR", "SET_VRING_KICK"):
+            return request, VringFd(0, False).pack(), [self.eventfd()]
+        if name == "GET_CONFIG":
+            return request, Config(0, QEMU_GET_CONFIG_SIZE, 0, bytes(QEMU_GET_CONFIG_SIZE)).pack(), []
+        if name == "SET_FEATURES":
+            return request, U64.pack(self.values["GET_FEATURES"] & QEMU_LINUX_FEATURES), []
+        if name == "SET_STATUS":
+            status = 0x8 if self.values.get("GET_STATUS", 0) == 0 and "GET_INFLIGHT_FD" not in self.values else 0xF
+            return request, U64.pack(status), []
+        if name == "GET_INFLIGHT_FD":
+            return request, Inflight(0, 0, 1, QUEUE_SIZE).pack(), []
+        if name == "SET_INFLIGHT_FD":
+            fd, inflight = self.inflight
+            return request, inflight.pack(), [fd]
+        if name == "ADD_MEM_REG":
+            region = MemoryRegion(0, GUEST_MEMORY, 0x7F0000000000, 0)
+            return request, bytes(8) + region.pack(), [self.memory]
+        if name == "SET_VRING_NUM":
+            return request, VringState(0, QUEUE_SIZE).pack(), []
+        if name == "SET_VRING_BASE":
+            return request, VringState(0, 0).pack(), []
+        if name == "SET_VRING_ADDR":
+            parts = SplitDriverQueue.layout(QUEUE_SIZE, 0x10000)
+            uva = 0x7F0000000000
+            return request, VringAddr(0, 0, uva + parts["desc"], uva + parts["device"], uva + parts["driver"],
+                                      parts["device"]).pack(), []
+        if name == "SET_VRING_ENABLE":
+            return request, VringState(0, 1).pack(), []
+        raise AssertionError(f"no QEMU message for {name}")
+
+    def send(self, name: str, cut: str | None = None) -> None:
+        """Send message ``name`` whole and read its reply, or (``cut``) only part of it."""
+        request, payload, fds = self.message(name)
+        flags = VHOST_USER_VERSION | (VHOST_USER_NEED_REPLY_MASK if name in QEMU_NEED_REPLY else 0)
+        wire = HEADER.pack(request, flags, len(payload)) + payload
+        if cut == "half header":
+            self.sock.sendall(wire[:HEADER.size // 2])
+        elif cut == "header and fds only":
+            socket.send_fds(self.sock, [wire[:HEADER.size]], fds)
+        elif cut == "half payload":
+            socket.send_fds(self.sock, [wire[:HEADER.size + len(payload) // 2]], fds)
+        else:
+            self.conn.send(request, payload, fds, flags=flags)
+            if cut == "reply unread":
+                return
+            if FRONTEND_REQUESTS[request].reply or flags & VHOST_USER_NEED_REPLY_MASK:
+                with self.conn.recv() as reply:
+                    if name == "GET_INFLIGHT_FD":
+                        self.inflight = (os.dup(reply.fds[0]), Inflight.unpack(reply.payload))
+                        self.fds.append(self.inflight[0])
+                    elif len(reply.payload) == U64.size:
+                        self.values[name] = reply.u64()
+            self.values.setdefault(name, 0)
+
+    def close(self) -> None:
+        self.conn.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+def _applies(name: str, cut: str) -> bool:
+    """Whether ``cut`` is a cut of its own for message ``name`` (not the same bytes as another)."""
+    if cut in ("header and fds only", "half payload"):
+        return name not in WITHOUT_PAYLOAD        # a header alone would be the whole message
+    if cut == "reply unread":
+        return FRONTEND_REQUESTS[F[name]].reply or name in QEMU_NEED_REPLY
+    return True
+
+
+def _mapped_memfds() -> int:
+    """Mappings of memfds in this process (guest memory, inflight regions) right now."""
+    with open("/proc/self/maps") as f:
+        return sum("/memfd:" in line for line in f)
+
+
+class HandshakeCutTest(unittest.TestCase):
+    """QEMU's handshake cut at every step and inside every message, against one Server."""
+
+    listen = True
+
+    def setUp(self) -> None:
+        tmp = tempfile.TemporaryDirectory(prefix="vhost-min-cut-")
+        self.addCleanup(tmp.cleanup)
+        self.path = os.path.join(tmp.name, "blk.sock")
+        self.image = os.path.join(tmp.name, "disk.img")
+        with open(self.image, "wb") as f:
+            f.truncate(4 << 20)
+        self.device = BlkDevice(self.image)
+        self.addCleanup(self.device.close)
+        self.server = Server()
+        self.addCleanup(self.server.close)
+        if not self.listen:
+            # Client mode: the test listens, the server connects (again 10 ms after each hang-up).
+            patcher = mock.patch("vhost_min.backend.RECONNECT_INTERVAL", 0.01)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(self.listener.close)
+            self.listener.bind(self.path)
+            self.listener.listen(1)
+            self.listener.settimeout(TIMEOUT)
+        self.server.add(self.device, self.path, listen=self.listen)
+        stop = threading.Event()
+        thread = threading.Thread(target=self.server.run, kwargs={"stop_event": stop}, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(stop.set)
+        self.written: dict[int, bytes] = {}
+        self.used = 0                       # client mode: the server's connections the test accepted
+
+    def connect(self) -> socket.socket:
+        """A connection to the back-end: ours to its socket, or (client mode) its own to ours."""
+        if not self.listen:
+            self.used += 1
+            return self.listener.accept()[0]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def wait_idle(self) -> None:
+        """Until the server has retired every connection the test used (it notices a hang-up on
+        its loop). Listening: no connection left. Client mode: each retired connection made the
+        server connect again, so the state to wait for is one fresh connection of its own, pending
+        in the test's listener, as it was before the case."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            backends = list(self.server.backends)
+            if self.listen and not backends:
+                return
+            if (not self.listen and self.server.served > self.used and len(backends) == 1
+                    and not backends[0].closed):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server still serves {backends} {TIMEOUT} s after the front-end left")
+            time.sleep(0.005)
+
+    def full_session(self, number: int) -> None:
+        """A complete session from our own front-end: write 4 KiB of its own and read it back."""
+        data = (b"%06d" % number) * 682 + b"\x5a" * 4
+        with Frontend(Connection(self.connect()), timeout=TIMEOUT) as fe:
+            client = BlkClient(fe, timeout=TIMEOUT)
+            client.write(number * 4096, data)
+            self.assertEqual(client.read(number * 4096, len(data)), data)
+        self.written[number * 4096] = data
+
+    @contextlib.contextmanager
+    def nothing_left(self, what: str) -> Iterator[None]:
+        fds, maps = support.open_fds(), _mapped_memfds()
+        yield
+        self.wait_idle()
+        now = support.open_fds()
+        self.assertEqual(len(now), len(fds), f"fds left open after {what}: {sorted(now - fds)}")
+        self.assertEqual(_mapped_memfds(), maps, f"memfd mappings left after {what}")
+
+    def cut_at(self, step: int, cut: str) -> None:
+        session = _Session(self.connect())
+        try:
+            for name in QEMU_BLK_HANDSHAKE[:step]:
+                session.send(name)
+            if step < len(QEMU_BLK_HANDSHAKE):
+                session.send(QEMU_BLK_HANDSHAKE[step], None if cut == "after" else cut)
+        finally:
+            session.close()
+
+    def test_a_front_end_leaving_at_every_step_and_inside_every_message(self) -> None:
+        self.full_session(0)                # the first session's lazy set-up (threads, rings) out of the way
+        self.wait_idle()
+        cases = [(step, cut) for step, name in enumerate(QEMU_BLK_HANDSHAKE) for cut in CUTS if _applies(name, cut)]
+        cases.append((len(QEMU_BLK_HANDSHAKE), "after"))     # the whole handshake, then gone
+        if not self.listen:
+            cases = [(step, cut) for step, cut in cases if cut == "after"]   # how the server reconnects
+        with self.assertNoLogs("vhost_min.backend", level="ERROR"):
+            for number, (step, cut) in enumerate(cases, 1):
+                what = (f"{cut} {QEMU_BLK_HANDSHAKE[step]} (message {step})" if step < len(QEMU_BLK_HANDSHAKE)
+                        else "the whole handshake")
+                with self.subTest(what), self.nothing_left(what):
+                    self.cut_at(step, cut)
+                    self.wait_idle()
+                    self.full_session(number)
+        self.assertGreater(len(cases), (2 if self.listen else 1) * len(QEMU_BLK_HANDSHAKE))
+        # Every session's data is in the image.
+        with open(self.image, "rb") as f:
+            for offset, data in self.written.items():
+                self.assertEqual(os.pread(f.fileno(), len(data), offset), data)
+
+
+class ClientModeHandshakeCutTest(HandshakeCutTest):
+    """The same against a Server in client mode (``add(..., listen=False)``, ``blk --connect``):
+    after each hang-up it connects again and serves the next front-end."""
+
+    listen = False
+
+
+if __name__ == "__main__":
+    unittest.main()
