@@ -1,0 +1,334 @@
+"""Reconnects with real peers: a back-end restarted under QEMU 7.2, our front-end reconnecting to a
+restarted qemu-storage-daemon, and our back-end in client mode serving one QEMU after another.
+
+- QemuReconnectGuestTest: one guest boot (tests/guest.py) with two vhost-user-blk disks on
+  ``-chardev socket,...,reconnect=1``, each served by ``python3 -m vhost_min blk``. While the guest
+  writes a seeded pattern round by round (O_DIRECT, fsync), both back-ends are stopped and started
+  again three times (SIGTERM, SIGTERM, then SIGKILL). The main disk's back-end listens on its path
+  itself, so QEMU finds no socket between the two processes and retries; the second disk's back-end
+  is socket-activated (``--fd``, the listening socket kept by the test) behind a WireTap, which
+  records every session QEMU opened. The guest reads everything back and compares; the test finds
+  every byte in the images, and in the tap's record what QEMU replayed on each reconnect.
+- ClientModeGuestTest: QEMU listens (``server=on``), ``vhost_min blk --connect`` connects; that
+  same back-end process serves a first guest, then a second QEMU listening on the same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+from collections.abc import Iterator, Sequence
+
+from tests import guest, support
+from tests.peers import launch
+from tests.peers.test_guest_peers import BOOT_TIMEOUT, ROOT, facts, pattern_script, read_image, report
+from tests.unit.test_reconnect import QEMU_BLK_HANDSHAKE
+from vhost_min.user import FrontendRequest, Inflight
+
+F = FrontendRequest
+MiB = 1 << 20
+GUEST_TIMEOUT = 90          # the guest script's own bound (s): the writes wait out each restart
+
+
+@contextlib.contextmanager
+def blk_cli(name: str, workdir: str, image: str, *where: str, pass_fds: Sequence[int] = (),
+            ready: str | None = None) -> Iterator[launch.Peer]:
+    """``python3 -m vhost_min blk -v WHERE... IMAGE`` from this checkout, its output in
+    ``workdir``/``name``.log; waits for ``ready`` (its socket) if given, stops that PID at the end."""
+    log_path = os.path.join(workdir, f"{name}.log")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    argv = [sys.executable, "-m", "vhost_min", "blk", "-v", *where, image]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                                env=env, pass_fds=tuple(pass_fds), preexec_fn=launch._die_with_parent)
+    peer = launch.Peer(name, proc, ready or "", workdir, log_path)
+    try:
+        if ready is not None:
+            try:
+                support.wait_for_path(ready, proc, launch.READY_TIMEOUT)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{name} output:\n{peer.log()}") from None
+        yield peer
+    finally:
+        support.stop_process(proc)
+
+
+def open_fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def make_image(path: str, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+# --------------------------------------------------------------------------------------------
+# QEMU reconnect=1, our back-end restarted under a guest doing I/O
+# --------------------------------------------------------------------------------------------
+
+MAIN_SIZE, TAPPED_SIZE = 64 * MiB, 48 * MiB
+CHUNK, ROUNDS = 512 << 10, 36
+BASE = 4 * MiB
+#: (guest round after which the back-ends are stopped, the signal that stops them)
+RESTARTS = ((3, signal.SIGTERM), (12, signal.SIGTERM), (24, signal.SIGKILL))
+ROUND_MARK = "vhost_min-io round"
+
+RECONNECT_SCRIPT = f"""\
+set -e
+for d in /sys/block/vd*; do
+    case "$(cat "$d/size")" in
+        {MAIN_SIZE // 512}) main=/dev/${{d##*/}} ;;
+        {TAPPED_SIZE // 512}) tapped=/dev/${{d##*/}} ;;
+    esac
+done
+i=0
+while [ $i -lt {ROUNDS} ]; do
+    for disk in main tapped; do
+        eval dev=\\$$disk
+        dd if=/mnt/data/$disk of=$dev bs={CHUNK} skip=$i seek=$(({BASE // CHUNK} + i)) count=1 \\
+            oflag=direct conv=fsync 2>/dev/null
+    done
+    echo "{ROUND_MARK} $i" >/dev/console
+    i=$((i + 1))
+done
+echo 3 >/proc/sys/vm/drop_caches
+for disk in main tapped; do
+    eval dev=\\$$disk
+    dd if=$dev of=/tmp/$disk bs={CHUNK} skip={BASE // CHUNK} count={ROUNDS} iflag=direct 2>/dev/null
+    cmp /mnt/data/$disk /tmp/$disk
+    echo "$disk=ok"
+done
+"""
+
+
+class QemuReconnectGuestTest(unittest.TestCase):
+    """QEMU 7.2 with ``reconnect=1`` keeps a guest's disks through three back-end restarts."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        guest.require_guest()
+        rng = support.seeded_random(cls("test_every_byte_the_guest_wrote_is_in_the_images"))
+        cls.patterns = {disk: rng.randbytes(CHUNK * ROUNDS) for disk in ("main", "tapped")}
+        work = tempfile.TemporaryDirectory(prefix="vhost_min-reconnect-")
+        cls.addClassCleanup(work.cleanup)
+        data = os.path.join(work.name, "data")
+        os.mkdir(data)
+        for disk, pattern in cls.patterns.items():
+            with open(os.path.join(data, disk), "wb") as f:
+                f.write(pattern)
+        cls.images = {"main": os.path.join(work.name, "main.img"), "tapped": os.path.join(work.name, "tapped.img")}
+        make_image(cls.images["main"], MAIN_SIZE)
+        make_image(cls.images["tapped"], TAPPED_SIZE)
+        sock = os.path.join(work.name, "main.sock")
+        upstream = os.path.join(work.name, "tapped.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        cls.addClassCleanup(listener.close)
+        listener.bind(upstream)
+        listener.listen(4)
+        fd = listener.fileno()
+        qemu_args = ["-chardev", f"socket,id=blk0,path={sock},reconnect=1",
+                     "-device", "vhost-user-blk-pci,id=blk0,chardev=blk0,num-queues=1",
+                     "-chardev", f"socket,id=blk1,path={os.path.join(work.name, 'tap.sock')},reconnect=1",
+                     "-device", "vhost-user-blk-pci,id=blk1,chardev=blk1,num-queues=1"]
+        cls.exits: list[tuple[int, int]] = []            # (main, tapped) exit status of each stopped pair
+        cls.logs: list[tuple[str, str]] = []
+        cls.marks: list[str] = []                        # the guest's last round seen at each restart
+
+        def start(n: int) -> tuple[contextlib.ExitStack, launch.Peer, launch.Peer]:
+            stack = contextlib.ExitStack()
+            main = stack.enter_context(blk_cli(f"main{n}", work.name, cls.images["main"], "--socket-path", sock,
+                                               ready=sock))
+            tapped = stack.enter_context(blk_cli(f"tapped{n}", work.name, cls.images["tapped"], "--fd", str(fd),
+                                                 pass_fds=(fd,)))
+            return stack, main, tapped
+
+        with launch.WireTap(os.path.join(work.name, "tap.sock"), upstream) as tap:
+            stack, main, tapped = start(0)
+            try:
+                with guest.Guest(qemu_args, memfd_memory=True, modules=["virtio_blk"], shares={"data": data},
+                                 boot_timeout=BOOT_TIMEOUT) as vm:
+                    vm.start(RECONNECT_SCRIPT, timeout=GUEST_TIMEOUT)
+                    for n, (after, signum) in enumerate(RESTARTS, 1):
+                        vm.wait_for_console(f"{ROUND_MARK} {after}\n", GUEST_TIMEOUT)
+                        cls.marks.append(vm.console().rsplit(ROUND_MARK, 1)[1].split("\n", 1)[0].strip())
+                        for peer in (main, tapped):
+                            peer.proc.send_signal(signum)
+                        cls.exits.append((main.proc.wait(launch.READY_TIMEOUT), tapped.proc.wait(launch.READY_TIMEOUT)))
+                        cls.logs.append((main.log(1 << 20), tapped.log(1 << 20)))
+                        stack.close()
+                        stack, main, tapped = start(n)
+                    try:
+                        cls.result = vm.wait()
+                    except guest.GuestError as exc:
+                        raise AssertionError(f"{exc}\n--- back-ends:\n{main.log()}\n{tapped.log()}") from None
+                support.stop_process(main.proc)
+                support.stop_process(tapped.proc)
+                cls.exits.append((main.proc.returncode, tapped.proc.returncode))
+                cls.logs.append((main.log(1 << 20), tapped.log(1 << 20)))
+            finally:
+                stack.close()
+            cls.sessions = [tap.requests(s) for s in range(tap.sessions)]
+            cls.tap_messages = list(tap.messages)
+            cls.tap_errors = list(tap.errors)
+        cls.facts = facts(cls.result.stdout)
+        report(cls("test_every_byte_the_guest_wrote_is_in_the_images"),
+               f"{len(RESTARTS)} restarts at guest rounds {cls.marks}; guest run {cls.result.seconds:.1f} s; "
+               f"{len(cls.sessions)} sessions through the tap")
+
+    def test_the_guest_read_back_every_round(self) -> None:
+        self.assertEqual(self.result.status, 0, self.result.output)
+        self.assertFalse(self.result.timed_out)
+        self.assertEqual((self.facts.get("main"), self.facts.get("tapped")), ("ok", "ok"), self.result.output)
+
+    def test_every_byte_the_guest_wrote_is_in_the_images(self) -> None:
+        for disk, pattern in self.patterns.items():
+            with self.subTest(disk=disk):
+                self.assertTrue(read_image(self.images[disk], BASE, len(pattern)) == pattern,
+                                f"the {disk} image does not hold what the guest wrote")
+                self.assertEqual(read_image(self.images[disk], 0, BASE), bytes(BASE))
+
+    def test_the_restarts_landed_while_the_guest_was_writing(self) -> None:
+        self.assertEqual(len(self.marks), len(RESTARTS))
+        self.assertTrue(all(int(mark) < ROUNDS - 1 for mark in self.marks), self.marks)
+
+    def test_each_back_end_process_served_the_guest(self) -> None:
+        """Every one of the four processes of each disk served QEMU (the guest's I/O went through
+        it); the ones stopped with SIGTERM exited 0, cleanly."""
+        self.assertEqual(len(self.logs), len(RESTARTS) + 1)
+        for n, ((main_exit, tapped_exit), logs) in enumerate(zip(self.exits, self.logs)):
+            signum = RESTARTS[n][1] if n < len(RESTARTS) else signal.SIGTERM
+            for exit_status, log in zip((main_exit, tapped_exit), logs):
+                with self.subTest(process=n):
+                    self.assertIn("serving a front-end", log)
+                    self.assertRegex(log, r"features 0x[0-9a-f]+ negotiated")
+                    self.assertEqual(exit_status, 0 if signum == signal.SIGTERM else -signum, log)
+                    for level in ("ERROR", "Traceback"):
+                        self.assertNotIn(level, log)
+
+    def test_qemus_handshake_is_the_one_the_unit_tier_replays(self) -> None:
+        """The requests QEMU sent on its first connection (realize, then the driver's start) are
+        tests.unit.test_reconnect.QEMU_BLK_HANDSHAKE, which the unit tier cuts at every step."""
+        names = [m.name for m in self.sessions[0]]
+        self.assertEqual(names[:len(QEMU_BLK_HANDSHAKE)], list(QEMU_BLK_HANDSHAKE), names)
+
+    def test_each_reconnect_replayed_features_memory_inflight_and_ring_bases(self) -> None:
+        self.assertEqual(self.tap_errors, [])
+        self.assertGreaterEqual(len(self.sessions), len(RESTARTS) + 1)
+        first = self.sessions[0]
+        features = [m.u64() for m in first if m.request == F.SET_FEATURES][-1]
+        inflight = next(m for m in first if m.request == F.SET_INFLIGHT_FD)
+        region = Inflight.unpack(inflight.payload)
+        for number, session in enumerate(self.sessions[1:], 1):
+            with self.subTest(session=number):
+                sent = {m.request: m for m in session}
+                self.assertEqual([m.u64() for m in session if m.request == F.SET_FEATURES][-1], features)
+                self.assertIn(F.ADD_MEM_REG, sent)
+                # The inflight region QEMU got from the first back-end, handed to the restarted one.
+                self.assertNotIn(F.GET_INFLIGHT_FD, sent)
+                self.assertEqual(Inflight.unpack(sent[F.SET_INFLIGHT_FD].payload), region)
+                self.assertEqual(sent[F.SET_INFLIGHT_FD].fd_targets, inflight.fd_targets)
+                # The ring resumes where the guest's requests were: a base past the first session's.
+                base = int.from_bytes(sent[F.SET_VRING_BASE].payload[4:8], "little")
+                self.assertGreater(base, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Our back-end in client mode: QEMU listens, one back-end process serves two QEMUs in turn
+# --------------------------------------------------------------------------------------------
+
+CLIENT_IMAGE_SIZE = 32 * MiB
+#: Where each guest writes its 1 MiB (guest 2 also reads guest 1's back).
+CLIENT_OFFSETS = {"first": 1 * MiB, "second": 3 * MiB}
+CLIENT_SIZE = 1 * MiB
+
+
+def fd_count_at_rest(peer: launch.Peer, samples: int = 20) -> int:
+    """The back-end's open fds while it waits for a front-end: the least of a few samples, as a
+    connection attempt holds one more socket for a moment."""
+    counts = []
+    for _ in range(samples):
+        counts.append(open_fd_count(peer.pid))
+        time.sleep(0.05)
+    return min(counts)
+
+
+class ClientModeGuestTest(unittest.TestCase):
+    """``vhost_min blk --connect SOCK``: QEMU 7.2 listens (``-chardev socket,server=on,wait=off``),
+    the back-end connects; a guest writes, reads back and powers off; a second QEMU listens on the
+    same path and the same back-end process, never restarted, connects and serves its guest."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        guest.require_guest()
+        rng = support.seeded_random(cls("test_both_guests_data_is_in_the_image"))
+        cls.patterns = {name: rng.randbytes(CLIENT_SIZE) for name in CLIENT_OFFSETS}
+        work = tempfile.TemporaryDirectory(prefix="vhost_min-client-mode-")
+        cls.addClassCleanup(work.cleanup)
+        data = os.path.join(work.name, "data")
+        os.mkdir(data)
+        for name, pattern in cls.patterns.items():
+            with open(os.path.join(data, name), "wb") as f:
+                f.write(pattern)
+        cls.image = os.path.join(work.name, "disk.img")
+        make_image(cls.image, CLIENT_IMAGE_SIZE)
+        sock = os.path.join(work.name, "qemu.sock")
+        qemu_args = ["-chardev", f"socket,id=blk0,path={sock},server=on,wait=off",
+                     "-device", "vhost-user-blk-pci,id=blk0,chardev=blk0,num-queues=1"]
+        cls.results: dict[str, guest.GuestResult] = {}
+        cls.fds: dict[str, int] = {}
+        with blk_cli("client", work.name, cls.image, "--connect", sock) as backend:
+            for n, name in enumerate(CLIENT_OFFSETS):
+                script = "set -e\n" + pattern_script("/dev/vda", f"/mnt/data/{name}", CLIENT_OFFSETS[name],
+                                                     CLIENT_SIZE, f"{name}_readback")
+                if name == "second":        # what the first guest wrote, through the same back-end
+                    script += (f"dd if=/dev/vda of=/tmp/first bs={CLIENT_SIZE} skip=1 count=1 iflag=direct "
+                               f"2>/dev/null\ncmp /mnt/data/first /tmp/first\necho first_seen=ok\n")
+                with guest.Guest(qemu_args, memfd_memory=True, modules=["virtio_blk"], shares={"data": data},
+                                 boot_timeout=BOOT_TIMEOUT) as vm:
+                    vm.start(script, timeout=GUEST_TIMEOUT)
+                    try:
+                        cls.results[name] = vm.wait()
+                    except guest.GuestError as exc:
+                        raise AssertionError(f"{exc}\n--- back-end:\n{backend.log()}") from None
+                # QEMU has gone: the back-end notices, drops the connection and tries again.
+                deadline = time.monotonic() + launch.READY_TIMEOUT
+                while backend.log(1 << 20).count("front-end disconnected") < n + 1:
+                    backend.check_alive()
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"the back-end did not notice QEMU leaving:\n{backend.log()}")
+                    time.sleep(0.05)
+                cls.fds[name] = fd_count_at_rest(backend)
+            backend.check_alive()
+            backend.proc.send_signal(signal.SIGTERM)
+            cls.exit_status = backend.proc.wait(launch.READY_TIMEOUT)
+            cls.log = backend.log(1 << 20)
+        cls.facts = {name: facts(result.stdout) for name, result in cls.results.items()}
+
+    def test_each_guest_read_back_what_it_wrote(self) -> None:
+        for name, result in self.results.items():
+            with self.subTest(guest=name):
+                self.assertEqual(result.status, 0, f"{result.output}\n--- back-end:\n{self.log}")
+                self.assertEqual(self.facts[name].get(f"{name}_readback"), "ok")
+        self.assertEqual(self.facts["second"].get("first_seen"), "ok", "the second guest did not find the first "
+                                                                       "guest's data")
+
+    def test_both_guests_data_is_in_the_image(self) -> None:
+        for name, offset in CLIENT_OFFSETS.items():
+            self.assertTrue(read_image(self.image, offset, CLIENT_SIZE) == self.patterns[name],
+                            f"the image does not hold the {name} guest's 1 MiB at {offset}")
+
+    def test_one_process_served_both_and_kept_no_fd_of_the_first(self) -> None:
+        self.assertEqual(self.log.count("serving a front-end"), 2, self.log)
+        self.assertEqual(self.log.count("front-end disconnected"), 2, self.log)
+        self.assertEqual(self.fds["second"], self.fds["first"], self.fds)
+        self.assertEqual(self.exit_status, 0, self.log)
+        for level in ("ERROR", "WARNING", "Traceback"):
+            self.assertNotIn(level, self.log)
+        report(self, f"one back-end process served two QEMUs in turn; its fds at rest {self.fds}")
