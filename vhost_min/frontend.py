@@ -1175,14 +1175,20 @@ class Frontend(Dataplane):
 
     def _resume_base(self, ring: _Ring) -> int:
         """Where a back-end that lost its state resumes: from the last chain it used, so chains it
-        had not used are offered again (what QEMU does). Split: used.idx as it is in guest memory.
+        had not used are offered again (what QEMU does). Split: used.idx as it is in guest memory;
+        unless the back-end has the inflight region to resubmit from, the chains it did not use
+        are first published again from there in their order (SplitDriverQueue.requeue_unused), so
+        one completed out of order neither hides a pending one nor runs twice.
         Packed: the driver's reaped position, as both the avail and the used position (reap
         before reconnecting for an exact one)."""
         if ring.packed:
             from .packed import decode_base, encode_base
             _avail, _avail_wrap, used, used_wrap = decode_base(ring.queue.get_base())
             return encode_base(used, used_wrap, used, used_wrap)
-        return int.from_bytes(self.memory.read(ring.device + 2, 2), "little")
+        used = int.from_bytes(self.memory.read(ring.device + 2, 2), "little")
+        if self._inflight is not None and self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
+            return used
+        return ring.queue.requeue_unused(used)
 
     # -- inflight, dirty log, device state -------------------------------------------------------
     def setup_inflight(self, num_queues: int, queue_size: int) -> Inflight:
