@@ -256,17 +256,18 @@ def _unique(prefix: str) -> str:
 
 @contextlib.contextmanager
 def storage_daemon(image_path: str, num_queues: int = 1, writable: bool = True,
-                   block_size: int = 512, discard: bool = False) -> Iterator[Peer]:
+                   block_size: int = 512, discard: bool = False, socket_path: str | None = None) -> Iterator[Peer]:
     """qemu-storage-daemon exporting ``image_path`` (a raw file) as a vhost-user-blk back-end.
 
-    It listens on ``.socket``, serves one front-end at a time and survives reconnects; ``.qmp()``
-    talks to its monitor. ``block_size`` must be a power of two (logical-block-size). With
-    ``discard`` the file node has discard=unmap: VIRTIO_BLK_T_DISCARD punches holes in the image
-    (by default QEMU ignores discards, and answers them OK).
+    It listens on ``.socket`` (``socket_path``, or one in its own directory), serves one front-end
+    at a time and survives reconnects; ``.qmp()`` talks to its monitor. ``block_size`` must be a
+    power of two (logical-block-size). With ``discard`` the file node has discard=unmap:
+    VIRTIO_BLK_T_DISCARD punches holes in the image (by default QEMU ignores discards, and answers
+    them OK).
     """
     support.require_commands(QEMU_STORAGE_DAEMON, install=APT_QEMU_COMMON)
     with _workdir("qsd") as work:
-        sock, qmp = os.path.join(work, "vhost-user-blk.sock"), os.path.join(work, "qmp.sock")
+        sock, qmp = socket_path or os.path.join(work, "vhost-user-blk.sock"), os.path.join(work, "qmp.sock")
         argv = [QEMU_STORAGE_DAEMON,
                 "--blockdev", (f"driver=file,node-name=file0,filename={_qemu_path(os.path.abspath(image_path))}"
                                + (",discard=unmap" if discard else "")),
