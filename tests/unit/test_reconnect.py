@@ -29,10 +29,12 @@ from vhost_min.blk import BlkClient, BlkDevice
 from vhost_min.frontend import Frontend
 from vhost_min.memory import GuestMemory
 from vhost_min.user import (FRONTEND_REQUESTS, HEADER, U64, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_VERSION, Config,
-                            Connection, FrontendRequest, Inflight, MemoryRegion, VringAddr, VringFd, VringState)
+                            Connection, FrontendRequest, Inflight, MemoryRegion, ProtocolFeature, VringAddr, VringFd,
+                            VringState)
 from vhost_min.vring import SplitDeviceQueue, SplitDriverQueue
 
 F = FrontendRequest
+P = ProtocolFeature
 TIMEOUT = 10.0
 
 #: What QEMU 7.2 sends a vhost-user-blk back-end (ours: it offers INFLIGHT_SHMFD, STATUS,
@@ -308,12 +310,9 @@ class CountingUpper(Device):
         return len(data)
 
 
-class OutOfOrderCrashTest(unittest.TestCase):
-    """A back-end dies after completing a chain out of order, with no inflight region to resubmit
-    from (qemu-storage-daemon offers none): reconnect() must get every pending chain run once by
-    the restarted back-end, and none that was completed run again, even after the driver reused
-    the completed chain's descriptors. (QEMU's rule, resume at the used index, loses the chain
-    pending behind the completed one and runs a reused entry instead.)"""
+class _RestartedServer(unittest.TestCase):
+    """A Server of CountingUpper devices (one per connection) that a test can stop and start again
+    on the same path, counting every request the devices saw."""
 
     def setUp(self) -> None:
         tmp = tempfile.TemporaryDirectory(prefix="vhost-min-crash-")
@@ -334,6 +333,14 @@ class OutOfOrderCrashTest(unittest.TestCase):
             server.close()
         self.addCleanup(finish)
         return finish
+
+
+class OutOfOrderCrashTest(_RestartedServer):
+    """A back-end dies after completing a chain out of order, with no inflight region to resubmit
+    from (qemu-storage-daemon offers none): reconnect() must get every pending chain run once by
+    the restarted back-end, and none that was completed run again, even after the driver reused
+    the completed chain's descriptors. (QEMU's rule, resume at the used index, loses the chain
+    pending behind the completed one and runs a reused entry instead.)"""
 
     def test_pending_chains_run_once_and_completed_ones_not_again(self) -> None:
         finish = self.start()
@@ -389,6 +396,69 @@ class OutOfOrderCrashTest(unittest.TestCase):
         add(b"after")                               # and the ring goes on
         fe.publish(0)
         self.assertEqual(reap_all(1), [b"after"])
+
+
+class HangUpDuringReconnectTest(_RestartedServer):
+    """A back-end that accepts and hangs up while reconnect() is under way (one still exiting as
+    we connect, or dying again at once): reconnect() tries again until its timeout and then
+    serves. (QEMU 7.2 with reconnect=1 does not: after one such hang-up it still reconnects the
+    socket every second but never sends the handshake again, and the guest's disk hangs.)"""
+
+    def test_reconnect_survives_back_ends_that_hang_up_mid_handshake(self) -> None:
+        finish = self.start()
+        fe = Frontend.connect(self.path, timeout=TIMEOUT)
+        self.addCleanup(fe.close)
+        fe.negotiate()
+        fe.setup_memory(1 << 18)
+        q = fe.setup_queue(0, 8)
+        src, dst = fe.alloc(16), fe.alloc(16)
+
+        def roundtrip(text: bytes) -> bytes:
+            fe.memory.write(src, text)
+            q.add([(src, len(text))], [(dst, len(text))], token=text)
+            fe.publish(0)
+            deadline = time.monotonic() + TIMEOUT
+            while not (done := q.reap()) and time.monotonic() < deadline:
+                fe.wait_call(0, timeout=0.2)
+            self.assertEqual(done, [(text, len(text))])
+            return fe.memory.read(dst, len(text))
+
+        self.assertEqual(roundtrip(b"before"), b"BEFORE")
+        finish()
+        # In its place, a listener whose first connections end while reconnect() waits for an
+        # answer: to GET_FEATURES, to GET_PROTOCOL_FEATURES, and to the fifth request after
+        # those (REPLY_ACK "negotiated" here, every request waits for one).
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(4)
+        hung_up: list[str] = []
+
+        def impostor() -> None:
+            with listener:
+                for answers in (0, 1, 6):
+                    sock, _ = listener.accept()
+                    with Connection(sock) as conn:
+                        while True:
+                            with conn.recv() as msg:
+                                if not (FRONTEND_REQUESTS[msg.request].reply or msg.need_reply):
+                                    continue
+                                if not answers:
+                                    hung_up.append(msg.request.name)
+                                    break
+                                answers -= 1
+                                value = {F.GET_FEATURES: fe.offered_features,
+                                         F.GET_PROTOCOL_FEATURES: P.REPLY_ACK}.get(msg.request, 0)
+                                conn.reply(msg, U64.pack(value))
+            os.unlink(self.path)
+            self.start()                                # and then the real one
+
+        thread = threading.Thread(target=impostor, daemon=True)
+        thread.start()
+        fe.reconnect(timeout=TIMEOUT)
+        thread.join(TIMEOUT)
+        self.assertEqual(hung_up[:2], ["GET_FEATURES", "GET_PROTOCOL_FEATURES"])
+        self.assertEqual(len(hung_up), 3)
+        self.assertEqual(roundtrip(b"after"), b"AFTER")
 
 
 class RequeueUnusedTest(unittest.TestCase):
