@@ -33,10 +33,10 @@ from collections.abc import Iterator, Sequence
 from tests import guest, support
 from tests.peers import launch
 from tests.peers.test_guest_peers import BOOT_TIMEOUT, ROOT, facts, pattern_script, read_image, report
-from tests.unit.test_reconnect import QEMU_BLK_HANDSHAKE
+from tests.unit.test_reconnect import QEMU_BLK_HANDSHAKE, QEMU_LINUX_FEATURES, QEMU_NEED_REPLY
 from vhost_min.blk import BlkClient, BlkRequest
 from vhost_min.frontend import Frontend
-from vhost_min.user import FrontendRequest, Inflight, ProtocolFeature, VringState
+from vhost_min.user import VHOST_USER_NEED_REPLY_MASK, FrontendRequest, Inflight, ProtocolFeature, VringState
 
 F = FrontendRequest
 P = ProtocolFeature
@@ -225,6 +225,10 @@ class QemuReconnectGuestTest(unittest.TestCase):
         tests.unit.test_reconnect.QEMU_BLK_HANDSHAKE, which the unit tier cuts at every step."""
         names = [m.name for m in self.sessions[0]]
         self.assertEqual(names[:len(QEMU_BLK_HANDSHAKE)], list(QEMU_BLK_HANDSHAKE), names)
+        handshake = self.sessions[0][:len(QEMU_BLK_HANDSHAKE)]
+        self.assertEqual({m.name for m in handshake if m.flags & VHOST_USER_NEED_REPLY_MASK}, QEMU_NEED_REPLY)
+        # SeaBIOS drives the disk first; Linux's virtio_blk then acks what the unit tier acks.
+        self.assertIn(QEMU_LINUX_FEATURES, [m.u64() for m in self.sessions[0] if m.request == F.SET_FEATURES])
 
     def test_each_reconnect_replayed_features_memory_inflight_and_ring_bases(self) -> None:
         self.assertEqual(self.tap_errors, [])

@@ -62,6 +62,7 @@ WITHOUT_PAYLOAD = {"GET_FEATURES", "GET_PROTOCOL_FEATURES", "GET_QUEUE_NUM", "GE
 QEMU_GET_CONFIG_SIZE = 57          # what vhost-user-blk-pci asks for
 QUEUE_SIZE = 128
 GUEST_MEMORY = 1 << 20
+GUEST_UVA = 0x7F0000000000          # where "QEMU" says the guest memory is mapped
 #: How a cut lands in message N: after the whole message (and its reply), or inside it.
 CUTS = ("after", "half header", "header and fds only", "half payload", "reply unread")
 
@@ -101,16 +102,15 @@ class _Session:
             return request, Config(0, QEMU_GET_CONFIG_SIZE, 0, bytes(QEMU_GET_CONFIG_SIZE)).pack(), []
         if name == "SET_FEATURES":
             return request, U64.pack(self.values["GET_FEATURES"] & QEMU_LINUX_FEATURES), []
-        if name == "SET_STATUS":
-            status = 0x8 if self.values.get("GET_STATUS", 0) == 0 and "GET_INFLIGHT_FD" not in self.values else 0xF
-            return request, U64.pack(status), []
+        if name == "SET_STATUS":            # FEATURES_OK, then (the ring set up) DRIVER_OK too
+            return request, U64.pack(0xF if "SET_VRING_ENABLE" in self.values else 0x8), []
         if name == "GET_INFLIGHT_FD":
             return request, Inflight(0, 0, 1, QUEUE_SIZE).pack(), []
         if name == "SET_INFLIGHT_FD":
             fd, inflight = self.inflight
             return request, inflight.pack(), [fd]
         if name == "ADD_MEM_REG":
-            region = MemoryRegion(0, GUEST_MEMORY, 0x7F0000000000, 0)
+            region = MemoryRegion(0, GUEST_MEMORY, GUEST_UVA, 0)
             return request, bytes(8) + region.pack(), [self.memory]
         if name == "SET_VRING_NUM":
             return request, VringState(0, QUEUE_SIZE).pack(), []
@@ -118,9 +118,8 @@ class _Session:
             return request, VringState(0, 0).pack(), []
         if name == "SET_VRING_ADDR":
             parts = SplitDriverQueue.layout(QUEUE_SIZE, 0x10000)
-            uva = 0x7F0000000000
-            return request, VringAddr(0, 0, uva + parts["desc"], uva + parts["device"], uva + parts["driver"],
-                                      parts["device"]).pack(), []
+            return request, VringAddr(0, 0, GUEST_UVA + parts["desc"], GUEST_UVA + parts["device"],
+                                      GUEST_UVA + parts["driver"], parts["device"]).pack(), []
         if name == "SET_VRING_ENABLE":
             return request, VringState(0, 1).pack(), []
         raise AssertionError(f"no QEMU message for {name}")
