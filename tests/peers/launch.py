@@ -203,14 +203,15 @@ def _workdir(name: str) -> Iterator[str]:
 @contextlib.contextmanager
 def _running(name: str, argv: Sequence[str], workdir: str, sock: str, *, ready: Sequence[str] = (),
              qmp_path: str | None = None, extra_files: Sequence[str] = (), grace: float = 0.0,
-             env: dict[str, str] | None = None) -> Iterator[Peer]:
+             env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> Iterator[Peer]:
     """Start ``argv`` with its output in ``workdir``/``name``.log, wait for the ``ready`` paths,
     yield the Peer, and finally stop that PID (after ``grace`` seconds to exit on its own) and
-    remove ``extra_files``. ``env``: the child's environment (default: ours)."""
+    remove ``extra_files``. ``env``: the child's environment (default: ours); ``pass_fds``: fds
+    it inherits."""
     log_path = os.path.join(workdir, f"{name}.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=workdir, preexec_fn=_die_with_parent, env=env)
+                                cwd=workdir, preexec_fn=_die_with_parent, env=env, pass_fds=tuple(pass_fds))
     peer = Peer(name, proc, sock, workdir, log_path, qmp_path, list(extra_files))
     try:
         for path in ready:
@@ -396,16 +397,27 @@ def qemu_frontend(socket_path: str, device: str = "vhost-user-blk-pci", extra_de
 
 
 @contextlib.contextmanager
-def vhost_min_blk(image_path: str, num_queues: int = 1, extra: Sequence[str] = ()) -> Iterator[Peer]:
+def vhost_min_blk(image_path: str, num_queues: int = 1, extra: Sequence[str] = (), *,
+                  socket_path: str | None = None, fd: int | None = None, connect: str | None = None) -> Iterator[Peer]:
     """Our own back-end as users run it: ``python3 -m vhost_min blk --socket-path SOCK IMAGE`` in a
-    child process, from this checkout. It exits 0 on SIGTERM: ``.proc.returncode`` afterwards."""
+    child process, from this checkout; it returns once SOCK exists. SOCK is ``socket_path`` or one
+    in its own directory; instead, ``fd`` serves that inherited socket (``--fd``) and ``connect``
+    is client mode (``--connect PATH``, returning at once). It exits 0 on SIGTERM:
+    ``.proc.returncode`` afterwards."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with _workdir("vhost-min-blk") as work:
-        sock = os.path.join(work, "vhost-user-blk.sock")
-        argv = [sys.executable, "-m", "vhost_min", "blk", "--socket-path", sock, "--num-queues", str(num_queues),
+        sock = socket_path or os.path.join(work, "vhost-user-blk.sock")
+        if fd is not None:
+            where, sock = ["--fd", str(fd)], ""
+        elif connect is not None:
+            where, sock = ["--connect", connect], connect
+        else:
+            where = ["--socket-path", sock]
+        argv = [sys.executable, "-m", "vhost_min", "blk", *where, "--num-queues", str(num_queues),
                 *extra, os.path.abspath(image_path)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
-        with _running("vhost-min-blk", argv, work, sock, ready=(sock,), env=env) as peer:
+        with _running("vhost-min-blk", argv, work, sock, ready=(sock,) if where[0] == "--socket-path" else (),
+                      env=env, pass_fds=() if fd is None else (fd,)) as peer:
             yield peer
 
 

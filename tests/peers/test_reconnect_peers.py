@@ -23,16 +23,14 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 import unittest
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from tests import guest, support
 from tests.peers import launch
-from tests.peers.test_guest_peers import BOOT_TIMEOUT, ROOT, facts, pattern_script, read_image, report
+from tests.peers.test_guest_peers import BOOT_TIMEOUT, facts, pattern_script, read_image, report
 from tests.unit.test_reconnect import QEMU_BLK_HANDSHAKE, QEMU_LINUX_FEATURES, QEMU_NEED_REPLY
 from vhost_min.blk import BlkClient, BlkRequest
 from vhost_min.frontend import Frontend
@@ -43,29 +41,6 @@ P = ProtocolFeature
 MiB = 1 << 20
 TIMEOUT = 10.0              # any one request, and any wait for completions
 GUEST_TIMEOUT = 90          # the guest script's own bound (s): the writes wait out each restart
-
-
-@contextlib.contextmanager
-def blk_cli(name: str, workdir: str, image: str, *where: str, pass_fds: Sequence[int] = (),
-            ready: str | None = None) -> Iterator[launch.Peer]:
-    """``python3 -m vhost_min blk -v WHERE... IMAGE`` from this checkout, its output in
-    ``workdir``/``name``.log; waits for ``ready`` (its socket) if given, stops that PID at the end."""
-    log_path = os.path.join(workdir, f"{name}.log")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    argv = [sys.executable, "-m", "vhost_min", "blk", "-v", *where, image]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-                                env=env, pass_fds=tuple(pass_fds), preexec_fn=launch._die_with_parent)
-    peer = launch.Peer(name, proc, ready or "", workdir, log_path)
-    try:
-        if ready is not None:
-            try:
-                support.wait_for_path(ready, proc, launch.READY_TIMEOUT)
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{name} output:\n{peer.log()}") from None
-        yield peer
-    finally:
-        support.stop_process(proc)
 
 
 def open_fd_count(pid: int) -> int:
@@ -151,10 +126,8 @@ class QemuReconnectGuestTest(unittest.TestCase):
 
         def start(n: int) -> tuple[contextlib.ExitStack, launch.Peer, launch.Peer]:
             stack = contextlib.ExitStack()
-            main = stack.enter_context(blk_cli(f"main{n}", work.name, cls.images["main"], "--socket-path", sock,
-                                               ready=sock))
-            tapped = stack.enter_context(blk_cli(f"tapped{n}", work.name, cls.images["tapped"], "--fd", str(fd),
-                                                 pass_fds=(fd,)))
+            main = stack.enter_context(launch.vhost_min_blk(cls.images["main"], extra=["-v"], socket_path=sock))
+            tapped = stack.enter_context(launch.vhost_min_blk(cls.images["tapped"], extra=["-v"], fd=fd))
             return stack, main, tapped
 
         with launch.WireTap(os.path.join(work.name, "tap.sock"), upstream) as tap:
@@ -448,7 +421,7 @@ class ClientModeGuestTest(unittest.TestCase):
                      "-device", "vhost-user-blk-pci,id=blk0,chardev=blk0,num-queues=1"]
         cls.results: dict[str, guest.GuestResult] = {}
         cls.fds: dict[str, int] = {}
-        with blk_cli("client", work.name, cls.image, "--connect", sock) as backend:
+        with launch.vhost_min_blk(cls.image, extra=["-v"], connect=sock) as backend:
             for n, name in enumerate(CLIENT_OFFSETS):
                 script = "set -e\n" + pattern_script("/dev/vda", f"/mnt/data/{name}", CLIENT_OFFSETS[name],
                                                      CLIENT_SIZE, f"{name}_readback")
