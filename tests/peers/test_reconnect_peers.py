@@ -20,13 +20,17 @@ restarted qemu-storage-daemon, and our back-end in client mode serving one QEMU 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import unittest
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from tests import guest, support
 from tests.peers import launch
@@ -228,17 +232,90 @@ class QemuReconnectGuestTest(unittest.TestCase):
 # Our front-end reconnecting to a restarted qemu-storage-daemon
 # --------------------------------------------------------------------------------------------
 
-QSD_IMAGE_SIZE = 32 * MiB
 #: Requests submitted before each kill of qemu-storage-daemon; kills go on (up to MAX_KILLS) until
 #: OUT_OF_ORDER_KILLS of them found the daemon had completed requests out of order.
 IN_FLIGHT_WRITES, OUT_OF_ORDER_KILLS, MAX_KILLS = 24, 2, 30
+#: Room each in-flight write gets (writes are 4..128 KiB).
+WRITE_SLOT = 128 << 10
+#: 4 MiB of writes from the orderly and idle restarts, then a new stretch for each kill (sparse).
+QSD_IMAGE_SIZE = 4 * MiB + MAX_KILLS * IN_FLIGHT_WRITES * WRITE_SLOT
+
+
+class RestartingStorageDaemon:
+    """qemu-storage-daemon serving ``image`` on the socket ``path``, stopped (SIGTERM) or killed
+    (SIGKILL) and started again on the same socket by :meth:`restart`; ``.peer`` is the one
+    running. A context manager: the last one is stopped at the end."""
+
+    def __init__(self, image: str, path: str) -> None:
+        self.image, self.path = image, path
+        self._stack = contextlib.ExitStack()
+        self.peer: launch.Peer | None = None
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)           # a killed daemon's socket file: ready means the new one
+        self.peer = self._stack.enter_context(launch.storage_daemon(self.image, socket_path=self.path))
+
+    def restart(self, signum: int = signal.SIGTERM) -> None:
+        self.peer.proc.send_signal(signum)
+        self._stack.close()
+        self.start()
+
+    def __enter__(self) -> RestartingStorageDaemon:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+@dataclass
+class KillRound:
+    """One kill of qemu-storage-daemon with requests in flight, as kill_with_requests_in_flight saw it."""
+
+    pending: int            # requests the dead daemon had not completed
+    out_of_order: bool      # it had completed one submitted after one still pending
+    reconnect_s: float      # how long Frontend.reconnect() took
+
+
+def kill_with_requests_in_flight(daemon: RestartingStorageDaemon, blk: BlkClient, rng, offset: int,
+                                 written: dict[int, bytes], count: int = IN_FLIGHT_WRITES) -> KillRound:
+    """Submit ``count`` requests -- writes of 4..128 KiB, one every WRITE_SLOT from ``offset`` on
+    (recorded in ``written``), and a FLUSH (fdatasync of megabytes) a third of the way, which qsd
+    completes after the writes behind it -- SIGKILL the daemon 0..4 ms later, start it again,
+    reconnect() and complete them all. AssertionError unless each completes exactly once, OK."""
+    requests = []
+    for i in range(count):
+        if i == count // 3:
+            requests.append(BlkRequest.flush(tag=i))
+            continue
+        data = rng.randbytes(rng.choice((4, 16, 64, 128)) << 10)
+        requests.append(BlkRequest.write(offset + i * WRITE_SLOT, data, tag=i))
+        written[offset + i * WRITE_SLOT] = data
+    if blk.submit(requests) != count:
+        raise AssertionError(f"only {count} requests fit, not {len(requests)}")
+    time.sleep(rng.uniform(0, 0.004))
+    daemon.restart(signal.SIGKILL)
+    before = blk.complete(0)                            # what the dead daemon completed
+    done = [c.tag for c in before]
+    pending = sorted(set(range(count)) - set(done))
+    start = time.monotonic()
+    blk.frontend.reconnect(timeout=TIMEOUT)
+    took = time.monotonic() - start
+    after = blk.complete(len(pending), TIMEOUT) if pending else []
+    if sorted(c.tag for c in before + after) != list(range(count)):
+        raise AssertionError(f"requests did not complete exactly once: {sorted(c.tag for c in before + after)}")
+    if any(c.status for c in before + after):
+        raise AssertionError(f"requests failed: {[c for c in before + after if c.status]}")
+    return KillRound(len(pending), bool(pending and done and max(done) > pending[0]), took)
 
 
 class StorageDaemonRestartTest(unittest.TestCase):
     """Frontend.reconnect() to a qemu-storage-daemon restarted on the same socket and image:
     after an orderly stop (GET_VRING_BASE), after a SIGKILL while idle, and after SIGKILLs with
     writes in flight. What replayed crossed a WireTap; every byte written is read back through
-    the restarted daemon and found in the image.
+    the restarted daemon and found in the image. (``python3 -m bench reconnect`` runs the kills
+    by the hundred.)
 
     The guarantee with a back-end that offers no inflight region (qsd 7.2 does not offer
     INFLIGHT_SHMFD): a request the dead daemon completed (its used entry published) is not run
@@ -254,17 +331,7 @@ class StorageDaemonRestartTest(unittest.TestCase):
         self.rng = support.seeded_random(self)
         self.image = os.path.join(self.dir, "disk.img")
         make_image(self.image, QSD_IMAGE_SIZE)
-        self.sock = os.path.join(self.dir, "qsd.sock")
         self.written: dict[int, bytes] = {}
-
-    @contextlib.contextmanager
-    def daemon(self) -> Iterator[launch.Peer]:
-        """A qemu-storage-daemon on self.sock (a killed one's socket file removed first)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.sock)
-        with launch.storage_daemon(self.image, socket_path=self.sock) as qsd:
-            self.qsd = qsd
-            yield qsd
 
     def write(self, blk: BlkClient, offset: int, size: int) -> None:
         data = self.rng.randbytes(size)
@@ -276,11 +343,10 @@ class StorageDaemonRestartTest(unittest.TestCase):
             self.assertTrue(blk.read(offset, len(data)) == data, f"the {len(data)} bytes at {offset} came back wrong")
 
     def test_reconnects_replay_the_state_and_lose_nothing(self) -> None:
-        stats = []
-        with launch.WireTap(os.path.join(self.dir, "tap.sock"), self.sock) as tap:
-            stack = contextlib.ExitStack()
-            self.addCleanup(stack.close)
-            stack.enter_context(self.daemon())
+        rounds: list[KillRound] = []
+        sock = os.path.join(self.dir, "qsd.sock")
+        with RestartingStorageDaemon(self.image, sock) as daemon, \
+                launch.WireTap(os.path.join(self.dir, "tap.sock"), sock) as tap:
             fe = Frontend.connect(tap.path, timeout=TIMEOUT)
             self.addCleanup(fe.close)
             blk = BlkClient(fe, timeout=TIMEOUT)
@@ -289,57 +355,29 @@ class StorageDaemonRestartTest(unittest.TestCase):
 
             # 1. Orderly: the ring stopped first (GET_VRING_BASE), qsd stopped with SIGTERM.
             bases = fe.stop()
-            stack.close()
-            stack.enter_context(self.daemon())
+            daemon.restart(signal.SIGTERM)
             fe.reconnect(timeout=TIMEOUT)
             self.write(blk, 2 * MiB, 256 << 10)
             self.check_all(blk)
 
             # 2. A crash while idle: SIGKILL, no GET_VRING_BASE; the ring resumes at the used index.
-            stack = self.kill_and_restart(stack)
+            daemon.restart(signal.SIGKILL)
             fe.reconnect(timeout=TIMEOUT)
             self.write(blk, 3 * MiB, 256 << 10)
             self.check_all(blk)
 
-            # 3. Crashes with writes in flight (sizes 4 KiB..128 KiB, each at its own offset).
-            offset = 4 * MiB
-            kill = 0
-            while kill < MAX_KILLS and sum(out_of_order for _pending, out_of_order in stats) < OUT_OF_ORDER_KILLS:
-                # A FLUSH (fdatasync of megabytes) a third of the way: qsd completes the writes
-                # behind it first, so the kill finds completions out of order.
-                requests = []
-                for i in range(IN_FLIGHT_WRITES):
-                    if i == IN_FLIGHT_WRITES // 3:
-                        requests.append(BlkRequest.flush(tag=(kill, i)))
-                        continue
-                    data = self.rng.randbytes(self.rng.choice((4, 16, 64, 128)) << 10)
-                    requests.append(BlkRequest.write(offset, data, tag=(kill, i)))
-                    self.written[offset] = data
-                    offset += 128 << 10
-                self.assertEqual(blk.submit(requests), IN_FLIGHT_WRITES)
-                time.sleep(self.rng.uniform(0, 0.004))
-                stack = self.kill_and_restart(stack)
-                before = blk.complete(0)                    # what the dead daemon completed
-                done = [c.tag[1] for c in before]
-                pending = sorted(set(range(IN_FLIGHT_WRITES)) - set(done))
-                stats.append((len(pending), bool(pending and done and max(done) > pending[0])))
-                fe.reconnect(timeout=TIMEOUT)
-                after = blk.complete(len(pending), TIMEOUT) if pending else []
-                finished = sorted(c.tag for c in before + after)
-                self.assertEqual(finished, [(kill, i) for i in range(IN_FLIGHT_WRITES)], "a request did not complete "
-                                                                                          "exactly once")
-                self.assertTrue(all(c.status == 0 for c in before + after), before + after)
-                kill += 1
+            # 3. Crashes with requests in flight, each write at its own offset.
+            while len(rounds) < MAX_KILLS and sum(r.out_of_order for r in rounds) < OUT_OF_ORDER_KILLS:
+                offset = 4 * MiB + len(rounds) * IN_FLIGHT_WRITES * WRITE_SLOT
+                rounds.append(kill_with_requests_in_flight(daemon, blk, self.rng, offset, self.written))
             blk.flush()
             self.check_all(blk)
             sessions = [tap.requests(s) for s in range(tap.sessions)]
             replies = {m: tap.reply_to(m) for m in sessions[0] if m.request == F.GET_VRING_BASE}
             fe.close()
-            stack.close()
-            self.assertEqual(tap.errors, [])
-        self.assertEqual(len(sessions), 2 + len(stats) + 1)
-        self.assertTrue(any(pending for pending, _out_of_order in stats), f"no kill landed with a request in flight: "
-                                                                        f"{stats}")
+        self.assertEqual(tap.errors, [])
+        self.assertEqual(len(sessions), 2 + len(rounds) + 1)
+        self.assertTrue(any(r.pending for r in rounds), f"no kill landed with a request in flight: {rounds}")
         # Every session replayed the same features, the same memory, the ring with its eventfds.
         first = sessions[0]
         features = [m.u64() for m in first if m.request == F.SET_FEATURES][-1]
@@ -354,27 +392,33 @@ class StorageDaemonRestartTest(unittest.TestCase):
                     self.assertIn(name, names)
                 self.assertNotIn("SET_INFLIGHT_FD", names)
         # After the orderly stop, the base qsd answered to GET_VRING_BASE.
-        (stop, reply), = replies.items()
+        (_stop, reply), = replies.items()
         self.assertEqual(VringState.unpack(reply.payload).num, bases[0])
         self.assertEqual(VringState.unpack(next(m for m in sessions[1] if m.request == F.SET_VRING_BASE).payload).num,
                          bases[0])
         with open(self.image, "rb") as f:
             for offset, data in self.written.items():
                 self.assertTrue(os.pread(f.fileno(), len(data), offset) == data, f"the image lacks the data at {offset}")
-        report(self, f"{len(stats)} kills, {IN_FLIGHT_WRITES} requests submitted before each: "
-                     f"{sum(1 for pending, _o in stats if pending)} with requests pending, "
-                     f"{sum(o for _p, o in stats)} of them after out-of-order completions; (pending, out of order) "
-                     f"{stats}; {sum(len(d) for d in self.written.values()) >> 10} KiB written, all on disk")
+        report(self, f"{len(rounds)} kills, {IN_FLIGHT_WRITES} requests submitted before each: "
+                     f"{sum(1 for r in rounds if r.pending)} with requests pending, "
+                     f"{sum(r.out_of_order for r in rounds)} of them after out-of-order completions; pending at each "
+                     f"{[r.pending for r in rounds]}; {sum(len(d) for d in self.written.values()) >> 10} KiB written, "
+                     f"all on disk")
         self.assertEqual(launch.child_processes(), [])
 
-    def kill_and_restart(self, stack: contextlib.ExitStack) -> contextlib.ExitStack:
-        """SIGKILL the running daemon (the one ``stack`` holds), start a new one."""
-        self.qsd.proc.kill()
-        stack.close()
-        stack = contextlib.ExitStack()
-        self.addCleanup(stack.close)
-        stack.enter_context(self.daemon())
-        return stack
+    def test_the_bench_reports_its_kills_and_no_loss(self) -> None:
+        """``python3 -m bench reconnect --kills 5 --json``: a table, then one JSON object."""
+        support.require_commands(launch.QEMU_STORAGE_DAEMON, install=launch.APT_QEMU_COMMON)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        result = subprocess.run([sys.executable, "-m", "bench", "reconnect", "--kills", "5", "--json"], cwd=root,
+                                capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("kills with requests pending", result.stdout)
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        self.assertEqual((summary["kills"], summary["requests_completed"]), (5, 5 * IN_FLIGHT_WRITES))
+        self.assertEqual((summary["bad_reads"], summary["bad_in_image"]), (0, 0))
+        self.assertGreater(summary["bytes_read_back"], 0)
+        self.assertEqual(launch.child_processes(), [])
 
 
 # --------------------------------------------------------------------------------------------
