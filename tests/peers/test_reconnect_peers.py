@@ -82,7 +82,7 @@ while [ $i -lt {ROUNDS} ]; do
         dd if=/mnt/data/$disk of=$dev bs={CHUNK} skip=$i seek=$(({BASE // CHUNK} + i)) count=1 \\
             oflag=direct conv=fsync 2>/dev/null
     done
-    echo "{ROUND_MARK} $i" >/dev/console
+    echo "{ROUND_MARK} $i done" >/dev/console
     i=$((i + 1))
 done
 echo 3 >/proc/sys/vm/drop_caches
@@ -141,8 +141,8 @@ class QemuReconnectGuestTest(unittest.TestCase):
                                  boot_timeout=BOOT_TIMEOUT) as vm:
                     vm.start(RECONNECT_SCRIPT, timeout=GUEST_TIMEOUT)
                     for n, (after, signum) in enumerate(RESTARTS, 1):
-                        vm.wait_for_console(f"{ROUND_MARK} {after}\n", GUEST_TIMEOUT)
-                        cls.marks.append(vm.console().rsplit(ROUND_MARK, 1)[1].split("\n", 1)[0].strip())
+                        vm.wait_for_console(f"{ROUND_MARK} {after} done", GUEST_TIMEOUT)
+                        cls.marks.append(vm.console().rsplit(ROUND_MARK, 1)[1].split()[0])
                         for peer in (main, tapped):
                             peer.proc.send_signal(signum)
                         cls.exits.append((main.proc.wait(launch.READY_TIMEOUT), tapped.proc.wait(launch.READY_TIMEOUT)))
