@@ -1331,6 +1331,7 @@ class Frontend(Dataplane):
                     time.sleep(0.02)
 
     def _connect_again(self, deadline: float) -> None:
+        """The new main connection, retried while nothing listens on the path yet (until ``deadline``)."""
         while True:
             try:
                 sock = _connect_socket(self.path, self.timeout)
