@@ -7,7 +7,11 @@ tests.peers.test_reconnect_peers, which checks it against :data:`QEMU_BLK_HANDSH
 then the first start of the device up to DRIVER_OK. It is replayed here with raw messages, each
 with QEMU's flags and fds, and cut off after every message, in the middle of every message (half
 a header, a header alone with its fds, half a payload), and after a request whose reply is never
-read.
+read; against a Server that listens and one in client mode.
+
+Also here, our front-end's side of a restart: Frontend.reconnect() after a back-end died having
+completed a chain out of order (no inflight region to resubmit from), and while back-ends hang up
+in the middle of its handshake; SplitDriverQueue.requeue_unused on its own.
 """
 
 from __future__ import annotations
