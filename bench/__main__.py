@@ -15,6 +15,7 @@ BENCHMARKS = {
     "net": "64-byte frames, dpdk-testpmd virtio-user into and out of our net back-end and DPDK's vhost PMD",
     "vdpa": "in a QEMU guest (TCG): our VdpaDriver on vdpa_sim_blk, and our VDUSE blk device under dd O_DIRECT",
     "fuzz": "the fuzzing harness for --minutes N (default 1) [--seed S]: back-end messages, front-end replies, rings",
+    "reconnect": "our front-end through --kills N (default 200) SIGKILLs of qemu-storage-daemon with requests in flight",
 }
 
 

@@ -2,8 +2,9 @@
 
 * ``blk``   -- a vhost-user-blk back-end over a raw image, following the vhost-user spec's
   "Backend program conventions" (``--socket-path`` / ``--fd``, ``--print-capabilities``, exit 0 on
-  SIGTERM, never daemonizes). The ``vhost-min-blk`` program is the same command on its own, for
-  the JSON descriptor in QEMU's vhost-user folder (``50-vhost-min-blk.json``, beside this file).
+  SIGTERM, never daemonizes); ``--connect PATH`` is client mode, for a front-end that listens. The
+  ``vhost-min-blk`` program is the same command on its own, for the JSON descriptor in QEMU's
+  vhost-user folder (``50-vhost-min-blk.json``, beside this file).
 * ``net``   -- a vhost-user-net back-end (vhost_min.net.NetDevice): frames to a tap device or looped
   back to the driver, with the blk command's program conventions.
 * ``vduse-blk`` -- the same blk device as a VDUSE (vDPA) device of this kernel, until SIGTERM.
@@ -145,6 +146,9 @@ def _add_blk_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket (removed on exit)")
     where.add_argument("--fd", type=int, metavar="N",
                        help="serve the inherited unix socket N: listening (socket activation) or connected")
+    where.add_argument("--connect", metavar="PATH",
+                       help="client mode: connect to a front-end listening on PATH (QEMU's -chardev "
+                            "socket,server=on), retrying every second, and again after each disconnect")
     parser.add_argument("--read-only", action="store_true", help="open the image read-only and offer VIRTIO_BLK_F_RO")
     parser.add_argument("--num-queues", type=_queue_count, default=1, metavar="N",
                         help="request queues (default 1; more offers VIRTIO_BLK_F_MQ)")
@@ -157,8 +161,13 @@ def _add_blk_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve_on(server, device, args: argparse.Namespace) -> str:
-    """Add ``device`` to ``server`` on --fd N or --socket-path PATH; returns where, for the
-    serving line."""
+    """Add ``device`` to ``server`` on --fd N, --socket-path PATH or (blk) --connect PATH; returns
+    where, for the serving line."""
+    connect = getattr(args, "connect", None)
+    if connect is not None:
+        from .user import check_socket_path
+        server.add(device, check_socket_path(connect), listen=False)   # retried until a front-end listens
+        return f"{connect} (client mode: connecting, and again after each disconnect)"
     if args.fd is not None:
         _inherited_socket(args.fd)
         server.add(device, fd=args.fd)
@@ -193,8 +202,8 @@ def cmd_blk(args: argparse.Namespace) -> int:
 
     if (args.image is None) == (args.blk_file is None):
         args.parser.error("give the image once: IMAGE or --blk-file IMAGE")
-    if (args.socket_path is None) == (args.fd is None):
-        args.parser.error("give --socket-path PATH or --fd N")
+    if (args.socket_path, args.fd, args.connect) == (None, None, None):
+        args.parser.error("give --socket-path PATH, --fd N or --connect PATH")
     image = args.image or args.blk_file
 
     stop = threading.Event()

@@ -1175,14 +1175,20 @@ class Frontend(Dataplane):
 
     def _resume_base(self, ring: _Ring) -> int:
         """Where a back-end that lost its state resumes: from the last chain it used, so chains it
-        had not used are offered again (what QEMU does). Split: used.idx as it is in guest memory.
+        had not used are offered again (what QEMU does). Split: used.idx as it is in guest memory;
+        unless the back-end has the inflight region to resubmit from, the chains it did not use
+        are first published again from there in their order (SplitDriverQueue.requeue_unused), so
+        one completed out of order neither hides a pending one nor runs twice.
         Packed: the driver's reaped position, as both the avail and the used position (reap
         before reconnecting for an exact one)."""
         if ring.packed:
             from .packed import decode_base, encode_base
             _avail, _avail_wrap, used, used_wrap = decode_base(ring.queue.get_base())
             return encode_base(used, used_wrap, used, used_wrap)
-        return int.from_bytes(self.memory.read(ring.device + 2, 2), "little")
+        used = int.from_bytes(self.memory.read(ring.device + 2, 2), "little")
+        if self._inflight is not None and self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
+            return used
+        return ring.queue.requeue_unused(used)
 
     # -- inflight, dirty log, device state -------------------------------------------------------
     def setup_inflight(self, num_queues: int, queue_size: int) -> Inflight:
@@ -1299,54 +1305,73 @@ class Frontend(Dataplane):
         for up to ``timeout``), redo the handshake and replay the state: the inflight fd
         (SET_INFLIGHT_FD), the memory table, every ring from its saved base (stop()) or, for a
         back-end that died, the used index in guest memory, its eventfds and enable; the device
-        status and the dirty log (the same bitmap) if set. Each ring is kicked once at the end so the back-end looks at
-        what is pending. The virtio features must come out as before (ProtocolError otherwise)."""
+        status and the dirty log (the same bitmap) if set. Each ring is kicked once at the end so
+        the back-end looks at what is pending. A back-end that hangs up during all this (one still
+        exiting when we connected, or dying again) is tried again until ``timeout``. The virtio
+        features must come out as before (ProtocolError otherwise)."""
         if self.path is None:
             raise VhostError("reconnect() needs a front-end made by Frontend.connect(path)", errno.EINVAL)
         with self._lock:
-            self._drop_connection()
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-            while True:
-                try:
-                    sock = _connect_socket(self.path, self.timeout)
-                    break
-                except VhostError as exc:
-                    if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() >= deadline:
-                        raise
-                    time.sleep(0.02)
-            try:
-                self._conn = Connection(sock)
-            except BaseException:
-                sock.close()
-                raise
-            sock.settimeout(self.timeout)
             before = self.features
             wanted_features, wanted_protocol = self._wanted or (None, None)
             if before is not None:
                 wanted_features = before & ~VHOST_F_LOG_ALL
-            result = self.negotiate(wanted_features, wanted_protocol)
-            if before is not None and result.features != before & ~VHOST_F_LOG_ALL:
-                lost = before & ~VHOST_F_LOG_ALL & ~result.features
-                raise self._fail(ProtocolError(f"the restarted back-end acked features {result.features:#x}, not "
-                                               f"{before & ~VHOST_F_LOG_ALL:#x} as before (lost: "
-                                               f"{', '.join(feature_names(lost)) or 'none'})"))
-            if self._log is not None:                     # the same bitmap: no dirty bit is lost
-                fd, size, _dirty = self._log
-                self.set_log_base(fd, size, 0)
-                self.set_features(self.features | VHOST_F_LOG_ALL)
-            if self._inflight is not None and self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
-                self.set_inflight_fd(*self._inflight)
-            if self.memory is not None:
-                self._check_region_count(len(self.regions))
-                self._send_memory()
-            if self._status is not None and self.protocol_features & ProtocolFeature.STATUS:
-                self.set_status(self._status)
-            for ring in sorted(self._rings.values(), key=lambda r: r.index):
-                base = ring.base if ring.base is not None else self._resume_base(ring)
-                self._program(ring, base)
-            for ring in self._rings.values():
-                self.kick(ring.index)
-            return result
+            while True:
+                self._drop_connection()
+                self._connect_again(deadline)
+                try:
+                    return self._replay(before, wanted_features, wanted_protocol)
+                except DisconnectedError as exc:
+                    if time.monotonic() >= deadline:
+                        raise
+                    # A ring programmed in the lost session resumes from its used index next time.
+                    log.info("%s: the back-end hung up during the reconnect handshake (%s); trying again",
+                             self.path, exc)
+                    time.sleep(0.02)
+
+    def _connect_again(self, deadline: float) -> None:
+        """The new main connection, retried while nothing listens on the path yet (until ``deadline``)."""
+        while True:
+            try:
+                sock = _connect_socket(self.path, self.timeout)
+                break
+            except VhostError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+        try:
+            self._conn = Connection(sock)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(self.timeout)
+
+    def _replay(self, before: int | None, wanted_features: int | None, wanted_protocol: int | None) -> Negotiated:
+        """reconnect()'s handshake and replay on the new connection."""
+        result = self.negotiate(wanted_features, wanted_protocol)
+        if before is not None and result.features != before & ~VHOST_F_LOG_ALL:
+            lost = before & ~VHOST_F_LOG_ALL & ~result.features
+            raise self._fail(ProtocolError(f"the restarted back-end acked features {result.features:#x}, not "
+                                           f"{before & ~VHOST_F_LOG_ALL:#x} as before (lost: "
+                                           f"{', '.join(feature_names(lost)) or 'none'})"))
+        if self._log is not None:                     # the same bitmap: no dirty bit is lost
+            fd, size, _dirty = self._log
+            self.set_log_base(fd, size, 0)
+            self.set_features(self.features | VHOST_F_LOG_ALL)
+        if self._inflight is not None and self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
+            self.set_inflight_fd(*self._inflight)
+        if self.memory is not None:
+            self._check_region_count(len(self.regions))
+            self._send_memory()
+        if self._status is not None and self.protocol_features & ProtocolFeature.STATUS:
+            self.set_status(self._status)
+        for ring in sorted(self._rings.values(), key=lambda r: r.index):
+            base = ring.base if ring.base is not None else self._resume_base(ring)
+            self._program(ring, base)
+        for ring in self._rings.values():
+            self.kick(ring.index)
+        return result
 
     # -- probe -----------------------------------------------------------------------------------
     def probe(self, config_size: int | Callable[[int], Sequence[int]] | None = None,

@@ -1030,3 +1030,44 @@ class SplitDriverQueue:
         if self.event_idx and self._interrupts:
             self._set_used_event(self._last_used)
         return out
+
+    # -- a device that lost its state ------------------------------------------------------------
+    def requeue_unused(self, used_idx: int | None = None) -> int:
+        """For a device restarted without knowing where it stopped (no GET_VRING_BASE answer, no
+        inflight region): make every published chain it has not used available again, right
+        after the last used one, in the order they were first published, and return that
+        position, the base for SET_VRING_BASE. ``used_idx``: the used index the device reached
+        (default: the used ring's). Unpublished chains stay where add() put them.
+
+        Resuming at the used index alone (QEMU's rule without an inflight region) is right only
+        when the device used chains in the order it took them: after an out-of-order completion
+        it would skip the chain still pending behind it, and take again an entry whose head the
+        driver has since reused for a new chain (a request run twice). When the ring does not add
+        up (a device that broke its rules), the used index is returned and nothing is moved."""
+        self._check()
+        size, mask = self.size, self.size - 1
+        used = (self._used16[_IDX] if used_idx is None else used_idx) & 0xFFFF
+        published, added = self._published, self._avail_idx
+        unreaped = (used - self._last_used) & 0xFFFF
+        unpublished = (added - published) & 0xFFFF
+        if unreaped > self._chains or unreaped + unpublished > size:
+            return used
+        done = {_USED_ELEM.unpack_from(self._used, _USED_RING + _ELEM_SIZE * ((self._last_used + i) & mask))[0]
+                for i in range(unreaped)}
+        held = {self._avail16[_RING + ((published + i) & mask)] for i in range(unpublished)}
+        pending = [head for head in range(size) if self._state[head] is not None and head not in done
+                   and head not in held]
+        if len(pending) != (published - used) & 0xFFFF:
+            return used
+        # Each pending head's latest entry among the published ones still in the ring is where it
+        # was published; a head found nowhere there was published before all of them.
+        age: dict[int, int] = {}
+        wanted = set(pending)
+        for back in range(1, size - unpublished + 1):
+            head = self._avail16[_RING + ((published - back) & mask)]
+            if head in wanted and head not in age:
+                age[head] = back
+        pending.sort(key=lambda head: (-age.get(head, size + 1), head))
+        for i, head in enumerate(pending):
+            self._avail16[_RING + ((used + i) & mask)] = head
+        return used

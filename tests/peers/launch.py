@@ -203,14 +203,15 @@ def _workdir(name: str) -> Iterator[str]:
 @contextlib.contextmanager
 def _running(name: str, argv: Sequence[str], workdir: str, sock: str, *, ready: Sequence[str] = (),
              qmp_path: str | None = None, extra_files: Sequence[str] = (), grace: float = 0.0,
-             env: dict[str, str] | None = None) -> Iterator[Peer]:
+             env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> Iterator[Peer]:
     """Start ``argv`` with its output in ``workdir``/``name``.log, wait for the ``ready`` paths,
     yield the Peer, and finally stop that PID (after ``grace`` seconds to exit on its own) and
-    remove ``extra_files``. ``env``: the child's environment (default: ours)."""
+    remove ``extra_files``. ``env``: the child's environment (default: ours); ``pass_fds``: fds
+    it inherits."""
     log_path = os.path.join(workdir, f"{name}.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=workdir, preexec_fn=_die_with_parent, env=env)
+                                cwd=workdir, preexec_fn=_die_with_parent, env=env, pass_fds=tuple(pass_fds))
     peer = Peer(name, proc, sock, workdir, log_path, qmp_path, list(extra_files))
     try:
         for path in ready:
@@ -256,17 +257,18 @@ def _unique(prefix: str) -> str:
 
 @contextlib.contextmanager
 def storage_daemon(image_path: str, num_queues: int = 1, writable: bool = True,
-                   block_size: int = 512, discard: bool = False) -> Iterator[Peer]:
+                   block_size: int = 512, discard: bool = False, socket_path: str | None = None) -> Iterator[Peer]:
     """qemu-storage-daemon exporting ``image_path`` (a raw file) as a vhost-user-blk back-end.
 
-    It listens on ``.socket``, serves one front-end at a time and survives reconnects; ``.qmp()``
-    talks to its monitor. ``block_size`` must be a power of two (logical-block-size). With
-    ``discard`` the file node has discard=unmap: VIRTIO_BLK_T_DISCARD punches holes in the image
-    (by default QEMU ignores discards, and answers them OK).
+    It listens on ``.socket`` (``socket_path``, or one in its own directory), serves one front-end
+    at a time and survives reconnects; ``.qmp()`` talks to its monitor. ``block_size`` must be a
+    power of two (logical-block-size). With ``discard`` the file node has discard=unmap:
+    VIRTIO_BLK_T_DISCARD punches holes in the image (by default QEMU ignores discards, and answers
+    them OK).
     """
     support.require_commands(QEMU_STORAGE_DAEMON, install=APT_QEMU_COMMON)
     with _workdir("qsd") as work:
-        sock, qmp = os.path.join(work, "vhost-user-blk.sock"), os.path.join(work, "qmp.sock")
+        sock, qmp = socket_path or os.path.join(work, "vhost-user-blk.sock"), os.path.join(work, "qmp.sock")
         argv = [QEMU_STORAGE_DAEMON,
                 "--blockdev", (f"driver=file,node-name=file0,filename={_qemu_path(os.path.abspath(image_path))}"
                                + (",discard=unmap" if discard else "")),
@@ -395,16 +397,27 @@ def qemu_frontend(socket_path: str, device: str = "vhost-user-blk-pci", extra_de
 
 
 @contextlib.contextmanager
-def vhost_min_blk(image_path: str, num_queues: int = 1, extra: Sequence[str] = ()) -> Iterator[Peer]:
+def vhost_min_blk(image_path: str, num_queues: int = 1, extra: Sequence[str] = (), *,
+                  socket_path: str | None = None, fd: int | None = None, connect: str | None = None) -> Iterator[Peer]:
     """Our own back-end as users run it: ``python3 -m vhost_min blk --socket-path SOCK IMAGE`` in a
-    child process, from this checkout. It exits 0 on SIGTERM: ``.proc.returncode`` afterwards."""
+    child process, from this checkout; it returns once SOCK exists. SOCK is ``socket_path`` or one
+    in its own directory; instead, ``fd`` serves that inherited socket (``--fd``) and ``connect``
+    is client mode (``--connect PATH``, returning at once). It exits 0 on SIGTERM:
+    ``.proc.returncode`` afterwards."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with _workdir("vhost-min-blk") as work:
-        sock = os.path.join(work, "vhost-user-blk.sock")
-        argv = [sys.executable, "-m", "vhost_min", "blk", "--socket-path", sock, "--num-queues", str(num_queues),
+        sock = socket_path or os.path.join(work, "vhost-user-blk.sock")
+        if fd is not None:
+            where, sock = ["--fd", str(fd)], ""
+        elif connect is not None:
+            where, sock = ["--connect", connect], connect
+        else:
+            where = ["--socket-path", sock]
+        argv = [sys.executable, "-m", "vhost_min", "blk", *where, "--num-queues", str(num_queues),
                 *extra, os.path.abspath(image_path)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
-        with _running("vhost-min-blk", argv, work, sock, ready=(sock,), env=env) as peer:
+        with _running("vhost-min-blk", argv, work, sock, ready=(sock,) if where[0] == "--socket-path" else (),
+                      env=env, pass_fds=() if fd is None else (fd,)) as peer:
             yield peer
 
 

@@ -1,6 +1,7 @@
 """The vhost-min command as a person (or libvirt, or systemd) runs it: ``python3 -m vhost_min``
 in subprocesses, every one with a timeout. ``blk`` follows the vhost-user spec's back-end program
-conventions (--print-capabilities, --socket-path / --fd, exit 0 on SIGTERM); ``probe`` decodes
+conventions (--print-capabilities, --socket-path / --fd, exit 0 on SIGTERM), and --connect (client
+mode); ``probe`` decodes
 what a back-end offers; ``demo`` checks bytes end to end; errors are one line on stderr."""
 
 from __future__ import annotations
@@ -273,6 +274,64 @@ class BlkProbeTest(AssertCli):
             with Frontend(Connection(ours)) as fe:
                 self.assertEqual(fe.probe().config[:8], (self.SIZE // 512).to_bytes(8, "little"))
             self.assertEqual(proc.wait(TIMEOUT), 0)    # its one connection ended
+
+
+class ClientModeTest(AssertCli):
+    """``blk --connect PATH``: the back-end connects to a front-end that listens (QEMU's
+    ``-chardev socket,server=on``), and connects again after each disconnect, in one process."""
+
+    SIZE = 4 << 20
+
+    def setUp(self) -> None:
+        tmp = tempfile.TemporaryDirectory(prefix="vhost-min-cli-")
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.image = make_image(self.dir, self.SIZE)
+        self.sock = os.path.join(self.dir, "frontend.sock")
+
+    def test_connect_serves_each_front_end_that_listens_in_turn(self) -> None:
+        from vhost_min.blk import BlkClient
+        from vhost_min.frontend import Frontend
+        from vhost_min.user import Connection
+        data = os.urandom(96 << 10)
+        # Started before anyone listens: it keeps trying.
+        with blk_backend("--connect", self.sock, self.image) as proc:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(listener.close)
+            listener.bind(self.sock)
+            listener.listen(1)
+            listener.settimeout(TIMEOUT)
+            for turn in range(2):
+                conn, _ = listener.accept()
+                with Frontend(Connection(conn), timeout=TIMEOUT) as fe:
+                    client = BlkClient(fe)
+                    self.assertEqual(client.capacity, self.SIZE // 512)
+                    if turn == 0:
+                        client.write(8192, data)
+                        client.flush()
+                    else:               # the same process, a new connection: the data is there
+                        self.assertEqual(client.read(8192, len(data)), data)
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(TIMEOUT), 0)
+            stderr = proc.stderr.read()
+        self.assertNotIn("Traceback", stderr)
+        self.assertTrue(os.path.exists(self.sock), "the back-end removed the front-end's socket file")
+        with open(self.image, "rb") as f:
+            self.assertEqual(os.pread(f.fileno(), len(data), 8192), data)
+
+    def test_connect_in_the_usage_and_its_errors(self) -> None:
+        help_text = cli("blk", "--help").stdout
+        self.assertIn("--connect PATH", help_text)
+        self.assertIn("server=on", help_text)
+        result = cli("blk", self.image)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("give --socket-path PATH, --fd N or --connect PATH", result.stderr)
+        result = cli("blk", "--connect", self.sock, "--socket-path", self.sock, self.image)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("not allowed with argument", result.stderr)
+        long_path = os.path.join(self.dir, "s" * (120 - len(self.dir)))
+        self.assertOneErrorLine(cli("blk", "--connect", long_path, self.image), long_path,
+                                "longer than AF_UNIX allows (107)")
 
 
 class ProbeDecodeTest(AssertCli):
