@@ -801,6 +801,11 @@ class Backend:
 
             tracker.reconcile(ring_flags)
         vq.set_base(tracker.vring_base())
+        if not isinstance(vq, SplitDeviceQueue):
+            stale = vq.clear_stale_used()
+            if stale:
+                log.info("%s: ring %d: cleared %d used descriptor(s) of a batch the crashed back-end never "
+                         "published", self.name, ring.index, stale)
         return [vq.resubmit(chain) for chain in tracker.resubmit()]
 
     def _apply_log(self, ring: Ring) -> None:
