@@ -15,6 +15,8 @@ BENCHMARKS = {
     "net": "64-byte frames, dpdk-testpmd virtio-user into and out of our net back-end and DPDK's vhost PMD",
     "vdpa": "in a QEMU guest (TCG): our VdpaDriver on vdpa_sim_blk, and our VDUSE blk device under dd O_DIRECT",
     "fuzz": "the fuzzing harness for --minutes N (default 1) [--seed S]: back-end messages, front-end replies, rings",
+    "crash": "kill -9 the blk back-end under sustained writes, --kills N [--ring split|packed|both] "
+             "[--frontend qemu|ours] [--yardstick qsd]: lost bytes, hangs",
 }
 
 
