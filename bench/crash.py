@@ -15,13 +15,16 @@ Two front-ends:
   after each kill the region is reconciled against the ring (a copy: the back-end does the real
   one) and the order it would resubmit in is checked against the order the writes were submitted.
 
-The back-end process is ``python3 -m vhost_min blk -v`` (or, with ``--yardstick qsd``,
-qemu-storage-daemon, which has no inflight tracking, for the ``qemu`` front-end). Each kill lands
-at a random moment (a seeded pause of 0.3-1.5 s after the writes resumed); a hang is no completed
-write for HANG_SECONDS after a restart: it ends that run (the guest is rebooted, or the front-end
-reconnected, and the campaign goes on) and is counted. At the end every block's last completed
-generation must be what the image holds (lost bytes: those that differ), and the writer must have
-finished without an error.
+The back-end process is ``python3 -m vhost_min blk -v`` with O_DIRECT through io_uring (so
+requests stay in flight for a disk's time and complete out of order; the defaults where the file
+system refuses O_DIRECT), or, with ``--yardstick qsd``, qemu-storage-daemon (no inflight
+tracking; split rings, the ``qemu`` front-end). Each kill comes a seeded random 0.3-1.5 s after the
+writes resumed; half of them then wait (up to 3 s) for the inflight region, read live out of the
+front-end's memfd, to hold a request in flight. A hang is no completed write for HANG_SECONDS
+after a restart: under QEMU the guest is killed and booted again and the campaign goes on (both
+counted); under our front-end the campaign ends. At the end every block's last completed
+generation must be what the image holds (lost bytes: those that differ; a write in flight when a
+hung guest was killed may have landed or not), and the writer must have finished without error.
 
 ``python3 -m bench crash [--kills N] [--ring split|packed|both] [--frontend qemu|ours]
 [--yardstick qsd] [--seed S] [--json]``: N kills per ring type (default 200).
@@ -45,7 +48,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from vhost_min.blk import BLK_DRIVER_FEATURES, VIRTIO_BLK_OUTHDR, BlkClient, BlkRequest
 from vhost_min.errors import DisconnectedError, VhostError
