@@ -762,7 +762,10 @@ class PackedDeviceQueue(_PackedRing):
         and that device's own completion later, in another slot, as an id not in flight. The
         driver owns no slot in [used, avail) and reads none until the device publishes the one
         before it, so the available pattern of the slot's lap (AVAIL == wrap, USED != wrap) can
-        be written there safely. Idempotent: a crash during recovery is recovered again."""
+        be written there safely. Idempotent: a crash during recovery is recovered again.
+        (Resubmitted chains pushed as one batch, as Device.complete does, overwrite every stale
+        slot before their head publishes; completed in several batches, as an asynchronous
+        device may, they would not.)"""
         if self.broken:
             raise self._broken()
         if self.memory.generation != self._generation:
