@@ -16,6 +16,8 @@ BENCHMARKS = {
     "vdpa": "in a QEMU guest (TCG): our VdpaDriver on vdpa_sim_blk, and our VDUSE blk device under dd O_DIRECT",
     "fuzz": "the fuzzing harness for --minutes N (default 1) [--seed S]: back-end messages, front-end replies, rings",
     "reconnect": "our front-end through --kills N (default 200) SIGKILLs of qemu-storage-daemon with requests in flight",
+    "crash": "kill -9 the blk back-end under sustained writes, --kills N [--ring split|packed|both] "
+             "[--frontend qemu|ours] [--yardstick qsd]: lost bytes, hangs",
 }
 
 

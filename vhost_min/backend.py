@@ -870,6 +870,17 @@ class Backend:
                                 f"VHOST_USER_SET_INFLIGHT_FD)")
         return region.queue(ring.index)
 
+    def _inflight_pending(self, ring: Ring) -> bool:
+        """Whether the inflight region records requests of ``ring`` in flight (a previous back-end's)."""
+        region = self.inflight
+        if region is None or ring.index >= region.num_queues:
+            return False
+        try:
+            tracker = self._inflight_tracker(ring)
+            return tracker.initialized and bool(tracker.resubmit())
+        except VhostError:
+            return True             # building the queue reports it
+
     def _resume_inflight(self, ring: Ring, vq, tracker, desc_gpa: int) -> list:
         """Inflight tracking when a queue is built: a fresh region is initialised; one with
         history is reconciled with the ring and its requests in flight are handed back."""
@@ -886,6 +897,11 @@ class Backend:
 
             tracker.reconcile(ring_flags)
         vq.set_base(tracker.vring_base())
+        if not isinstance(vq, SplitDeviceQueue):
+            stale = vq.clear_stale_used()
+            if stale:
+                log.info("%s: ring %d: cleared %d used descriptor(s) of a batch the crashed back-end never "
+                         "published", self.name, ring.index, stale)
         return [vq.resubmit(chain) for chain in tracker.resubmit()]
 
     def _apply_log(self, ring: Ring) -> None:
@@ -1264,6 +1280,11 @@ class Backend:
         _close(old)
         if nofd and not ring.started:
             self._start(ring)                       # poll mode: there will be no kick to wait for
+        elif fd is not None and self._inflight_pending(ring):
+            # Requests a crashed back-end left in flight are resubmitted when the ring is first
+            # processed; kick it ourselves (as libvhost-user does "in case of I/O hang after
+            # reconnecting"): a driver waiting for exactly those requests will not kick again.
+            os.eventfd_write(fd, 1)
 
     def _on_set_vring_call(self, msg: Message) -> None:
         ring, fd, nofd = self._vring_fd(msg)

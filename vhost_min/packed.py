@@ -599,6 +599,7 @@ class PackedDeviceQueue(_PackedRing):
         if slot >= n:
             slot, wrap = slot - n, wrap ^ _BOTH
         # The others complete, flags included: the driver reads them only after the first one.
+        # (A crash before the first one's flags leaves them behind: see clear_stale_used.)
         for j in range(1, len(used)):
             bid, ln = used[j]
             q[slot * 2 + 1] = ln | bid << 32 | (wrap | _WRITE if ln else wrap) << 48
@@ -748,6 +749,41 @@ class PackedDeviceQueue(_PackedRing):
         self.in_flight, self._event_off = 0, -1
         if self._written is not None:
             self._written = [None] * n
+
+    def clear_stale_used(self) -> int:
+        """After a crash, right after :meth:`set_base` from the inflight region: make every slot
+        set_base left in flight read as not used; returns how many it changed.
+
+        :meth:`push_batch` writes a batch's later used descriptors whole and the first one's flags
+        last, so the driver sees the batch at once. A device that dies in between leaves those
+        later descriptors reading as used in slots that, the batch rolled back (its chains in
+        flight again), lie past the used index. Once the restarted device publishes the slot
+        before one, the driver would take it as a completion the restarted device never gave,
+        and that device's own completion later, in another slot, as an id not in flight. The
+        driver owns no slot in [used, avail) and reads none until the device publishes the one
+        before it, so the available pattern of the slot's lap (AVAIL == wrap, USED != wrap) can
+        be written there safely. Idempotent: a crash during recovery is recovered again.
+        (Resubmitted chains pushed as one batch, as Device.complete does, overwrite every stale
+        slot before their head publishes; completed in several batches, as an asynchronous
+        device may, they would not.)"""
+        if self.broken:
+            raise self._broken()
+        if self.memory.generation != self._generation:
+            self._map()
+        h, n, log = self._h, self.size, self.log
+        slot, wrap = self._used_slot, self._used_wrap
+        cleared = 0
+        for _ in range(self._occupied):
+            f = h[slot * 8 + 7]
+            if f & _BOTH == (_BOTH if wrap else 0):
+                h[slot * 8 + 7] = f & ~_BOTH | (_AVAIL if wrap else _USED)
+                cleared += 1
+                if log is not None:
+                    log.mark(self.log_used_addr + slot * VIRTQ_DESC_SIZE, VIRTQ_DESC_SIZE)
+            slot += 1
+            if slot == n:
+                slot, wrap = 0, wrap ^ 1
+        return cleared
 
     def resubmit(self, descriptors: Sequence[tuple[int, int, int, int]]
                  ) -> tuple[int, list[memoryview], list[memoryview]]:

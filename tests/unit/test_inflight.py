@@ -482,7 +482,7 @@ class RandomCrashTest(unittest.TestCase):
             if not outstanding:
                 continue
             batch = rng.sample(list(outstanding), rng.randint(1, len(outstanding)))
-            crash = rng.choice(["none", "none", "before", "published", "step9a", "step9b"])
+            crash = rng.choice(["none", "none", "before", "tail", "published", "step9a", "step9b"])
             t.before_publish(batch)
             slots, new_used, new_wrap = [], used, used_wrap
             for buffer_id in batch:
@@ -491,11 +491,16 @@ class RandomCrashTest(unittest.TestCase):
                 if new_used >= size:
                     new_used, new_wrap = new_used - size, new_wrap ^ 1
             self.assertEqual((t.used_idx, t.used_wrap_counter), (new_used, new_wrap))
-            # "before": the crash comes before the ring wrote any used descriptor. (A crash after
-            # it wrote the batch's later descriptors but not the first one's flags leaves stale
-            # used descriptors in the ring, which a driver may later read; the spec does not
-            # cover that, so it is not modelled here.)
-            if crash != "before":
+            # "before": the crash comes before the ring wrote any used descriptor; "tail": after
+            # it wrote the batch's later descriptors, flags included, but not the first one's
+            # flags. Those stale slots must all be among the slots the restarted ring has in flight
+            # (PackedDeviceQueue.clear_stale_used rewrites exactly those).
+            stale = []
+            if crash == "tail":
+                for slot, wrap in slots[1:]:
+                    ring[slot] = flags_of(wrap, True)
+                    stale.append((slot, wrap))
+            elif crash != "before":
                 for slot, wrap in slots[1:]:        # every used descriptor but the first...
                     ring[slot] = flags_of(wrap, True)
                 ring[slots[0][0]] = flags_of(slots[0][1], True)   # ...whose flags publish the batch
@@ -519,6 +524,15 @@ class RandomCrashTest(unittest.TestCase):
                 base = t.vring_base()
                 self.assertEqual((base & 0x7FFF, base >> 15 & 1, base >> 16 & 0x7FFF, base >> 31),
                                  (avail, avail_wrap, used, used_wrap), f"step {step}")
+                # Slots on a line of two laps: the in-flight range [used, avail) must hold them.
+                line = lambda slot, wrap: slot + (0 if wrap else size)
+                lo, hi = line(used, used_wrap), line(avail, avail_wrap)
+                hi += 2 * size if hi < lo else 0
+                for slot, wrap in stale:
+                    at = line(slot, wrap)
+                    at += 2 * size if at < lo else 0
+                    self.assertTrue(lo < at < hi, f"step {step}: stale slot {slot} outside [{used}, {avail})")
+                    ring[slot] = flags_of(wrap)         # what clear_stale_used writes
         self.assertGreater(crashes, 500)
 
 
@@ -841,6 +855,64 @@ class PackedRingIntegrationTest(RingIntegrationCase):
 
     def test_crash_after_the_batch_is_published(self):
         self.run_crash("after", (4, 0))
+
+    def test_crash_between_a_batch_and_its_first_flags(self):
+        """The packed-ring gap: push_batch writes a batch's later used descriptors whole, flags
+        included, and the first one's flags last. A crash in between leaves the later ones
+        reading as used in slots that are in flight again after the restart. Here: used slot 0
+        holds request 3; the batch [1, 4] dies with request 4's used descriptor complete in slot
+        4 and slot 2 (request 1's) unpublished. The restarted device completes 2 first, in slot 2:
+        without clear_stale_used the driver would go on to read request 4's stale descriptor in
+        slot 4 (a completion the restarted device never gave: 4 is in flight again), and the
+        restarted device's own completion of 4 later, at another slot, as an unknown id."""
+        from vhost_min.packed import PackedDeviceQueue, PackedDriverQueue
+        lay = PackedDriverQueue.layout(self.SIZE, RING_BASE)
+        ring = (self.memory, self.SIZE, lay["desc"], lay["driver"], lay["device"])
+        driver = PackedDriverQueue(*ring)
+        reaped: list[int] = []
+        flags_at = lambda slot: struct.unpack("<H", self.memory.read(lay["desc"] + 16 * slot + 14, 2))[0]
+
+        tracker = self.tracker()
+        tracker.init()
+        device = PackedDeviceQueue(*ring, inflight=tracker)
+        ids = self.add_requests(driver, range(6))       # 2 descriptors each: slots 0-11 of 16
+        done = {ids[head]: (head, n) for head, n in self.serve(device.pop_batch())}
+        device.push_batch([done[3]])                    # used slot 0
+        self.reap(driver, reaped)
+        self.assertEqual(reaped, [3])
+
+        def crash():                                    # the write barrier before the first flags
+            raise Crash
+        device._wmb = crash
+        with self.assertRaises(Crash):
+            device.push_batch([done[1], done[4]])       # 1 -> slot 2 (flags not yet), 4 -> slot 4
+        del device, tracker
+        used_flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+        self.assertNotEqual(flags_at(2) & used_flags, used_flags, "the batch was not published")
+        self.assertEqual(flags_at(4) & used_flags, used_flags, "the batch's second descriptor reads as used")
+        self.reap(driver, reaped)
+        self.assertEqual(reaped, [3])
+
+        # The back-end restarts: reconcile (rolled back: slot 2 is unpublished), resume, resubmit.
+        tracker = self.tracker()
+        device = PackedDeviceQueue(*ring, inflight=tracker)
+        tracker.reconcile(flags_at)
+        device.set_base(tracker.vring_base())
+        self.assertEqual(device.clear_stale_used(), 1)
+        self.assertNotEqual(flags_at(4) & used_flags, used_flags)
+        self.assertEqual(device.clear_stale_used(), 0, "idempotent (a crash during recovery)")
+        again = {ids[chain[-1][2]]: device.resubmit(chain) for chain in tracker.resubmit()}
+        self.assertEqual(list(again), [0, 1, 2, 4, 5], "in submission order")
+        answers = {token: pair for token, pair in zip(again, self.serve(list(again.values())))}
+        device.push_batch([answers[2]])                 # slot 2: the driver reads on to slot 4
+        self.reap(driver, reaped)
+        self.assertEqual(reaped, [3, 2], "nothing completed that the restarted device did not complete")
+        for token in (0, 1, 4, 5):                      # slots 4, 6, 8, 10
+            device.push_batch([answers[token]])
+            self.reap(driver, reaped)
+        self.assertEqual(reaped, [3, 2, 0, 1, 4, 5])
+        self.assertEqual(driver.in_flight, 0)
+        self.assertEqual(tracker.resubmit(), [])
 
 
 if __name__ == "__main__":
