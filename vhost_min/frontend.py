@@ -857,7 +857,9 @@ class Frontend(Dataplane):
         """VHOST_USER_CHECK_DEVICE_STATE (DEVICE_STATE): did the transfer succeed? VhostError if not."""
         value = self._u64(FrontendRequest.CHECK_DEVICE_STATE)
         if value:
-            raise VhostError(f"VHOST_USER_CHECK_DEVICE_STATE: the back-end answered {value:#x} (failure)", errno.EIO)
+            reason = os.strerror(value) if value < 4096 else "failure"     # our back-ends answer an errno
+            raise VhostError(f"VHOST_USER_CHECK_DEVICE_STATE: the back-end answered {value:#x} ({reason}): the "
+                             f"state transfer failed (the back-end's log says why)", errno.EIO)
 
     def get_shmem_config(self) -> ShmemConfig:
         """VHOST_USER_GET_SHMEM_CONFIG (SHMEM): the size of each VIRTIO shared memory region by shmid."""
@@ -1305,48 +1307,95 @@ class Frontend(Dataplane):
             raise VhostError("reconnect() needs a front-end made by Frontend.connect(path)", errno.EINVAL)
         with self._lock:
             self._drop_connection()
-            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-            while True:
-                try:
-                    sock = _connect_socket(self.path, self.timeout)
-                    break
-                except VhostError as exc:
-                    if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() >= deadline:
-                        raise
-                    time.sleep(0.02)
+            return self._attach(timeout)
+
+    def migrate(self, path: str | os.PathLike, timeout: float | None = None) -> Negotiated:
+        """Move the device to the back-end listening on ``path`` (another process on the same
+        image), as a live migration's switch-over does: stop every ring here (GET_VRING_BASE: the
+        back-end completes what it holds and says where each ring stands), save the device state
+        (DEVICE_STATE, when negotiated), connect to ``path`` and replay as :meth:`reconnect` does,
+        loading the state before any ring starts, then start each ring from its base. The source
+        stays connected, stopped, until the destination runs; a destination that fails is dropped,
+        the source resumed and the error raised. On success the source connection is closed."""
+        path = os.fspath(path)
+        with self._lock:
+            bases = self.stop()
             try:
-                self._conn = Connection(sock)
+                state = (self.save_device_state() if self.protocol_features & ProtocolFeature.DEVICE_STATE
+                         else None)
             except BaseException:
-                sock.close()
+                self.resume()
                 raise
-            sock.settimeout(self.timeout)
-            before = self.features
-            wanted_features, wanted_protocol = self._wanted or (None, None)
-            if before is not None:
-                wanted_features = before & ~VHOST_F_LOG_ALL
-            result = self.negotiate(wanted_features, wanted_protocol)
-            if before is not None and result.features != before & ~VHOST_F_LOG_ALL:
-                lost = before & ~VHOST_F_LOG_ALL & ~result.features
-                raise self._fail(ProtocolError(f"the restarted back-end acked features {result.features:#x}, not "
-                                               f"{before & ~VHOST_F_LOG_ALL:#x} as before (lost: "
-                                               f"{', '.join(feature_names(lost)) or 'none'})"))
-            if self._log is not None:                     # the same bitmap: no dirty bit is lost
-                fd, size, _dirty = self._log
-                self.set_log_base(fd, size, 0)
-                self.set_features(self.features | VHOST_F_LOG_ALL)
-            if self._inflight is not None and self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
-                self.set_inflight_fd(*self._inflight)
-            if self.memory is not None:
-                self._check_region_count(len(self.regions))
-                self._send_memory()
-            if self._status is not None and self.protocol_features & ProtocolFeature.STATUS:
-                self.set_status(self._status)
-            for ring in sorted(self._rings.values(), key=lambda r: r.index):
-                base = ring.base if ring.base is not None else self._resume_base(ring)
-                self._program(ring, base)
-            for ring in self._rings.values():
-                self.kick(ring.index)
+            source = (self._conn, self._channel, self.path, self._wanted, self.features, self.protocol_features,
+                      self.num_queues, self.max_mem_slots, self.shmem_config)
+            self._conn = self._channel = None
+            self._deferred.clear()
+            self.path = path
+            try:
+                result = self._attach(timeout, state)
+            except BaseException:
+                self._drop_connection()
+                (self._conn, self._channel, self.path, self._wanted, self.features, self.protocol_features,
+                 self.num_queues, self.max_mem_slots, self.shmem_config) = source
+                for index, ring in self._rings.items():    # some may have been started on the destination
+                    ring.started, ring.base = False, bases.get(index)
+                self.resume()
+                raise
+            for conn in source[:2]:
+                if conn is not None:
+                    conn.close()
             return result
+
+    def _attach(self, timeout: float | None, state: bytes | None = None) -> Negotiated:
+        """Connect to :attr:`path` (retrying for up to ``timeout``), negotiate what was negotiated
+        before and replay everything; ``state``: a device state to load before the rings start."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            try:
+                sock = _connect_socket(self.path, self.timeout)
+                break
+            except VhostError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+        try:
+            self._conn = Connection(sock)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(self.timeout)
+        before = self.features
+        wanted_features, wanted_protocol = self._wanted or (None, None)
+        if before is not None:
+            wanted_features = before & ~VHOST_F_LOG_ALL
+        result = self.negotiate(wanted_features, wanted_protocol)
+        if before is not None and result.features != before & ~VHOST_F_LOG_ALL:
+            lost = before & ~VHOST_F_LOG_ALL & ~result.features
+            raise self._fail(ProtocolError(f"the restarted back-end acked features {result.features:#x}, not "
+                                           f"{before & ~VHOST_F_LOG_ALL:#x} as before (lost: "
+                                           f"{', '.join(feature_names(lost)) or 'none'})"))
+        if self._log is not None:                     # the same bitmap: no dirty bit is lost
+            fd, size, _dirty = self._log
+            self.set_log_base(fd, size, 0)
+            self.set_features(self.features | VHOST_F_LOG_ALL)
+        if self._inflight is not None and self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
+            self.set_inflight_fd(*self._inflight)
+        if self.memory is not None:
+            self._check_region_count(len(self.regions))
+            self._send_memory()
+        if state is not None:
+            if not self.protocol_features & ProtocolFeature.DEVICE_STATE:
+                raise ProtocolError(f"{self.path} does not offer DEVICE_STATE: the source's device state "
+                                    f"({len(state)} bytes) has nowhere to go")
+            self.load_device_state(state)
+        if self._status is not None and self.protocol_features & ProtocolFeature.STATUS:
+            self.set_status(self._status)
+        for ring in sorted(self._rings.values(), key=lambda r: r.index):
+            base = ring.base if ring.base is not None else self._resume_base(ring)
+            self._program(ring, base)
+        for ring in self._rings.values():
+            self.kick(ring.index)
+        return result
 
     # -- probe -----------------------------------------------------------------------------------
     def probe(self, config_size: int | Callable[[int], Sequence[int]] | None = None,
