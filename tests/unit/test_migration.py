@@ -9,9 +9,11 @@ import errno
 import io
 import os
 import select
+import tempfile
 import time
 import unittest
 
+from tests import support
 from tests.peers.launch import vhost_min_blk
 from tests.unit.test_blk import ServedImageCase
 from vhost_min import blk
@@ -217,3 +219,209 @@ class DirtyLogTest(ServedImageCase):
 
     def test_packed_behind_an_iotlb_logs_guest_physical_pages(self):
         self.run_rounds(packed=True, iommu=True)
+
+
+class DeviceStateTest(ServedImageCase):
+    """The blk device state (BLK_STATE): what it carries, and the precise refusal of a blob
+    that is not one this device can take (nothing of it applied)."""
+
+    def saved(self, device: blk.BlkDevice) -> bytes:
+        out = io.BytesIO()
+        device.save_state(out)
+        return out.getvalue()
+
+    def test_layout_golden(self):
+        with blk.BlkDevice(self.path, num_queues=3) as device:
+            device.image.writeback = False
+            self.assertEqual(self.saved(device),
+                             b"VMINBLK\0" + bytes.fromhex("0100" "0000" "00020000" "4000000000000000" "0300" "0000"))
+            device.image.writeback = True
+            self.assertEqual(self.saved(device)[10:12], b"\x01\x00")
+        self.assertEqual(BLK_STATE.size, 28)
+
+    def test_the_cache_mode_travels_and_outlives_set_features(self):
+        with blk.BlkDevice(self.path) as source, blk.BlkDevice(self.path) as destination:
+            source.image.writeback = False
+            destination.load_state(io.BytesIO(self.saved(source)))
+            self.assertFalse(destination.image.writeback)
+            destination.features_set(int(blk.VIRTIO_BLK_F_FLUSH))    # QEMU negotiates after loading
+            self.assertFalse(destination.image.writeback)
+            self.assertEqual(destination.get_config(VIRTIO_BLK_CONFIG_OFFSETS["wce"], 1), b"\0")
+            destination.set_config(VIRTIO_BLK_CONFIG_OFFSETS["wce"], b"\1", 0)   # the driver's newer choice
+            destination.features_set(int(blk.VIRTIO_BLK_F_FLUSH))
+            self.assertTrue(destination.image.writeback)
+            destination.features_set(0)                    # no FLUSH: writes must be stable at completion
+            self.assertFalse(destination.image.writeback)
+            destination.reset()                            # a reset forgets it
+            destination.features_set(int(blk.VIRTIO_BLK_F_FLUSH))
+            self.assertTrue(destination.image.writeback)
+
+    def test_bad_blobs_are_refused_precisely(self):
+        other = self.path + ".other"
+        with open(other, "wb") as f:
+            f.truncate(2 * self.SECTORS * 512)
+        self.addCleanup(os.unlink, other)
+        with blk.BlkDevice(self.path) as device, blk.BlkDevice(other) as bigger, \
+                blk.BlkDevice(self.path, read_only=True) as read_only:
+            device.image.writeback = False
+            good = self.saved(device)
+            cases = [
+                (b"", "is empty"),
+                (good[:5], "not a vhost_min virtio-blk device state"),
+                (b"QEMU-VM\0" + good[8:], "starts with b'QEMU-VM"),
+                (good[:9], "ends inside its header"),
+                (good[:8] + b"\x02\x00" + good[10:], "version 2: this back-end reads version 1"),
+                (good[:-1], "is 28 bytes, not 27"),
+                (good + b"\0", "is 28 bytes, not more"),
+                (good[:10] + b"\x04\x00" + good[12:], "unknown flags 0x4"),
+                (good[:-2] + b"\x01\x00", "non-zero reserved field 0x1"),
+            ]
+            for blob, message in cases:
+                with self.subTest(blob=blob), self.assertRaisesRegex(blk.BlkStateError, message) as caught:
+                    bigger.load_state(io.BytesIO(blob))
+                self.assertEqual(caught.exception.errno,
+                                 errno.EPROTONOSUPPORT if "version 2" in message else errno.EINVAL)
+                self.assertTrue(bigger.image.writeback)         # nothing applied
+            with self.assertRaisesRegex(blk.BlkStateError, r"another disk .*capacity \(sectors\) 128 here, 64"):
+                bigger.load_state(io.BytesIO(good))
+            with self.assertRaisesRegex(blk.BlkStateError, "read-only True here, False in the state"):
+                read_only.load_state(io.BytesIO(good))
+            self.assertTrue(bigger.image.writeback)
+
+    def test_through_the_front_end(self):
+        """SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE over the socket: saved, loaded, and a bad
+        blob answered with the errno (the back-end stays usable)."""
+        device = blk.BlkDevice(self.path)
+        self.serve(device)
+        fe, client = self.connect()
+        self.assertTrue(fe.protocol_features & blk.ProtocolFeature.DEVICE_STATE)
+        client.set_writeback(False)
+        fe.stop()
+        state = fe.save_device_state()
+        self.assertEqual(state[:8], b"VMINBLK\0")
+        with self.assertRaisesRegex(VhostError, r"CHECK_DEVICE_STATE: the back-end answered 0x16 \(Invalid argument\)"), \
+                self.assertLogs("vhost_min.backend", "WARNING") as logs:
+            fe.load_device_state(b"VMINBLK\0" + b"\1\0" + bytes(10))
+        self.assertIn("BlkStateError: virtio-blk device state version 1 is 28 bytes, not 20", logs.output[0])
+        device.image.writeback = True
+        fe.load_device_state(state)
+        self.assertFalse(device.image.writeback)
+        fe.resume()
+        client.write(0, b"after" * 512)
+        self.assertEqual(self.disk(0, 2560), b"after" * 512)
+        self.assertEqual(fe.get_config(VIRTIO_BLK_CONFIG_OFFSETS["wce"], 1), b"\0")
+
+
+BLOCK = 4096
+
+
+class _Stream:
+    """One queue's share of a write/read stream: 4 KiB blocks of its own, each written again
+    and again with a new version (never two writes of one block in flight, so the last one
+    submitted is what the image must hold), reads of blocks with no write in flight checked
+    against the version last completed. Counts every completion by tag."""
+
+    def __init__(self, client: BlkClient, blocks: range, rng, expected: dict[int, bytes]) -> None:
+        self.client, self.blocks, self.rng, self.expected = client, blocks, rng, expected
+        self.busy: set[int] = set()
+        self.seq = 0
+        self.submitted: set[int] = set()
+        self.completed: list[int] = []
+        self.problems: list[str] = []
+
+    def fill(self, limit: int = 1 << 30) -> int:
+        requests = []
+        while len(requests) < min(limit, self.client.free_slots):
+            block = self.rng.choice([b for b in self.blocks if b not in self.busy])
+            self.seq += 1
+            if self.rng.random() < 0.6:
+                data = b"%6d:%6d:" % (block, self.seq) + self.rng.randbytes(BLOCK - 14)
+                self.busy.add(block)
+                requests.append(BlkRequest.write(block * BLOCK, data, tag=(self.seq, "write", block, data)))
+            else:
+                requests.append(BlkRequest.read(block * BLOCK, BLOCK,
+                                                tag=(self.seq, "read", block, self.expected[block])))
+            self.submitted.add(self.seq)
+        self.client.submit(requests)
+        return len(requests)
+
+    def reap(self, at_least: int = 0) -> int:
+        done = self.client.complete(at_least, TIMEOUT)
+        for c in done:
+            seq, kind, block, data = c.tag
+            self.completed.append(seq)
+            if c.status != blk.VIRTIO_BLK_S_OK:
+                self.problems.append(f"{kind} #{seq} of block {block}: status {c.status}")
+            elif kind == "write":
+                self.busy.discard(block)
+                self.expected[block] = data
+            elif bytes(c.data) != data:
+                self.problems.append(f"read #{seq} of block {block} returned {bytes(c.data[:14])!r}, "
+                                     f"not {data[:14]!r}")
+        return len(done)
+
+
+class MoveToAnotherProcessTest(unittest.TestCase):
+    """A running blk back-end (process A, asynchronous I/O on a thread pool) moved mid-stream to
+    a second back-end process B on the same image with Frontend.migrate: requests in flight on
+    both queues at the switch, more placed while the rings are stopped; afterwards every request
+    completed exactly once, every read saw the last completed write, the image holds the last
+    write of every block, and B kept the cache mode the driver had chosen on A."""
+
+    def move(self, packed: bool) -> None:
+        rng = support.seeded_random(self)
+        work = self.enterContext(tempfile.TemporaryDirectory(prefix="vhost_min-migration-"))
+        image = os.path.join(work, "disk.img")
+        blocks = 64
+        initial = rng.randbytes(blocks * BLOCK)
+        with open(image, "wb") as f:
+            f.write(initial)
+        expected = {b: initial[b * BLOCK:(b + 1) * BLOCK] for b in range(blocks)}
+        source = self.enterContext(vhost_min_blk(image, 2, ["--aio", "threads"]))
+        destination = self.enterContext(vhost_min_blk(image, 2))
+        fe = self.enterContext(Frontend.connect(source.socket, timeout=TIMEOUT))
+        clients = [BlkClient(fe, queue_index=q, queue_size=64, max_io=16 << 10, packed=packed) for q in range(2)]
+        clients[0].set_writeback(False)
+        streams = [_Stream(c, range(q * blocks // 2, (q + 1) * blocks // 2), rng, expected)
+                   for q, c in enumerate(clients)]
+        for _ in range(30):                                    # A at work
+            for s in streams:
+                s.fill()
+                s.reap(1)
+        for s in streams:
+            s.fill()                                           # a full window in flight...
+        fe.stop()                                              # ...A stopped (GET_VRING_BASE)...
+        for s in streams:
+            s.reap(0)
+            s.fill()                                           # ...and more that only B can see
+            self.assertGreater(s.client.in_flight, 0)
+        fe.migrate(destination.socket)
+        self.assertEqual(fe.path, destination.socket)
+        self.assertEqual(fe.get_config(VIRTIO_BLK_CONFIG_OFFSETS["wce"], 1), b"\0")    # wce survived
+        for _ in range(30):                                    # B at work
+            for s in streams:
+                s.reap(1)
+                s.fill()
+        for s in streams:
+            while s.client.in_flight:
+                s.reap(1)
+        for s in streams:
+            self.assertEqual(s.problems, [])
+            self.assertEqual(sorted(s.completed), sorted(s.submitted))          # each exactly once
+            self.assertGreater(len(s.completed), 200)
+        with open(image, "rb") as f:
+            on_disk = f.read()
+        for block in range(blocks):
+            self.assertTrue(on_disk[block * BLOCK:(block + 1) * BLOCK] == expected[block],
+                            f"block {block} holds {on_disk[block * BLOCK:block * BLOCK + 14]!r}, not "
+                            f"{expected[block][:14]!r}")
+        fe.close()
+        source.check_alive()                                   # A survived losing its front-end
+        destination.check_alive()
+
+    def test_split(self):
+        self.move(packed=False)
+
+    def test_packed(self):
+        self.move(packed=True)
+
