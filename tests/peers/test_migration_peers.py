@@ -35,7 +35,7 @@ import time
 import traceback
 import unittest
 
-from tests import guest, support
+from tests import guest
 from tests.peers import launch
 from tests.peers.test_guest_peers import backend_process
 
@@ -185,7 +185,8 @@ class QemuMigrationTest(unittest.TestCase):
             data = src.read()
             out.write(data + bytes(-len(data) % 512))       # a second archive starts 4-byte aligned
             cpio = guest._Cpio(out)
-            cpio.file("migrate-init", INIT.format(insmod=insmod, blocks=BLOCKS, block=BLOCK, seconds=WRITE_SECONDS).encode(), 0o755)
+            init = INIT.format(insmod=insmod, blocks=BLOCKS, block=BLOCK, seconds=WRITE_SECONDS)
+            cpio.file("migrate-init", init.encode(), 0o755)
             cpio.file("migrate-writer.py", WRITER.encode())
             cpio.close()
         cls.image = os.path.join(w, "disk.img")
@@ -221,7 +222,8 @@ class QemuMigrationTest(unittest.TestCase):
                 try:
                     cls.migrate(source, destination, a, b)
                 except Exception as exc:      # noqa: BLE001 (QMP's socket errors too: with every side's story)
-                    raise AssertionError(f"{''.join(traceback.format_exception(exc)[-4:])}\n--- source console:\n{guest.console_tail(read(cls.consoles['source']))}"
+                    raise AssertionError(f"{''.join(traceback.format_exception(exc)[-4:])}\n--- source console:\n"
+                                         f"{guest.console_tail(read(cls.consoles['source']))}"
                                          f"\n--- destination console:\n"
                                          f"{guest.console_tail(read(cls.consoles['destination']))}\n--- QEMU:\n"
                                          f"{source.log()}\n{destination.log()}\n--- back-ends:\n{a.log()}\n{b.log()}"

@@ -299,7 +299,8 @@ class DeviceStateTest(ServedImageCase):
         fe.stop()
         state = fe.save_device_state()
         self.assertEqual(state[:8], b"VMINBLK\0")
-        with self.assertRaisesRegex(VhostError, r"CHECK_DEVICE_STATE: the back-end answered 0x16 \(Invalid argument\)"), \
+        refused = r"CHECK_DEVICE_STATE: the back-end answered 0x16 \(Invalid argument\)"
+        with self.assertRaisesRegex(VhostError, refused), \
                 self.assertLogs("vhost_min.backend", "WARNING") as logs:
             fe.load_device_state(b"VMINBLK\0" + b"\1\0" + bytes(10))
         self.assertIn("BlkStateError: virtio-blk device state version 1 is 28 bytes, not 20", logs.output[0])
