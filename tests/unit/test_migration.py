@@ -313,6 +313,21 @@ class DeviceStateTest(ServedImageCase):
         self.assertEqual(fe.get_config(VIRTIO_BLK_CONFIG_OFFSETS["wce"], 1), b"\0")
 
 
+    def test_a_failed_move_leaves_the_source_running(self):
+        device = blk.BlkDevice(self.path)
+        self.serve(device)
+        fe, client = self.connect()
+        client.set_writeback(False)
+        client.write(0, b"before" * 512)
+        with self.assertRaises(VhostError) as caught:
+            fe.migrate(os.path.join(self.work, "nobody-listens.sock"), timeout=0.2)
+        self.assertEqual(caught.exception.errno, errno.ENOENT)
+        self.assertEqual(fe.path, self.socket)
+        client.write(4096, b"after" * 512)                  # the source was resumed
+        self.assertEqual(self.disk(4096, 2560), b"after" * 512)
+        self.assertFalse(device.image.writeback)
+
+
 BLOCK = 4096
 
 
