@@ -333,9 +333,9 @@ BLOCK = 4096
 
 class _Stream:
     """One queue's share of a write/read stream: 4 KiB blocks of its own, each written again
-    and again with a new version (never two writes of one block in flight, so the last one
-    submitted is what the image must hold), reads of blocks with no write in flight checked
-    against the version last completed. Counts every completion by tag."""
+    and again with a new version, and read; never two requests on one block in flight, so the
+    last write submitted is what the image must hold and a read returns the version last
+    completed. Counts every completion by tag."""
 
     def __init__(self, client: BlkClient, blocks: range, rng, expected: dict[int, bytes]) -> None:
         self.client, self.blocks, self.rng, self.expected = client, blocks, rng, expected
@@ -350,9 +350,9 @@ class _Stream:
         while len(requests) < min(limit, self.client.free_slots):
             block = self.rng.choice([b for b in self.blocks if b not in self.busy])
             self.seq += 1
+            self.busy.add(block)
             if self.rng.random() < 0.6:
                 data = b"%6d:%6d:" % (block, self.seq) + self.rng.randbytes(BLOCK - 14)
-                self.busy.add(block)
                 requests.append(BlkRequest.write(block * BLOCK, data, tag=(self.seq, "write", block, data)))
             else:
                 requests.append(BlkRequest.read(block * BLOCK, BLOCK,
@@ -366,10 +366,10 @@ class _Stream:
         for c in done:
             seq, kind, block, data = c.tag
             self.completed.append(seq)
+            self.busy.discard(block)
             if c.status != blk.VIRTIO_BLK_S_OK:
                 self.problems.append(f"{kind} #{seq} of block {block}: status {c.status}")
             elif kind == "write":
-                self.busy.discard(block)
                 self.expected[block] = data
             elif bytes(c.data) != data:
                 self.problems.append(f"read #{seq} of block {block} returned {bytes(c.data[:14])!r}, "
