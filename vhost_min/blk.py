@@ -55,7 +55,8 @@ from .virtio import DeviceId, DeviceStatus, VirtioFeature
 __all__ = ["VirtioBlkFeature", "VirtioBlkType", "VirtioBlkStatus", "BlkConfig", "VIRTIO_BLK_CONFIG",
            "VIRTIO_BLK_CONFIG_OFFSETS", "VIRTIO_BLK_OUTHDR", "VIRTIO_BLK_DISCARD_WRITE_ZEROES", "VIRTIO_BLK_ID_BYTES",
            "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP", "SECTOR_SIZE", "BlockImage", "BlkDevice", "BLK_DRIVER_FEATURES",
-           "BlkClient", "BlkRequest", "BlkCompletion", "BlkRequestError", "CACHE_MODES", "AIO_MODES"]
+           "BlkClient", "BlkRequest", "BlkCompletion", "BlkRequestError", "CACHE_MODES", "AIO_MODES",
+           "BLK_STATE", "BLK_STATE_MAGIC", "BLK_STATE_VERSION", "BlkStateError"]
 
 log = logging.getLogger(__name__)
 
@@ -868,6 +869,35 @@ def _make_engine(aio: str | None, cache: str):
     return _aio.ThreadEngine()
 
 
+# --------------------------------------------------------------------------------------------
+# Device state (vhost-user DEVICE_STATE: SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE)
+#
+# What a stopped virtio-blk device carries to a new back-end that the front-end does not replay
+# itself: the cache mode the driver chose through ``wce`` (VIRTIO_BLK_F_CONFIG_WCE). Requests
+# are stateless and none is in flight once every ring is stopped (GET_VRING_BASE waits for them);
+# rings, memory and features are the front-end's to replay. The disk's shape travels too, so a
+# state is never loaded into a back-end serving another disk.
+# --------------------------------------------------------------------------------------------
+
+#: The first 8 bytes of every blk state blob.
+BLK_STATE_MAGIC = b"VMINBLK\0"
+#: The layout :data:`BLK_STATE` describes; a blob of another version is refused.
+BLK_STATE_VERSION = 1
+#: {8s magic; le16 version; le16 flags; le32 blk_size; le64 capacity (512-byte sectors);
+#: le16 num_queues; le16 reserved (0)}, 28 bytes.
+BLK_STATE = struct.Struct("<8sHHIQHH")
+BLK_STATE_F_WCE = 1 << 0            #: flags: writeback cache (``wce`` = 1)
+BLK_STATE_F_RO = 1 << 1             #: flags: the disk is read-only (VIRTIO_BLK_F_RO)
+_BLK_STATE_FLAGS = BLK_STATE_F_WCE | BLK_STATE_F_RO
+
+
+class BlkStateError(VhostError):
+    """A device state blob this back-end cannot load: short, foreign, of another version, or
+    saved for another disk. Nothing of it was applied."""
+
+    default_errno = errno.EINVAL
+
+
 class BlkDevice(Device):
     """A vhost-user-blk device over a raw image: ``serve(BlkDevice("disk.img"), "/tmp/blk.sock")``
     and QEMU's ``-device vhost-user-blk-pci,chardev=...`` sees a disk of the image's size.
@@ -971,22 +1001,75 @@ class BlkDevice(Device):
         wce = VIRTIO_BLK_CONFIG_OFFSETS["wce"]
         end = offset + len(data)
         if flags == VHOST_SET_CONFIG_TYPE_MIGRATION and 0 <= offset <= wce < end <= VIRTIO_BLK_CONFIG.size:
-            self.image.writeback = bool(data[wce - offset])
-            return
-        if offset != wce or len(data) != 1:
+            writeback = bool(data[wce - offset])
+        elif offset != wce or len(data) != 1:
             raise NotSupportedError(f"virtio-blk config write of {len(data)} bytes at offset {offset}: "
                                     f"only wce (1 byte at offset {wce}) is writable")
-        self.image.writeback = bool(data[0])
+        else:
+            writeback = bool(data[0])
+        self.image.writeback = writeback
+        if self._loaded_writeback is not None:    # after a state load the driver's latest choice holds
+            self._loaded_writeback = writeback
 
     def features_set(self, features: int) -> None:
         """After SET_FEATURES: a driver that did not take FLUSH cannot flush, so every write must be
         stable on completion (virtio 1.3 §5.2.6.2); one that did starts in writeback mode (unless
         cache="writethrough")."""
-        self.image.writeback = bool(features & VIRTIO_BLK_F_FLUSH) and self.image.cache != "writethrough"
+        loaded = self._loaded_writeback       # a loaded state outlives the SET_FEATURES that follows it
+        default = self.image.cache != "writethrough" if loaded is None else loaded
+        self.image.writeback = bool(features & VIRTIO_BLK_F_FLUSH) and default
 
     def reset(self) -> None:
         """RESET_DEVICE or the front-end went away: the cache mode's default until the next negotiation."""
+        self._loaded_writeback = None
         self.image.writeback = self.image.cache != "writethrough"
+
+    # -- device state (DEVICE_STATE) ------------------------------------------------------------
+    _loaded_writeback: bool | None = None   # the cache mode of the last state loaded, until reset
+
+    def save_state(self, file) -> None:
+        """VHOST_USER_SET_DEVICE_STATE_FD, save: the cache mode and the disk's shape (BLK_STATE)."""
+        image = self.image
+        flags = (BLK_STATE_F_WCE if image.writeback else 0) | (BLK_STATE_F_RO if image.read_only else 0)
+        file.write(BLK_STATE.pack(BLK_STATE_MAGIC, BLK_STATE_VERSION, flags, image.block_size, image.capacity,
+                                  self.num_queues, 0))
+
+    def load_state(self, file) -> None:
+        """VHOST_USER_SET_DEVICE_STATE_FD, load: check the blob whole, then take its cache mode;
+        BlkStateError (nothing applied) for a short, foreign, other-version or other-disk blob.
+        The mode outlives a SET_FEATURES that follows (QEMU negotiates after loading) until reset."""
+        data = file.read(BLK_STATE.size + 1)
+        self._loaded_writeback = self.image.writeback = self.parse_state(data)
+
+    def parse_state(self, data: bytes) -> bool:
+        """The writeback mode a state blob carries, once every field is checked against this device."""
+        size = BLK_STATE.size
+        if not data:
+            raise BlkStateError("virtio-blk device state is empty: the source saved nothing")
+        if data[:len(BLK_STATE_MAGIC)] != BLK_STATE_MAGIC:
+            raise BlkStateError(f"not a vhost_min virtio-blk device state: it starts with {bytes(data[:8])!r}, "
+                                f"not {BLK_STATE_MAGIC!r}")
+        if len(data) < len(BLK_STATE_MAGIC) + 2:
+            raise BlkStateError(f"virtio-blk device state of {len(data)} bytes ends inside its header")
+        version = int.from_bytes(data[8:10], "little")
+        if version != BLK_STATE_VERSION:
+            raise BlkStateError(f"virtio-blk device state version {version}: this back-end reads version "
+                                f"{BLK_STATE_VERSION}", errno.EPROTONOSUPPORT)
+        if len(data) != size:
+            raise BlkStateError(f"virtio-blk device state version {version} is {size} bytes, not "
+                                f"{'more' if len(data) > size else len(data)}")
+        _magic, _version, flags, blk_size, capacity, num_queues, reserved = BLK_STATE.unpack(data)
+        if flags & ~_BLK_STATE_FLAGS or reserved:
+            raise BlkStateError(f"virtio-blk device state has unknown flags {flags & ~_BLK_STATE_FLAGS:#x} "
+                                f"or a non-zero reserved field {reserved:#x}")
+        image = self.image
+        theirs = (capacity, blk_size, bool(flags & BLK_STATE_F_RO), num_queues)
+        ours = (image.capacity, image.block_size, image.read_only, self.num_queues)
+        if theirs != ours:
+            names = ("capacity (sectors)", "blk_size", "read-only", "num_queues")
+            diff = ", ".join(f"{n} {a} here, {b} in the state" for n, a, b in zip(names, ours, theirs) if a != b)
+            raise BlkStateError(f"virtio-blk device state was saved for another disk than {image.path!r}: {diff}")
+        return bool(flags & BLK_STATE_F_WCE)
 
     def handle(self, queue: int, readable: list[memoryview], writable: list[memoryview]) -> int:
         """One request chain from any queue (they all share the image)."""

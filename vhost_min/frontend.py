@@ -857,7 +857,9 @@ class Frontend(Dataplane):
         """VHOST_USER_CHECK_DEVICE_STATE (DEVICE_STATE): did the transfer succeed? VhostError if not."""
         value = self._u64(FrontendRequest.CHECK_DEVICE_STATE)
         if value:
-            raise VhostError(f"VHOST_USER_CHECK_DEVICE_STATE: the back-end answered {value:#x} (failure)", errno.EIO)
+            reason = os.strerror(value) if value < 4096 else "failure"     # our back-ends answer an errno
+            raise VhostError(f"VHOST_USER_CHECK_DEVICE_STATE: the back-end answered {value:#x} ({reason}): the "
+                             f"state transfer failed (the back-end's log says why)", errno.EIO)
 
     def get_shmem_config(self) -> ShmemConfig:
         """VHOST_USER_GET_SHMEM_CONFIG (SHMEM): the size of each VIRTIO shared memory region by shmid."""
@@ -1314,14 +1316,10 @@ class Frontend(Dataplane):
         with self._lock:
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             before = self.features
-            wanted_features, wanted_protocol = self._wanted or (None, None)
-            if before is not None:
-                wanted_features = before & ~VHOST_F_LOG_ALL
             while True:
                 self._drop_connection()
-                self._connect_again(deadline)
                 try:
-                    return self._replay(before, wanted_features, wanted_protocol)
+                    return self._attach(deadline, before)
                 except DisconnectedError as exc:
                     if time.monotonic() >= deadline:
                         raise
@@ -1329,6 +1327,44 @@ class Frontend(Dataplane):
                     log.info("%s: the back-end hung up during the reconnect handshake (%s); trying again",
                              self.path, exc)
                     time.sleep(0.02)
+
+    def migrate(self, path: str | os.PathLike, timeout: float | None = None) -> Negotiated:
+        """Move the device to the back-end listening on ``path`` (another process on the same
+        image), as a live migration's switch-over does: stop every ring here (GET_VRING_BASE: the
+        back-end completes what it holds and says where each ring stands), save the device state
+        (DEVICE_STATE, when negotiated), connect to ``path`` and replay as :meth:`reconnect` does,
+        loading the state before any ring starts, then start each ring from its base. The source
+        stays connected, stopped, until the destination runs; a destination that fails is dropped,
+        the source resumed and the error raised. On success the source connection is closed."""
+        path = os.fspath(path)
+        with self._lock:
+            bases = self.stop()
+            try:
+                state = (self.save_device_state() if self.protocol_features & ProtocolFeature.DEVICE_STATE
+                         else None)
+            except BaseException:
+                self.resume()
+                raise
+            source = (self._conn, self._channel, self.path, self._wanted, self.features, self.protocol_features,
+                      self.num_queues, self.max_mem_slots, self.shmem_config)
+            self._conn = self._channel = None
+            self._deferred.clear()
+            self.path = path
+            try:
+                deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+                result = self._attach(deadline, source[4], state)
+            except BaseException:
+                self._drop_connection()
+                (self._conn, self._channel, self.path, self._wanted, self.features, self.protocol_features,
+                 self.num_queues, self.max_mem_slots, self.shmem_config) = source
+                for index, ring in self._rings.items():    # some may have been started on the destination
+                    ring.started, ring.base = False, bases.get(index)
+                self.resume()
+                raise
+            for conn in source[:2]:
+                if conn is not None:
+                    conn.close()
+            return result
 
     def _connect_again(self, deadline: float) -> None:
         """The new main connection, retried while nothing listens on the path yet (until ``deadline``)."""
@@ -1347,8 +1383,14 @@ class Frontend(Dataplane):
             raise
         sock.settimeout(self.timeout)
 
-    def _replay(self, before: int | None, wanted_features: int | None, wanted_protocol: int | None) -> Negotiated:
-        """reconnect()'s handshake and replay on the new connection."""
+    def _attach(self, deadline: float, before: int | None, state: bytes | None = None) -> Negotiated:
+        """Connect to :attr:`path` (retrying until ``deadline``), negotiate the features ``before``
+        (what was acked last time) and replay everything; ``state``: a device state to load before
+        the rings start."""
+        self._connect_again(deadline)
+        wanted_features, wanted_protocol = self._wanted or (None, None)
+        if before is not None:
+            wanted_features = before & ~VHOST_F_LOG_ALL
         result = self.negotiate(wanted_features, wanted_protocol)
         if before is not None and result.features != before & ~VHOST_F_LOG_ALL:
             lost = before & ~VHOST_F_LOG_ALL & ~result.features
@@ -1364,6 +1406,11 @@ class Frontend(Dataplane):
         if self.memory is not None:
             self._check_region_count(len(self.regions))
             self._send_memory()
+        if state is not None:
+            if not self.protocol_features & ProtocolFeature.DEVICE_STATE:
+                raise ProtocolError(f"{self.path} does not offer DEVICE_STATE: the source's device state "
+                                    f"({len(state)} bytes) has nowhere to go")
+            self.load_device_state(state)
         if self._status is not None and self.protocol_features & ProtocolFeature.STATUS:
             self.set_status(self._status)
         for ring in sorted(self._rings.values(), key=lambda r: r.index):
