@@ -18,6 +18,8 @@ BENCHMARKS = {
     "reconnect": "our front-end through --kills N (default 200) SIGKILLs of qemu-storage-daemon with requests in flight",
     "crash": "kill -9 the blk back-end under sustained writes, --kills N [--ring split|packed|both] "
              "[--frontend qemu|ours] [--yardstick qsd]: lost bytes, hangs",
+    "reliability": "every reliability campaign (fuzz, kills, reconnects, migration, isolation) [--scale F] "
+                   "[--only A,B] [--readme]: what was tried and what was lost",
 }
 
 
