@@ -1,7 +1,8 @@
 """virtio-blk through vhost-user: our back-end against qemu-storage-daemon, driven by a C front-end.
 
-``python3 -m bench blk [--json] [--runs N] [--seconds S] [--profile [FILE]] [--markdown]``
-(``--markdown``: also the README's table, between its markers).
+``python3 -m bench blk [--json] [--runs N] [--seconds S] [--rows NAME,...] [--profile [FILE]] [--markdown]``
+(``--markdown``: also the README's table, between its markers; ``--rows``: only these workloads,
+named as in WORKLOADS and DIRECT_WORKLOADS, each page-cached one with and without EVENT_IDX).
 
 The client is bench/vublk.c (built with cc into a cache outside the clone, see bench/vublk.py): one
 split ring of 128, N requests of fixed 3-descriptor chains in flight, completions found by polling
@@ -401,7 +402,7 @@ def _fs_type(path: str) -> str | None:
 
 
 def run_direct(binary: str | None, runs: int, seconds: float, driver_cpu: int | None,
-               backend_cpu: int | None, no_theirs: bool) -> dict:
+               backend_cpu: int | None, no_theirs: bool, workloads: list = DIRECT_WORKLOADS) -> dict:
     """Ours with --cache none and each --aio against qemu-storage-daemon cache.direct=on,aio=io_uring,
     on a 256 MiB image in DIRECT_DIR."""
     with tempfile.TemporaryDirectory(prefix="vhost_min-bench-direct-", dir=DIRECT_DIR) as work, \
@@ -414,7 +415,7 @@ def run_direct(binary: str | None, runs: int, seconds: float, driver_cpu: int | 
         if not no_theirs:
             sides.append(("theirs", stack.enter_context(theirs(image, work, backend_cpu,
                                                                ",cache.direct=on,aio=io_uring"))))
-        return run_rows(binary, sides, DIRECT_WORKLOADS, (True,), runs, seconds, driver_cpu, None)
+        return run_rows(binary, sides, workloads, (True,), runs, seconds, driver_cpu, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,6 +515,13 @@ def run(argv: list[str]) -> dict:
     seconds = _option(argv, "--seconds", 2.0)
     runs = _option(argv, "--runs", 3)
     want_markdown = "--markdown" in argv
+    names = set(filter(None, _option(argv, "--rows", "").split(",")))
+    unknown = names - {w[0] for w in WORKLOADS + DIRECT_WORKLOADS}
+    if unknown:
+        raise SystemExit(f"bench blk --rows: no workload {', '.join(sorted(unknown))}; there are "
+                         f"{', '.join(w[0] for w in WORKLOADS + DIRECT_WORKLOADS)}")
+    workloads = [w for w in WORKLOADS if not names or w[0] in names]
+    direct_workloads = [w for w in DIRECT_WORKLOADS if not names or w[0] in names]
     profile_out = None
     if "--profile" in argv:
         at = argv.index("--profile") + 1
@@ -553,7 +561,7 @@ def run(argv: list[str]) -> dict:
                 if binary is None and driver_cpu is not None:
                     os.sched_setaffinity(0, {driver_cpu})
                 try:
-                    rows = run_rows(binary, sides, WORKLOADS, modes, runs, seconds, driver_cpu, sync_fd)
+                    rows = run_rows(binary, sides, workloads, modes, runs, seconds, driver_cpu, sync_fd)
                 finally:
                     os.sched_setaffinity(0, mask)
         finally:
@@ -561,8 +569,8 @@ def run(argv: list[str]) -> dict:
         if "--profile" in argv:
             result["profile_randread_4k_qd32"] = profile_ours(binary, image, work, seconds, profile_out,
                                                               driver_cpu, backend_cpu)
-    skipped = direct_rows()
-    direct = {} if skipped else run_direct(binary, runs, seconds, driver_cpu, backend_cpu, no_theirs)
+    skipped = direct_rows() if direct_workloads else "not run: not among --rows"
+    direct = {} if skipped else run_direct(binary, runs, seconds, driver_cpu, backend_cpu, no_theirs, direct_workloads)
     load_after = os.getloadavg()
 
     title = (f"blk: ours (python3 -m vhost_min blk) against {QSD} {version or '(missing)'} (qsd); client {client}; "
