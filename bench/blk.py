@@ -1,7 +1,8 @@
 """virtio-blk through vhost-user: our back-end against qemu-storage-daemon, driven by a C front-end.
 
-``python3 -m bench blk [--json] [--runs N] [--seconds S] [--profile [FILE]] [--markdown]``
-(``--markdown``: also the README's table, between its markers).
+``python3 -m bench blk [--json] [--runs N] [--seconds S] [--rows NAME,...] [--profile [FILE]] [--markdown]``
+(``--markdown``: also the README's table, between its markers; ``--rows``: only these workloads,
+named as in WORKLOADS and DIRECT_WORKLOADS, each page-cached one with and without EVENT_IDX).
 
 The client is bench/vublk.c (built with cc into a cache outside the clone, see bench/vublk.py): one
 split ring of 128, N requests of fixed 3-descriptor chains in flight, completions found by polling
@@ -18,7 +19,11 @@ system's cost rather than the back-end's); both use buffered I/O and writeback (
 write), and after every write run the bench fdatasyncs the image, untimed. Ours is ``python3 -m vhost_min blk``;
 qemu-storage-daemon exports a file blockdev as vhost-user-blk (its defaults: aio=threads, page
 cache). With two or more cores the back-ends (and the null one) are pinned to the second core of
-this process's affinity mask and the driver to the first.
+this process's affinity mask and the driver to the first, each process in a session of its own
+(see :class:`Daemon`: the scheduler shares CPU between sessions). Each round also measures the
+other work on the back-end's core (its busy time not spent by the back-end): on a shared machine,
+that, not the back-end, is what a low busy share and a latency of milliseconds usually mean (vublk
+says, for every 50 ms stall, whether the back-end waited for a CPU or slept).
 
 Each row runs ``--runs`` rounds of null, ours, theirs (interleaved, ``--seconds`` each after a
 0.5 s warm-up on the same connection); the figures of a side are those of its best round (highest
@@ -116,7 +121,13 @@ def _child_setup(cpu: int | None):
 
 
 class Daemon:
-    """One back-end process on a vhost-user socket, started by exact argv and stopped by its PID."""
+    """One back-end process on a vhost-user socket, started by exact argv and stopped by its PID.
+
+    Each starts a session of its own, as a daemon would: with the kernel's autogroup scheduling
+    (sched_autogroup_enabled, the default) a session's share of the machine is split over its
+    cores by its load there, so a back-end in the bench's session, beside a driver busy-polling on
+    the other core, got half a share of its own core against other work, and a back-end with more
+    threads on that core (qemu-storage-daemon's pool) got more of it."""
 
     def __init__(self, name: str, argv: list[str], sock: str, workdir: str, cpu: int | None,
                  env: dict | None = None) -> None:
@@ -124,7 +135,7 @@ class Daemon:
         self.log_path = os.path.join(workdir, f"{name}.log")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=ROOT, env=env, preexec_fn=_child_setup(cpu))
+                                         cwd=ROOT, env=env, preexec_fn=_child_setup(cpu), start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT
         while not os.path.exists(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -228,9 +239,12 @@ def measure(binary: str | None, daemon, rw: str, bs: int, qd: int, event_idx: bo
     try:
         if binary is None:
             return _measure_python(daemon, rw, bs, qd, event_idx, seconds)
+        core = _only_core(daemon.pid)
         for _attempt in range(2):          # a back-end starved for the whole window by other work: once more
+            before = _core_time(core), _process_cpu(daemon.pid), time.monotonic()
             r = vublk.drive(binary, daemon.socket, rw, bs, qd, seconds, warmup=WARMUP, event_idx=event_idx,
                             queue_size=QUEUE_SIZE, backend_pid=daemon.pid, cpu=cpu)
+            after = _core_time(core), _process_cpu(daemon.pid), time.monotonic()
             if r["requests"]:
                 break
         if r["stalls"]:                    # the first, with the ring's indexes (vublk.c says how to read them)
@@ -248,7 +262,29 @@ def measure(binary: str | None, daemon, rw: str, bs: int, qd: int, event_idx: bo
             "backend_busy": r["backend_cpu_s"] / wall, "lat_us_p50": r["lat_us_p50"], "lat_us_p99": r["lat_us_p99"],
             "lat_us_mean": r["lat_us_mean"], "client_cpu_us_per_req": r["client_cpu_s"] / n * 1e6,
             "client_busy": r["client_cpu_s"] / wall, "kicks_per_req": r["kicks"] / n, "requests": n,
-            "stalls": r["stalls"], "threads": threads}
+            "stalls": r["stalls"], "threads": threads,
+            "core_other": (None if core is None else
+                           round(max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / (after[2] - before[2]), 3))}
+
+
+def _only_core(pid: int) -> int | None:
+    """The core ``pid`` is pinned to, None when it may run on several."""
+    cores = os.sched_getaffinity(pid)
+    return next(iter(cores)) if len(cores) == 1 else None
+
+
+def _core_time(core: int | None) -> float:
+    """Seconds core ``core`` spent on anything but idle and iowait so far (/proc/stat: user, nice,
+    system, irq, softirq, steal): with the back-end's own CPU taken off, the other work on its core."""
+    if core is None:
+        return 0.0
+    name = f"cpu{core} "
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(name):
+                v = [int(x) for x in line.split()[1:9]]
+                return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def _process_cpu(pid: int) -> float:
@@ -298,7 +334,7 @@ def _measure_python(daemon, rw: str, bs: int, qd: int, event_idx: bool, seconds:
             "backend_busy": cpu / wall, "lat_us_p50": None, "lat_us_p99": None, "lat_us_mean": wall / done * qd * 1e6,
             "client_cpu_us_per_req": client_cpu / done * 1e6, "client_busy": client_cpu / wall,
             "kicks_per_req": None, "requests": done, "stalls": None,
-            "threads": len(os.listdir(f"/proc/{daemon.pid}/task"))}
+            "threads": len(os.listdir(f"/proc/{daemon.pid}/task")), "core_other": None}
 
 
 def _best(runs: list[dict]) -> dict:
@@ -366,7 +402,7 @@ def _fs_type(path: str) -> str | None:
 
 
 def run_direct(binary: str | None, runs: int, seconds: float, driver_cpu: int | None,
-               backend_cpu: int | None, no_theirs: bool) -> dict:
+               backend_cpu: int | None, no_theirs: bool, workloads: list = DIRECT_WORKLOADS) -> dict:
     """Ours with --cache none and each --aio against qemu-storage-daemon cache.direct=on,aio=io_uring,
     on a 256 MiB image in DIRECT_DIR."""
     with tempfile.TemporaryDirectory(prefix="vhost_min-bench-direct-", dir=DIRECT_DIR) as work, \
@@ -379,7 +415,7 @@ def run_direct(binary: str | None, runs: int, seconds: float, driver_cpu: int | 
         if not no_theirs:
             sides.append(("theirs", stack.enter_context(theirs(image, work, backend_cpu,
                                                                ",cache.direct=on,aio=io_uring"))))
-        return run_rows(binary, sides, DIRECT_WORKLOADS, (True,), runs, seconds, driver_cpu, None)
+        return run_rows(binary, sides, workloads, (True,), runs, seconds, driver_cpu, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +469,7 @@ def _figure(entry: dict, side: str) -> float | None:
 def table_rows(rows: dict, ours_sides: tuple[str, ...] = ("ours",)) -> tuple[list[str], list[list]]:
     """The printed table (also the README's): one line per row and per side of ours."""
     columns = ["workload", "unit", "ours", "qsd", "ours/qsd", "client ceiling", "cpu us/req ours", "qsd",
-               "ours/qsd", "busy % ours/qsd", "p50 us ours/qsd", "threads ours/qsd"]
+               "ours/qsd", "busy % ours/qsd", "other work % ours/qsd", "p50 us ours/qsd", "threads ours/qsd"]
     out = []
     for row, e in rows.items():
         for side in ours_sides:
@@ -451,10 +487,15 @@ def table_rows(rows: dict, ours_sides: tuple[str, ...] = ("ours",)) -> tuple[lis
                         e.get(f"cpu_ratio{side[len('ours'):]}", "-"),
                         f"{mine['backend_busy'] * 100:.0f}/{t['backend_busy'] * 100:.0f}" if t
                         else f"{mine['backend_busy'] * 100:.0f}/-",
+                        f"{_percent(mine.get('core_other'))}/{_percent(t.get('core_other')) if t else '-'}",
                         (f"{mine['lat_us_p50']:.1f}/{t['lat_us_p50']:.1f}" if t and mine["lat_us_p50"] is not None
                          else "-"),
                         f"{mine['threads']}/{t['threads']}" if t else f"{mine['threads']}/-"])
     return columns, out
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share * 100:.0f}"
 
 
 def markdown(columns: list[str], rows: list[list]) -> str:
@@ -474,6 +515,13 @@ def run(argv: list[str]) -> dict:
     seconds = _option(argv, "--seconds", 2.0)
     runs = _option(argv, "--runs", 3)
     want_markdown = "--markdown" in argv
+    names = set(filter(None, _option(argv, "--rows", "").split(",")))
+    unknown = names - {w[0] for w in WORKLOADS + DIRECT_WORKLOADS}
+    if unknown:
+        raise SystemExit(f"bench blk --rows: no workload {', '.join(sorted(unknown))}; there are "
+                         f"{', '.join(w[0] for w in WORKLOADS + DIRECT_WORKLOADS)}")
+    workloads = [w for w in WORKLOADS if not names or w[0] in names]
+    direct_workloads = [w for w in DIRECT_WORKLOADS if not names or w[0] in names]
     profile_out = None
     if "--profile" in argv:
         at = argv.index("--profile") + 1
@@ -513,7 +561,7 @@ def run(argv: list[str]) -> dict:
                 if binary is None and driver_cpu is not None:
                     os.sched_setaffinity(0, {driver_cpu})
                 try:
-                    rows = run_rows(binary, sides, WORKLOADS, modes, runs, seconds, driver_cpu, sync_fd)
+                    rows = run_rows(binary, sides, workloads, modes, runs, seconds, driver_cpu, sync_fd)
                 finally:
                     os.sched_setaffinity(0, mask)
         finally:
@@ -521,8 +569,8 @@ def run(argv: list[str]) -> dict:
         if "--profile" in argv:
             result["profile_randread_4k_qd32"] = profile_ours(binary, image, work, seconds, profile_out,
                                                               driver_cpu, backend_cpu)
-    skipped = direct_rows()
-    direct = {} if skipped else run_direct(binary, runs, seconds, driver_cpu, backend_cpu, no_theirs)
+    skipped = direct_rows() if direct_workloads else "not run: not among --rows"
+    direct = {} if skipped else run_direct(binary, runs, seconds, driver_cpu, backend_cpu, no_theirs, direct_workloads)
     load_after = os.getloadavg()
 
     title = (f"blk: ours (python3 -m vhost_min blk) against {QSD} {version or '(missing)'} (qsd); client {client}; "
@@ -541,7 +589,9 @@ def run(argv: list[str]) -> dict:
           f"{QUEUE_SIZE}, rows with _event_idx negotiate VIRTIO_RING_F_EVENT_IDX;\n"
           f"  client ceiling = the same client against vublk's null back-end (no I/O); cpu = back-end CPU (all "
           f"threads) per request; busy = back-end CPU / wall time\n"
-          f"  (near 100% at qd32: the back-end, not the client, is the limit); p50 = median latency seen by the client;"
+          f"  (near 100% at qd32: the back-end, not the client, is the limit); other work = the back-end core's busy time"
+          f" (steal included)\n  not spent by the back-end, over its round (above a few %, the row measured the machine"
+          f" more than the back-end); p50 = median latency seen by the client;"
           f"\n  threads = the back-end's threads after the run (on a core shared with other work, each gets a share)."
           f"\n  load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (other work on this machine "
           f"takes CPU from both sides).")

@@ -188,7 +188,7 @@ struct driver {
     struct vring_desc *desc;
     volatile uint16_t *avail;           /* flags, idx, ring[num], used_event */
     volatile uint8_t *used;             /* flags, idx, ring[num] of 8 bytes, avail_event */
-    uint16_t avail_idx, last_used;
+    uint16_t avail_idx, last_used, last_kick;        /* last_kick: the avail idx published with the last kick */
     uint64_t capacity_bytes, rng;
     int write, random;
     uint64_t seq_next;
@@ -344,6 +344,7 @@ static uint64_t publish(struct driver *d, uint16_t old) {
     if (kick) {
         uint64_t one = 1;
         if (write(d->kick, &one, 8) != 8) die("kick");
+        d->last_kick = d->avail_idx;
     }
     return kick;
 }
@@ -385,6 +386,40 @@ static double process_cpu(int pid) {
     return (double)(ut + st) / sysconf(_SC_CLK_TCK);
 }
 
+/* The back-end's scheduling over a window: nanoseconds on a CPU and waiting for one (schedstat's first
+ * two fields, all threads), and how many threads are runnable now (state R in /proc/PID/task/{*}/stat). */
+struct sched_sample { double run, wait; int runnable, asleep, in_io, threads; };
+
+static struct sched_sample sched_sample(int pid) {
+    struct sched_sample s = { 0, 0, 0, 0, 0, 0 };
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task", pid);
+    DIR *dir = opendir(path);
+    if (!dir) return s;
+    for (struct dirent *e; (e = readdir(dir));) {
+        if (e->d_name[0] == '.') continue;
+        char p[320], buf[512];
+        unsigned long long run, wait;
+        snprintf(p, sizeof p, "/proc/%d/task/%s/schedstat", pid, e->d_name);
+        FILE *f = fopen(p, "r");
+        if (f && fscanf(f, "%llu %llu", &run, &wait) == 2) { s.run += run * 1e-9; s.wait += wait * 1e-9; }
+        if (f) fclose(f);
+        snprintf(p, sizeof p, "/proc/%d/task/%s/stat", pid, e->d_name);
+        f = fopen(p, "r");
+        size_t n = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
+        if (f) fclose(f);
+        buf[n] = 0;
+        char *q = strrchr(buf, ')');
+        s.threads++;
+        char state = q && q[1] == ' ' ? q[2] : '?';
+        s.runnable += state == 'R';
+        s.asleep += state == 'S';
+        s.in_io += state == 'D';
+    }
+    closedir(dir);
+    return s;
+}
+
 static double self_cpu(void) {
     struct timespec ts;
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
@@ -415,6 +450,9 @@ static int run_driver(struct options *o) {
     int measuring = o->warmup <= 0, running = 1;
     if (measuring) { cpu0 = self_cpu(); bcpu0 = o->backend_pid ? process_cpu(o->backend_pid) : 0; t0 = start; }
     unsigned num = o->queue_size, spins = 0, stall_reports = 0;
+    int stall_watch = 0;
+    double stall_t = 0;
+    struct sched_sample stall_base = { 0, 0, 0, 0, 0, 0 };
     double last_completion = start;
     uint16_t old = d.avail_idx;
     uint64_t submitted = 0, limit = o->count ? o->count : UINT64_MAX;
@@ -431,12 +469,39 @@ static int run_driver(struct options *o) {
             if (!o->wait_call) {
                 if (!(++spins & 0xfff)) {                  /* a back-end silent for 50 ms with work queued */
                     double t = now();
+                    if (o->backend_pid && !stall_watch && t - last_completion > 0.01) {
+                        stall_watch = 1;                   /* its scheduling from here to the report */
+                        stall_t = t;
+                        stall_base = sched_sample(o->backend_pid);
+                    }
                     if (t - last_completion > 0.05) {
-                        if (stall_reports++ < 3) fprintf(stderr, "vublk: stall: %.0f ms without a completion, %" PRIu64 " in flight, avail idx %u,"
-                                " avail_event %u, used idx %u, used flags %#x\n", (t - last_completion) * 1e3, in_flight,
-                                d.avail_idx, *(volatile uint16_t *)(d.used + 4 + 8 * num), used_idx,
-                                *(volatile uint16_t *)d.used);
+                        /* Which of three: the kick still unread in the eventfd while the back-end sleeps
+                         * (a wake-up lost in its loop), no kick sent (suppression: compare avail_event
+                         * with the avail idx), or a back-end that wanted a CPU and got none (wait). */
+                        struct pollfd kp = { d.kick, POLLIN, 0 };
+                        int kick_pending = poll(&kp, 1, 0) == 1;
+                        if (stall_reports++ < 3) {
+                            fprintf(stderr, "vublk: stall: %.0f ms without a completion, %" PRIu64 " in flight, avail idx %u,"
+                                    " avail_event %u, used idx %u, used flags %#x, last kick at avail idx %u, kick fd %s",
+                                    (t - last_completion) * 1e3, in_flight, d.avail_idx,
+                                    *(volatile uint16_t *)(d.used + 4 + 8 * num), used_idx, *(volatile uint16_t *)d.used,
+                                    d.last_kick, kick_pending ? "unread" : "read");
+                            if (stall_watch) {              /* run_delay grows only when a waiting thread gets a CPU */
+                                struct sched_sample s = sched_sample(o->backend_pid);
+                                double w = t - stall_t, ran = s.run - stall_base.run, waited = s.wait - stall_base.wait;
+                                fprintf(stderr, "; back-end over the last %.0f ms: ran %.1f ms, waited for a CPU %.1f ms,"
+                                        " rest %.1f ms; threads now %d runnable, %d asleep, %d in I/O of %d: %s",
+                                        w * 1e3, ran * 1e3, waited * 1e3, (w - ran - waited) * 1e3, s.runnable, s.asleep,
+                                        s.in_io, s.threads,
+                                        s.runnable ? "it waits for a CPU (other work on its core)"
+                                        : s.in_io ? "it waits for I/O"
+                                        : kick_pending ? "it sleeps with a kick unread (a lost wake-up in its loop)"
+                                        : "it sleeps with requests on the ring and no kick unread (a lost notification?)");
+                            }
+                            fputc('\n', stderr);
+                        }
                         last_completion = t;
+                        stall_watch = 0;
                     }
                 }
                 cpu_relax();
@@ -453,6 +518,7 @@ static int run_driver(struct options *o) {
         }
         double t = now();
         last_completion = t;
+        stall_watch = 0;
         if (!measuring && t >= t0) {
             measuring = 1;
             t0 = t;

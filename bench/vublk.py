@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -72,9 +73,14 @@ def build() -> str | None:
 
 
 def _pinned(cpu: int | None):
-    if cpu is None:
-        return None
-    return lambda: os.sched_setaffinity(0, {cpu})
+    """The child's setup: dies with its parent (PR_SET_PDEATHSIG; it runs in a session of its own,
+    so a ^C does not reach it) and runs on ``cpu`` when given."""
+    def setup() -> None:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)    # PR_SET_PDEATHSIG
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+    return setup
 
 
 def drive(binary: str, socket: str, rw: str, bs: int, qd: int, seconds: float, *, warmup: float = 0.5,
@@ -94,7 +100,7 @@ def drive(binary: str, socket: str, rw: str, bs: int, qd: int, seconds: float, *
     argv += ["--size", str(size)] if size else []
     argv += ["--count", str(count)] if count else []
     result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + warmup + 60,
-                            preexec_fn=_pinned(cpu))
+                            preexec_fn=_pinned(cpu), start_new_session=True)
     lines = result.stdout.strip().splitlines()
     if not lines or not lines[-1].startswith("{"):
         raise RuntimeError(f"vublk {' '.join(argv[1:])} exited with {result.returncode}: {result.stderr.strip()}")
@@ -109,7 +115,8 @@ def null_backend(binary: str, workdir: str, cpu: int | None = None, size: int = 
     """``vublk --null-backend`` on a socket in ``workdir``: yields its Popen (``.socket`` set)."""
     sock = os.path.join(workdir, "null.sock")
     proc = subprocess.Popen([binary, "--null-backend", "--socket", sock, "--size", str(size)],
-                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_pinned(cpu))
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_pinned(cpu),
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 10
         while not os.path.exists(sock):

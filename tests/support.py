@@ -93,3 +93,29 @@ def cache_dir(*parts: str) -> str:
     path = os.path.join(base, *parts)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+class StoreBuffer:
+    """A CPU's store buffer over one word of a ring view: stores to ``index`` stay pending (invisible
+    to the other side, which reads memory) until :meth:`flush`, the full barrier; every other index
+    and every read go straight through. Loads after a store without a barrier between them are how
+    x86-64 and aarch64 lose a notification (store -> load reordering), emulated in one thread."""
+
+    def __init__(self, view: memoryview, index: int) -> None:
+        self.view, self.index, self.pending = view, index, None
+
+    def __setitem__(self, i, value) -> None:
+        if i == self.index:
+            self.pending = value
+        else:
+            self.view[i] = value
+
+    def __getitem__(self, i):
+        return self.pending if i == self.index and self.pending is not None else self.view[i]
+
+    def __getattr__(self, name: str):
+        return getattr(self.view, name)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self.view[self.index], self.pending = self.pending, None

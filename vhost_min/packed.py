@@ -197,6 +197,7 @@ class PackedDeviceQueue(_PackedRing):
         self.set_log(log, log_used_addr)
         self._notify = True             # kicks wanted (the driver zeroed the area: ENABLE)
         self._event_off = -1            # off|wrap last written in DESC mode, -1 = none
+        self._event_fenced = True       # no event store since the last full barrier
         self._rs, self._re, self._rv = 1, 0, None   # region cache (start, end, view); empty
 
     def _map(self) -> None:
@@ -241,12 +242,16 @@ class PackedDeviceQueue(_PackedRing):
                 break
             if not drained:               # weakly ordered host: look past what the scan saw
                 continue
-            if not (self._notify and self.event_idx and self._move_avail_event()):
+            if not (self._notify and self.event_idx):
                 break
-            # Full barrier: the new event offset must be visible to the driver before we look at the
-            # ring again (store -> load).  Otherwise a chain published right now sees the old offset,
-            # is not kicked, and is not seen by us either: the queue would sit with work in it.
+            if not self._move_avail_event() and self._event_fenced:
+                break                     # the event stood here behind a barrier: that scan was the re-check
+            # Full barrier: the event offset must be visible to the driver before we look at the ring
+            # again (store -> load).  Otherwise a chain published right now sees the old offset, is
+            # not kicked, and is not seen by us either: the queue would sit with work in it.  Also
+            # when the event did not move: a pop that stopped at its budget moved it without one.
             self._mb()
+            self._event_fenced = True
         if out and self._notify and self.event_idx:
             self._move_avail_event()
         return out
@@ -683,6 +688,7 @@ class PackedDeviceQueue(_PackedRing):
         # Full barrier: the enable must be visible before we re-read the ring (store -> load), the
         # mirror image of the driver's barrier between publishing and reading our flags.
         self._mb()
+        self._event_fenced = True
         return self._h[self._avail_slot * 8 + 7] & _BOTH == (_AVAIL if self._avail_wrap else _USED)
 
     def _move_avail_event(self) -> bool:
@@ -692,7 +698,7 @@ class PackedDeviceQueue(_PackedRing):
         if off == self._event_off:
             return False
         self._device_event[0] = off | _EVENT_DESC
-        self._event_off = off
+        self._event_off, self._event_fenced = off, False
         return True
 
     def pending(self) -> int:

@@ -88,13 +88,14 @@ class BenchBlkTableTest(unittest.TestCase):
     def test_a_row_shows_each_side_the_ratio_and_the_ceiling(self) -> None:
         from bench import blk
         side = {"iops": 20000.0, "mib_s": 78.1, "cpu_us_per_req": 10.0, "backend_busy": 0.2, "lat_us_p50": 12.5,
-                "threads": 1}
-        row = {"bs": 4096, "ours": side, "theirs": dict(side, iops=40000.0, cpu_us_per_req=12.5, threads=60),
+                "threads": 1, "core_other": 0.031}
+        row = {"bs": 4096, "ours": side, "theirs": dict(side, iops=40000.0, cpu_us_per_req=12.5, threads=60,
+                                                         core_other=None),
                "null": dict(side, iops=500000.0), "ratio": 0.5, "cpu_ratio": 0.8}
         columns, lines = blk.table_rows({"randread_4k_qd32": row})
         self.assertEqual(lines, [["randread_4k_qd32", "IOPS", 20000.0, 40000.0, 0.5, 500000.0, 10.0, 12.5, 0.8,
-                                  "20/20", "12.5/12.5", "1/60"]])
+                                  "20/20", "3/-", "12.5/12.5", "1/60"]])
         text = blk.markdown(columns, lines).splitlines()
         self.assertEqual(len(text), 3)
         self.assertEqual(text[2], "| randread_4k_qd32 | IOPS | 20,000 | 40,000 | 0.50 | 500,000 | 10.00 | 12.50 | 0.80 "
-                                  "| 20/20 | 12.5/12.5 | 1/60 |")
+                                  "| 20/20 | 3/- | 12.5/12.5 | 1/60 |")

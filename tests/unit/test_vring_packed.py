@@ -10,7 +10,7 @@ import struct
 import unittest
 from unittest import mock
 
-from tests.support import memfd, seeded_random
+from tests.support import StoreBuffer, memfd, seeded_random
 from vhost_min import packed
 from vhost_min.errors import GuestMemoryError, VirtqueueError
 from vhost_min.inflight import InflightPacked, queue_region_size
@@ -609,6 +609,45 @@ class NotificationTest(RingCase):
         self.assertEqual(self.event("device"), (0, DISABLE))        # disabled: pops leave it alone
         self.assertFalse(self.device.enable_notifications())
         self.assertEqual(self.event("device"), (1, DESC_EVENT))    # slot 1, wrap 0
+
+    def test_event_idx_pop_after_a_budget_stop_sees_a_chain_published_unkicked(self):
+        """A pop that stops at its budget moves the event offset with no barrier after it. The next
+        pop finds the ring empty and the driver publishes right then, reading the event from
+        memory while our store still sits in the store buffer: the driver must kick, or that pop
+        must take the chain (its re-scan behind a full barrier); else the chain waits for ever."""
+        self.setup_ring(8, event_idx=True)
+        device = self.device
+        device._device_event = buffered = StoreBuffer(device._device_event, 0)
+        published = []
+
+        def driver_publishes():          # at the device's first moment after its empty scan
+            if not published:
+                self.driver.add([], [(BUF, 1)], "late")
+                published.append(self.driver.publish())
+
+        def mb():
+            if armed:
+                driver_publishes()
+            buffered.flush()
+
+        device._mb, armed = mb, False
+        self.driver.add([], [(BUF, 1)], 0)
+        self.assertTrue(self.driver.publish())                   # ENABLE: kicked
+        device.push_batch([(c[0], 1) for c in device.pop_batch()])
+        self.assertEqual(self.event("device"), (1 | 1 << 15, DESC_EVENT))   # behind a barrier: visible
+        self.driver.reap()
+        for k in (1, 2):
+            self.driver.add([], [(BUF, 1)], k)
+        self.assertTrue(self.driver.publish())                   # slots 1, 2: the event at 1, kicked
+        first, second = device.pop_batch(1), device.pop_batch(1)  # each stops at its budget of one
+        self.assertEqual(len(first) + len(second), 2)
+        self.assertEqual(self.event("device"), (1 | 1 << 15, DESC_EVENT))   # the move to 3 not visible yet
+        armed = True
+        chains = device.pop_batch()
+        driver_publishes()               # no barrier in that pop: the driver comes after it returned
+        self.assertEqual(published, [False])                     # the driver saw the event at 1: no kick
+        self.assertEqual(len(chains), 1, "a chain published while the event store was unfenced was neither "
+                                         "kicked nor popped")
 
     def test_event_idx_used_event_follows_reaps(self):
         self.setup_ring(7, event_idx=True)
