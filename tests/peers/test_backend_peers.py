@@ -47,13 +47,15 @@ class PeerTestCase(_WirePeerTestCase):
 
 
 @contextlib.contextmanager
-def served(device: Device, path: str) -> Iterator[Server]:
-    """``device`` served on ``path`` by a Server running in a thread; stopped and closed on exit."""
+def served(device: Device, path: str, *more: tuple[object, str]) -> Iterator[Server]:
+    """``device`` served on ``path`` (and each further (device or factory, path)) by one Server
+    running in a thread; stopped and closed on exit."""
     server = Server()
     stop = threading.Event()
     thread = threading.Thread(target=server.run, kwargs={"stop_event": stop}, name="vhost_min server", daemon=True)
     try:
-        server.add(device, path)
+        for source, where in ((device, path), *more):
+            server.add(source, where)
         thread.start()
         yield server
     finally:

@@ -11,45 +11,21 @@ with the header being the call fd signalled.
 from __future__ import annotations
 
 import array
-import contextlib
 import os
 import socket
-import threading
-from collections.abc import Iterator
 
 from tests import support
 from tests.peers import launch
-from tests.peers.test_backend_peers import PeerTestCase, wait_until
+from tests.peers.test_backend_peers import PeerTestCase, served, wait_until
 from tests.peers.test_net_peers import FRAMES, MAC, TXPKTS, RecordingNet, forward_stats
 from tests.peers.test_wire_peers import report
 from tests.unit.test_backend import Echo, eventfd, fired
 from tests.unit.test_isolation import header, unread
-from vhost_min.backend import Server
 from vhost_min.net import format_mac
 from vhost_min.user import Connection, FrontendRequest, VringFd
 
 F = FrontendRequest
 TIMEOUT = 10.0
-
-
-@contextlib.contextmanager
-def serving(*endpoints: tuple[object, str]) -> Iterator[Server]:
-    """One Server thread serving every (device or factory, socket path); stopped and closed on exit."""
-    server = Server()
-    stop = threading.Event()
-    thread = threading.Thread(target=server.run, kwargs={"stop_event": stop}, name="vhost_min server", daemon=True)
-    try:
-        for source, path in endpoints:
-            server.add(source, path)
-        thread.start()
-        yield server
-    finally:
-        stop.set()
-        if thread.is_alive():
-            thread.join(TIMEOUT)
-        server.close()
-    if thread.is_alive():
-        raise AssertionError("the server thread did not stop")
 
 
 class StalledBesideTestpmdTest(PeerTestCase):
@@ -64,7 +40,7 @@ class StalledBesideTestpmdTest(PeerTestCase):
         self.assertNothingLeft()
 
     def loop_beside_a_stall(self, device: RecordingNet, net_sock: str, raw_sock: str, call: int) -> None:
-        with serving((device, net_sock), (Echo, raw_sock)) as server:
+        with served(device, net_sock, (Echo, raw_sock)) as server:
             raw = Connection.connect(raw_sock)
             self.addCleanup(raw.close)
             raw.sock.settimeout(TIMEOUT)
