@@ -1183,9 +1183,10 @@ class PackedTests(BackendCase):
 
 
 class InflightTests(BackendCase):
-    def test_requests_in_flight_are_resubmitted_after_a_restart(self) -> None:
-        """A device that crashes with requests in flight: the next backend (same inflight fd)
-        handles them again, the driver gets every reply once."""
+    def _crash_holding(self, *payloads: bytes):
+        """A back-end that pops ``payloads`` and never completes them, then "crashes"; a new
+        back-end gets the same inflight region (base 0: the used index, as QEMU does when
+        GET_VRING_BASE could not be asked). Returns the ring, set up on the new back-end, unkicked."""
         class Stalls(Echo):
             def process(self, queue, vq):
                 vq.pop_batch()              # popped, never completed
@@ -1203,15 +1204,13 @@ class InflightTests(BackendCase):
         self.addCleanup(os.close, inflight_fd)
         fe.send(F.SET_INFLIGHT_FD, inflight.pack(), [inflight_fd])
         ring.setup(fe)
-        ring.add(b"first")
-        ring.add(b"second")
+        for payload in payloads:
+            ring.add(payload)
         ring.kick_now()
         pump(self.backend)
         self.assertEqual(ring.queue.reap(), [])
         self.backend.close()                 # the back-end "crashes"
         fe.close()
-        # A new backend; the front-end hands back the region and sets the ring up (base 0: the
-        # used index, as QEMU does when GET_VRING_BASE could not be asked).
         a, b = Connection.pair()
         self.backend = Backend(self.device, b)
         self.addCleanup(self.backend.close)
@@ -1221,6 +1220,12 @@ class InflightTests(BackendCase):
         self.set_memory()
         fe.send(F.SET_INFLIGHT_FD, inflight.pack(), [inflight_fd])
         ring.setup(fe)
+        return ring
+
+    def test_requests_in_flight_are_resubmitted_after_a_restart(self) -> None:
+        """A device that crashes with requests in flight: the next backend (same inflight fd)
+        handles them again, the driver gets every reply once."""
+        ring = self._crash_holding(b"first", b"second")
         ring.add(b"third")
         ring.kick_now()
         pump(self.backend)
@@ -1231,37 +1236,7 @@ class InflightTests(BackendCase):
         """A front-end that does not kick after handing the region back (QEMU's notifier happens
         to start signalled, ours kicks): the driver waits for exactly the requests in flight and
         will not kick again, so the back-end must look at the ring by itself."""
-        class Stalls(Echo):
-            def process(self, queue, vq):
-                vq.pop_batch()              # popped, never completed
-
-        self.backend.close()
-        self.fe.close()
-        a, b = Connection.pair()
-        self.backend = Backend(Stalls(), b)
-        fe = Frontend(a, self.backend)
-        ring = self.ring(0)
-        fe.negotiate()
-        self.assertEqual(fe.ack(F.SET_MEM_TABLE, self.ram.table(), self.ram.fds), 0)
-        with fe.request(F.GET_INFLIGHT_FD, Inflight(0, 0, 2, ring.size).pack()) as reply:
-            inflight, inflight_fd = Inflight.unpack(reply.payload), reply.take_fd()
-        self.addCleanup(os.close, inflight_fd)
-        fe.send(F.SET_INFLIGHT_FD, inflight.pack(), [inflight_fd])
-        ring.setup(fe)
-        ring.add(b"first")
-        ring.kick_now()
-        pump(self.backend)
-        self.backend.close()                 # the back-end "crashes" holding "first"
-        fe.close()
-        a, b = Connection.pair()
-        self.backend = Backend(self.device, b)
-        self.addCleanup(self.backend.close)
-        self.fe = fe = Frontend(a, self.backend)
-        self.addCleanup(fe.close)
-        fe.negotiate()
-        self.set_memory()
-        fe.send(F.SET_INFLIGHT_FD, inflight.pack(), [inflight_fd])
-        ring.setup(fe)                       # no kick from the driver
+        ring = self._crash_holding(b"first")  # and no kick from the driver after the restart
         pump(self.backend)
         self.assertTrue(fired(ring.call))
         self.assertEqual(ring.replies(), [b"tsrif\x00"])
