@@ -162,7 +162,7 @@ def markdown(rows: list[Row]) -> str:
     lines = [BEGIN, "", "| what was tried | how much | lost |", "| --- | --- | --- |"]
     lines += [f"| {r.campaign} | {r.tried} | {r.lost} |" for r in rows]
     made = dict.fromkeys(r.made for r in rows)
-    lines += ["", "Made by " + "; ".join(f"`{m}`" for m in made) + "."]
+    lines += ["", "Made by " + "; ".join(made) + "."]
     return "\n".join(lines + ["", END])
 
 
@@ -211,7 +211,7 @@ def run(argv: list[str]) -> dict:
     if unknown:
         parser.error(f"unknown campaign(s) {', '.join(unknown)}; known: {', '.join(CAMPAIGNS)}")
     command = "python3 -m bench reliability" + "".join(f" {a}" for a in argv if a != "--readme") + " --readme"
-    made = f"{command} on {time.strftime('%Y-%m-%d')}"
+    made = f"`{command}` on {time.strftime('%Y-%m-%d')}"
     rows: list[Row] = []
     for name in names:
         print(f"{name} ...", flush=True)
