@@ -230,3 +230,28 @@ class MemorySlotsTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ForcedAsyncTest(unittest.TestCase):
+    """The io_uring engine with IOSQE_ASYNC (what BlkDevice uses on FUSE, whose files io_uring_enter
+    would otherwise block on inline: tests/peers/test_load_peers.py) moves the same bytes."""
+
+    def test_forced_async_reads_and_writes(self) -> None:
+        from vhost_min import aio, blk
+        if not aio.io_uring_available()[0]:
+            self.skipTest(f"io_uring refused here: {aio.io_uring_available()[1]}")
+        with tempfile.TemporaryFile() as f:
+            self.assertNotIn(blk._fs_type(f.fileno()), (None, blk.FUSE_SUPER_MAGIC))
+            data = bytearray(os.urandom(3 * BLOCK))     # io_uring needs addresses: writable buffers
+            engine = aio.UringEngine(8, force_async=True)
+            try:
+                engine.submit(aio.OP_WRITE, f.fileno(), 0, [memoryview(data)], 0, "w")
+                engine.commit()
+                self.assertEqual(engine.drain(), [("w", len(data))])
+                back = bytearray(len(data))
+                engine.submit(aio.OP_READ, f.fileno(), 0, [memoryview(back)[:BLOCK], memoryview(back)[BLOCK:]], 0, "r")
+                engine.commit()
+                self.assertEqual(engine.drain(), [("r", len(data))])
+                self.assertEqual(bytes(back), data)
+            finally:
+                engine.close()
