@@ -1,6 +1,10 @@
-"""Isolation under load with real kernel I/O (issue 10): one back-end process serves a disk whose I/O
-blocks and a fast disk; the fast one must keep completing requests while a request of the slow one
-is stuck in the kernel.
+"""Load and isolation with real peers (issue 10).
+
+SixteenDisksGuestTest: one back-end process serves 16 vhost-user-blk-pci disks of 4 queues to a QEMU
+7.2 guest with 4 CPUs; 64 pinned writers use all 64 queues at once; every image checked on the host.
+
+SlowDiskTest: one back-end process serves a disk whose I/O blocks and a fast disk; the fast one
+must keep completing requests while a request of the slow one is stuck in the kernel.
 
 The slow disk is a file on a FUSE file system of our own (SLOW_FS, a stdlib-only server in its own
 process, mounted with mount(2) on /dev/fuse: needs root): its reads at or past HOLD_FROM are held
@@ -240,6 +244,99 @@ class SlowDiskTest(unittest.TestCase):
         during, _after, engines = self.stall("io_uring")
         self.assertEqual(engines, "engines io_uring io_uring")
         self.assertGreaterEqual(during, FAST_REQUESTS)
+
+
+# --------------------------------------------------------------------------------------------
+# 16 vhost-user-blk-pci disks of 4 queues each, one back-end process, a QEMU 7.2 guest with 4 CPUs
+# --------------------------------------------------------------------------------------------
+
+DISKS, DISK_QUEUES, GUEST_CPUS = 16, 4, 4
+#: Disk d is (16 + d) MiB, so the guest tells them apart by size; each CPU writes its own 256 KiB.
+PIECE = 256 << 10
+
+#: In the guest: per disk and CPU a process pinned to that CPU (blk-mq then uses that CPU's queue)
+#: writes its piece with O_DIRECT; all 64 at once. Then each reads its piece back and compares.
+GUEST_WRITERS = f"""#!/usr/bin/python3
+import mmap, os, sys
+disks = {{}}
+for name in os.listdir("/sys/block"):
+    if name.startswith("vd"):
+        disks[int(open(f"/sys/block/{{name}}/size").read()) // 2048 - 16] = "/dev/" + name
+print("disks=" + str(len(disks)), flush=True)
+children = []
+for d, dev in sorted(disks.items()):
+    for cpu in range({GUEST_CPUS}):
+        pid = os.fork()
+        if pid == 0:
+            os.sched_setaffinity(0, {{cpu}})
+            buf = mmap.mmap(-1, {PIECE})
+            with open(f"/mnt/load/d{{d}}", "rb") as f:
+                f.seek(cpu * {PIECE}); buf.write(f.read({PIECE}))
+            fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+            os.pwritev(fd, [buf], cpu * {PIECE}); os.fsync(fd)
+            back = mmap.mmap(-1, {PIECE})
+            os.preadv(fd, [back], cpu * {PIECE})
+            os._exit(0 if back[:] == buf[:] else 1)
+        children.append(pid)
+bad = sum(os.waitpid(pid, 0)[1] != 0 for pid in children)
+print(f"writers={{len(children)}}", flush=True)
+print(f"bad={{bad}}", flush=True)
+# each request queue has its own MSI-X vector (virtioN-req.Q): those that interrupted carried requests
+used = [line.split()[-1] for line in open("/proc/interrupts")
+        if "-req." in line and sum(int(n) for n in line.split()[1:1 + {GUEST_CPUS}]) > 0]
+print(f"queues_used={{len(used)}}", flush=True)
+"""
+
+
+class SixteenDisksGuestTest(unittest.TestCase):
+    """One back-end process (bench.load.BACKEND: a Server with 16 BlkDevices of 4 queues on 16
+    sockets) behind 16 ``vhost-user-blk-pci,num-queues=4`` of a QEMU 7.2 guest with 4 CPUs: 64
+    writers pinned across the CPUs write a distinct pattern to every disk at once and read it back;
+    the host finds every pattern in its image."""
+
+    def test_every_disk_holds_what_its_writers_wrote(self) -> None:
+        from bench.load import BACKEND as MULTI_BACKEND
+        from tests import guest
+        guest.require_guest()
+        work = tempfile.mkdtemp(prefix="vhost_min-16disks-")
+        self.addCleanup(subprocess.run, ["rm", "-rf", work])
+        data = os.path.join(work, "load")
+        os.mkdir(data)
+        rng = support.seeded_random(self)
+        patterns, argv, qemu = [], [], []
+        for d in range(DISKS):
+            pattern = rng.randbytes(GUEST_CPUS * PIECE)
+            patterns.append(pattern)
+            with open(os.path.join(data, f"d{d}"), "wb") as f:
+                f.write(pattern)
+            image, sock = os.path.join(work, f"disk{d}.img"), os.path.join(work, f"blk{d}.sock")
+            with open(image, "wb") as f:
+                f.truncate((16 + d) * MiB)
+            argv += [image, sock, str(DISK_QUEUES)]
+            qemu += ["-chardev", f"socket,id=blk{d},path={sock}",
+                     "-device", f"vhost-user-blk-pci,id=blk{d},chardev=blk{d},num-queues={DISK_QUEUES}"]
+        with backend_process("sixteen-disks", [sys.executable, "-c", MULTI_BACKEND, *argv],
+                             os.path.join(work, f"blk{DISKS - 1}.sock"), work) as peer:
+            with guest.Guest(qemu, memfd_memory=True, smp=GUEST_CPUS, modules=["virtio_blk"],
+                             shares={"load": data}, boot_timeout=60) as vm:
+                vm.start(GUEST_WRITERS, timeout=90)
+                try:
+                    result = vm.wait()
+                except guest.GuestError as exc:
+                    raise AssertionError(f"{exc}\n--- back-end:\n{peer.log()}") from None
+            log = peer.log()
+            peer.check_alive()
+        facts = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+        print(f"\n[{self.id()}] guest: {facts}; run {result.seconds:.1f} s", flush=True)
+        self.assertEqual(result.status, 0, f"{result.output}\n--- back-end:\n{log}")
+        self.assertEqual(facts.get("disks"), str(DISKS), result.output)
+        self.assertEqual(facts.get("writers"), str(DISKS * GUEST_CPUS))
+        self.assertEqual(facts.get("bad"), "0")
+        self.assertEqual(facts.get("queues_used"), str(DISKS * DISK_QUEUES), result.output)
+        for d, pattern in enumerate(patterns):
+            with open(os.path.join(work, f"disk{d}.img"), "rb") as f:
+                self.assertTrue(f.read(len(pattern)) == pattern, f"disk {d}")
+        self.assertNotIn("Traceback", log)
 
 
 if __name__ == "__main__":
