@@ -14,6 +14,7 @@ BENCHMARKS = {
     "startup": "import time of vhost_min and resident memory of a blk backend under I/O",
     "net": "64-byte frames, dpdk-testpmd virtio-user into and out of our net back-end and DPDK's vhost PMD",
     "vdpa": "in a QEMU guest (TCG): our VdpaDriver on vdpa_sim_blk, and our VDUSE blk device under dd O_DIRECT",
+    "load": "one back-end process: 1x1, 4x4, 16x4 blk devices x queues (IOPS, CPU), memory-slot churn under I/O",
     "fuzz": "the fuzzing harness for --minutes N (default 1) [--seed S]: back-end messages, front-end replies, rings",
     "reconnect": "our front-end through --kills N (default 200) SIGKILLs of qemu-storage-daemon with requests in flight",
     "crash": "kill -9 the blk back-end under sustained writes, --kills N [--ring split|packed|both] "

@@ -69,6 +69,7 @@ IORING_ENTER_GETEVENTS = 1 << 0         #: io_uring_enter: wait for min_complete
 IORING_SETUP_CQSIZE = 1 << 3            #: io_uring_params.cq_entries is ours to choose
 IORING_FEAT_SINGLE_MMAP = 1 << 0        #: the SQ and CQ rings share one mapping (5.4)
 IORING_FEAT_NODROP = 1 << 1             #: completions past a full CQ are kept, not dropped (5.5)
+IOSQE_ASYNC = 1 << 4                    #: io_uring_sqe.flags: issue from an io-wq worker, never inline (5.6)
 IORING_REGISTER_EVENTFD = 4             #: io_uring_register: signal this eventfd on completions
 IORING_OFF_SQ_RING = 0                  #: mmap offsets of the three areas
 IORING_OFF_CQ_RING = 0x8000000
@@ -198,12 +199,15 @@ class IoUring:
         """SQEs that can be prepared before the next :meth:`submit`."""
         return self.sq_entries - (self._tail - self._sq32[self._sq_head_i]) % (1 << 32)
 
+    #: io_uring_sqe.flags of every SQE prepared (IOSQE_ASYNC: never issued inline).
+    sqe_flags = 0
+
     def prep(self, opcode: int, fd: int, addr: int, length: int, offset: int, rw_flags: int, user_data: int) -> None:
         """Fill the next SQE (the caller keeps at most :attr:`sq_entries` prepared, see
         :attr:`sq_space`); not yet visible to the kernel."""
         tail = self._tail
-        IO_URING_SQE.pack_into(self._sqes, (tail & self._sq_mask) * 64, opcode, 0, 0, fd, offset, addr, length,
-                               rw_flags, user_data, 0, 0, 0, 0, 0)
+        IO_URING_SQE.pack_into(self._sqes, (tail & self._sq_mask) * 64, opcode, self.sqe_flags, 0, fd, offset, addr,
+                               length, rw_flags, user_data, 0, 0, 0, 0, 0)
         self._tail = (tail + 1) & 0xFFFFFFFF
 
     def submit(self, wait: int = 0) -> int:
@@ -269,16 +273,23 @@ OP_READ, OP_WRITE, OP_FSYNC = 0, 1, 2       #: what an engine is asked to do
 class UringEngine:
     """Operations through one io_uring: SQEs prepared by :meth:`submit`, one io_uring_enter per
     :meth:`commit`; completions signal :meth:`fileno`. At most ``entries`` are in flight (the CQ
-    has room for twice that); the rest wait in submission order and go in as others complete."""
+    has room for twice that); the rest wait in submission order and go in as others complete.
+
+    io_uring_enter first tries each operation inline, trusting the file to return -EAGAIN rather
+    than block; a file system that blocks anyway holds up the caller's loop (a FUSE file with
+    direct I/O does: io_uring_enter -> fuse_direct_IO -> request_wait_answer, seen on Linux 6.18).
+    ``force_async`` marks every SQE IOSQE_ASYNC: issued by the kernel's io-wq workers, never inline."""
 
     name = "io_uring"
     #: Most views one operation may have (an iovec array per SQE slot); the caller bounces more.
     max_views = 256
 
-    def __init__(self, entries: int = 128) -> None:
+    def __init__(self, entries: int = 128, *, force_async: bool = False) -> None:
         self.in_flight = 0
         self._waiting: collections.deque = collections.deque()
         self.ring = IoUring(entries)
+        if force_async:
+            self.ring.sqe_flags = IOSQE_ASYNC
         self._efd = -1
         try:
             self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

@@ -848,12 +848,25 @@ class BlockImage:
 # --------------------------------------------------------------------------------------------
 
 _refusal_logged = False
+#: statfs.f_type of file systems whose files io_uring_enter may block on instead of going async
+#: (linux/magic.h): FUSE (seen: a held FUSE read stalled io_uring_enter, so the whole loop).
+FUSE_SUPER_MAGIC = 0x65735546
+_INLINE_BLOCKING_FS = frozenset({FUSE_SUPER_MAGIC})
 
 
-def _make_engine(aio: str | None, cache: str):
+def _fs_type(fd: int) -> int | None:
+    """fstatfs(2)'s f_type for ``fd`` (the first field of struct statfs, a native long), or None."""
+    buf = ctypes.create_string_buffer(256)           # struct statfs is 120 bytes on 64-bit Linux
+    if libc.fstatfs(fd, buf) != 0:
+        return None
+    return struct.unpack_from("@l", buf)[0] & 0xFFFFFFFF
+
+
+def _make_engine(aio: str | None, cache: str, fd: int = -1):
     """The engine for ``aio`` (None: the best available, see BlkDevice). io_uring refused
     (ENOSYS, EPERM: seccomp, sysctl kernel.io_uring_disabled) falls back to the thread pool,
-    logged once per process."""
+    logged once per process. On a file system that blocks inline (``fd``'s, _INLINE_BLOCKING_FS)
+    every io_uring operation goes to the kernel's workers (IOSQE_ASYNC)."""
     global _refusal_logged
     if aio is None:
         aio = "io_uring" if cache == "none" else "sync"
@@ -861,7 +874,7 @@ def _make_engine(aio: str | None, cache: str):
         return None
     if aio == "io_uring":
         try:
-            return _aio.UringEngine()
+            return _aio.UringEngine(force_async=fd >= 0 and _fs_type(fd) in _INLINE_BLOCKING_FS)
         except _aio.IoUringError as exc:
             if not _refusal_logged:
                 _refusal_logged = True
@@ -935,7 +948,7 @@ class BlkDevice(Device):
         #: The I/O engine (aio.UringEngine or aio.ThreadEngine), None for synchronous I/O in the loop.
         self.engine = None
         try:
-            self.engine = _make_engine(aio, cache)
+            self.engine = _make_engine(aio, cache, self.image.fd)
         except BaseException:
             self.image.close()
             raise
