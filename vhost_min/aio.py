@@ -323,8 +323,15 @@ class UringEngine:
 
     def _prep(self, op, fd, offset, views, flags, token) -> None:
         slot = self._free.pop()
+        try:
+            self._prep_slot(slot, op, fd, offset, views, flags)
+        except BaseException:           # e.g. a read-only buffer: nothing reached the ring
+            self._free.append(slot)
+            raise
         self._slots[slot] = (token, views)
         self.in_flight += 1
+
+    def _prep_slot(self, slot, op, fd, offset, views, flags) -> None:
         if op == OP_FSYNC:
             self.ring.prep(IoUringOp.IORING_OP_FSYNC, fd, 0, 0, 0, IORING_FSYNC_DATASYNC, slot)
         elif len(views) == 1:

@@ -139,6 +139,27 @@ class EngineTestCase(unittest.TestCase):
                     engine.close()
                     os.close(fd)
 
+    def test_an_operation_refused_at_submit_is_not_left_in_flight(self):
+        """A read into a read-only buffer raises at submit; nothing reached the ring, so drain()
+        returns at once (it used to wait forever for a completion that could never come)."""
+        if not aio.io_uring_available()[0]:
+            self.skipTest("io_uring is not available here")
+        engine = aio.UringEngine(4)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            with self.assertRaises(TypeError):
+                engine.submit(aio.OP_READ, fd, 0, [memoryview(bytes(4096))], 0, "read-only")
+            self.assertEqual((engine.in_flight, engine.drain()), (0, []))
+            buf = memoryview(mmap.mmap(-1, 4096))
+            for n in range(4):                        # every slot is still there
+                engine.submit(aio.OP_READ, fd, n * 4096, [buf], 0, n)
+            engine.commit()
+            self.assertEqual(sorted(engine.drain()), [(n, 4096) for n in range(4)])
+            del buf
+        finally:
+            engine.close()
+            os.close(fd)
+
     def test_the_eventfd_says_when_to_reap(self):
         import select
         for name, make in self.engines():
