@@ -149,6 +149,11 @@ CAMPAIGNS: dict[str, Callable[[float], list[Row]]] = {
                             "testpmd and blk I/O beside peers stalled mid-header, mid-payload and flooding",
                             "tests.peers.test_isolation_peers", "tests.unit.test_isolation",
                             lost="nothing: the working front-ends' frames and bytes all arrived"),
+    "load": _proven_by("load: 16 blk devices x 4 queues in one process under a 4-CPU QEMU guest; 509 memory slots "
+                       "added and removed under I/O; a disk whose reads block beside a fast one",
+                       "64 queues busy at once, 2 x 509 slots, a read held under each --aio engine",
+                       "tests.peers.test_load_peers", "tests.unit.test_load",
+                       lost="nothing: every image checked; the fast disk kept serving (not under --aio sync)"),
     "bad-input": _proven_by("bad input: every request with wrong sizes, fd counts, addresses, descriptor loops",
                             "hand-made bad messages and rings", "tests.unit.test_backend_bad_input",
                             lost="nothing: each rejected with a precise error; no crash, no leaked fd"),
