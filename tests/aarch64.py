@@ -61,6 +61,10 @@ EMULATOR_GAPS = {
         "reads the host's <linux/virtio_blk.h>: nothing about the interpreter",
     "tests.unit.test_blk.HeaderFactsTest.test_layouts_match_the_compiler":
         "compiles and runs a host (x86-64) C program: nothing about the interpreter",
+    "tests.unit.test_aio.EngineTestCase.test_an_operation_refused_at_submit_is_not_left_in_flight":
+        "qemu-user has no io_uring_setup (ENOSYS): the io_uring engine cannot be made",
+    "tests.unit.test_load.ForcedAsyncTest.test_forced_async_reads_and_writes":
+        "qemu-user has no io_uring_setup (ENOSYS): the io_uring engine cannot be made",
     "tests.unit.test_memory.BarrierTest.test_store_buffering_litmus":
         "an x86-64 C loop (rdtsc, pause) racing on two cores: qemu-user on an x86 host keeps x86 ordering, "
         "so it could not tell the aarch64 barrier from none (test_barrier_code_as_qemu_disassembles_it "

@@ -73,6 +73,18 @@ def forward_stats(log: str) -> tuple[int, int]:
     return int(rx.group(1)), int(tx.group(1))
 
 
+def assert_looped_totals(test: unittest.TestCase, device: NetDevice, pmd_rx: int, pmd_tx: int) -> None:
+    """testpmd's io-forwarding totals against our loopback device's, both ways: what testpmd sent,
+    we took; what we gave back, testpmd received (the frames in flight when it stopped -- at most
+    the rings' 256 per direction -- aside)."""
+    test.assertGreaterEqual(pmd_rx, FRAMES)
+    test.assertLessEqual(0, pmd_tx - device.tx_packets)
+    test.assertLessEqual(pmd_tx - device.tx_packets, 512)
+    test.assertLessEqual(0, device.rx_packets - pmd_rx)
+    test.assertLessEqual(device.rx_packets - pmd_rx, 512)
+    test.assertEqual(device.tx_packets, device.rx_packets + device.rx_dropped)
+
+
 class VirtioUserNetTest(PeerTestCase):
     """testpmd io forwarding through our loopback: frames counted both ways."""
 
@@ -94,14 +106,7 @@ class VirtioUserNetTest(PeerTestCase):
             pmd_rx, pmd_tx = forward_stats(log)
             wait_until(lambda: not server.backends, 10, "the backend to retire")
             self.assertEqual(list(server.errors), [])
-        # Both ways: what testpmd sent, we took; what we gave back, testpmd received (the frames
-        # in flight when it stopped -- at most the rings' 256 -- aside).
-        self.assertGreaterEqual(pmd_rx, FRAMES)
-        self.assertLessEqual(0, pmd_tx - device.tx_packets)
-        self.assertLessEqual(pmd_tx - device.tx_packets, 512)
-        self.assertLessEqual(0, device.rx_packets - pmd_rx)
-        self.assertLessEqual(device.rx_packets - pmd_rx, 512)
-        self.assertEqual(device.tx_packets, device.rx_packets + device.rx_dropped)
+        assert_looped_totals(self, device, pmd_rx, pmd_tx)
         self.assertEqual((device.rx_oversize, device.tx_errors), (0, 0))
         # Every pair carried frames (testpmd's --tx-first burst goes out on each of its queues).
         self.assertTrue(all(n > 0 for n in device.per_pair), device.per_pair)

@@ -467,13 +467,17 @@ class HangUpDuringReconnectTest(_RestartedServer):
 class RequeueUnusedTest(unittest.TestCase):
     """SplitDriverQueue.requeue_unused on its own: the order of what it publishes again."""
 
-    def test_a_head_pending_longer_than_a_lap_goes_first(self) -> None:
+    def _memory(self) -> tuple[GuestMemory, dict]:
+        """64 KiB of guest memory and a 4-entry split ring's layout in it."""
         fd = support.memfd(1 << 16)
         self.addCleanup(os.close, fd)
         memory = GuestMemory()
         self.addCleanup(memory.clear)
         memory.add_region(0, 1 << 16, fd=fd)
-        parts = SplitDriverQueue.layout(4, 0)
+        return memory, SplitDriverQueue.layout(4, 0)
+
+    def test_a_head_pending_longer_than_a_lap_goes_first(self) -> None:
+        memory, parts = self._memory()
         driver = SplitDriverQueue(memory, 4, parts["desc"], parts["driver"], parts["device"])
         device = SplitDeviceQueue(memory, 4, parts["desc"], parts["driver"], parts["device"])
         driver.add([(0x8000, 1)], [], token="w")        # head 0, completed at once: z gets head 0 later
@@ -505,12 +509,7 @@ class RequeueUnusedTest(unittest.TestCase):
         self.assertEqual(driver.reap(), [("held", 0)])
 
     def test_a_ring_that_does_not_add_up_is_left_alone(self) -> None:
-        fd = support.memfd(1 << 16)
-        self.addCleanup(os.close, fd)
-        memory = GuestMemory()
-        self.addCleanup(memory.clear)
-        memory.add_region(0, 1 << 16, fd=fd)
-        parts = SplitDriverQueue.layout(4, 0)
+        memory, parts = self._memory()
         driver = SplitDriverQueue(memory, 4, parts["desc"], parts["driver"], parts["device"])
         for token in ("a", "b"):
             driver.add([(0x8000, 1)], [], token=token)
