@@ -268,15 +268,24 @@ for d, dev in sorted(disks.items()):
     for cpu in range({GUEST_CPUS}):
         pid = os.fork()
         if pid == 0:
-            os.sched_setaffinity(0, {{cpu}})
-            buf = mmap.mmap(-1, {PIECE})
-            with open(f"/mnt/load/d{{d}}", "rb") as f:
-                f.seek(cpu * {PIECE}); buf.write(f.read({PIECE}))
-            fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
-            os.pwritev(fd, [buf], cpu * {PIECE}); os.fsync(fd)
-            back = mmap.mmap(-1, {PIECE})
-            os.preadv(fd, [back], cpu * {PIECE})
-            os._exit(0 if back[:] == buf[:] else 1)
+            try:
+                os.sched_setaffinity(0, {{cpu}})
+                buf = mmap.mmap(-1, {PIECE})
+                with open(f"/mnt/load/d{{d}}", "rb") as f:
+                    f.seek(cpu * {PIECE}); buf.write(f.read({PIECE}))
+                fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+                wrote = os.pwritev(fd, [buf], cpu * {PIECE}); os.fsync(fd)
+                back = mmap.mmap(-1, {PIECE})
+                got = os.preadv(fd, [back], cpu * {PIECE})
+                if back[:] != buf[:]:
+                    first = next(i for i in range({PIECE}) if back[i] != buf[i])
+                    print(f"mismatch disk {{d}} cpu {{cpu}}: wrote {{wrote}} read {{got}}, first differing byte {{first}}",
+                          flush=True)
+                    os._exit(1)
+                os._exit(0)
+            except BaseException as exc:
+                print(f"writer disk {{d}} cpu {{cpu}} failed: {{exc!r}}", flush=True)
+                os._exit(2)
         children.append(pid)
 bad = sum(os.waitpid(pid, 0)[1] != 0 for pid in children)
 print(f"writers={{len(children)}}", flush=True)
@@ -331,7 +340,7 @@ class SixteenDisksGuestTest(unittest.TestCase):
         self.assertEqual(result.status, 0, f"{result.output}\n--- back-end:\n{log}")
         self.assertEqual(facts.get("disks"), str(DISKS), result.output)
         self.assertEqual(facts.get("writers"), str(DISKS * GUEST_CPUS))
-        self.assertEqual(facts.get("bad"), "0")
+        self.assertEqual(facts.get("bad"), "0", f"{result.output}\n--- back-end:\n{log}")
         self.assertEqual(facts.get("queues_used"), str(DISKS * DISK_QUEUES), result.output)
         for d, pattern in enumerate(patterns):
             with open(os.path.join(work, f"disk{d}.img"), "rb") as f:
