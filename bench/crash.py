@@ -352,6 +352,16 @@ class Tally:
                "stale cleared", "restarts", "hangs", "writes", "lost bytes", "errors", "s"]
 
 
+def _tally_image(tally: Tally, proc, image: str, expected, block: int, blocks: int) -> None:
+    """After a campaign: the bytes the image lost against what was written, and on any error the
+    tail of the back-end's log."""
+    lost, bad = lost_bytes(image, expected, block, blocks)
+    tally.lost_bytes = lost
+    tally.errors += bad
+    if tally.errors:
+        tally.errors.append(f"back-end log tail:\n{proc.log()[-2000:]}")
+
+
 # --------------------------------------------------------------------------------------------
 # The QEMU guest campaign
 # --------------------------------------------------------------------------------------------
@@ -442,11 +452,7 @@ def qemu_campaign(ring: str, kills: int, seed: int, backend: str = "ours", backe
             tally.restarts = proc.starts - 1
             if backend == "ours":
                 tally.resubmitted, tally.stale_cleared = proc.resubmitted(), proc.stale_cleared()
-        lost, bad = lost_bytes(image, expected, GUEST_BLOCK, GUEST_BLOCKS)
-        tally.lost_bytes = lost
-        tally.errors += bad
-        if tally.errors:
-            tally.errors.append(f"back-end log tail:\n{proc.log()[-2000:]}")
+        _tally_image(tally, proc, image, expected, GUEST_BLOCK, GUEST_BLOCKS)
     tally.seconds = time.monotonic() - started
     return tally
 
@@ -568,11 +574,7 @@ def ours_campaign(ring: str, kills: int, seed: int, backend_args: tuple[str, ...
             proc.stop()
             tally.restarts = proc.starts - 1
             tally.resubmitted, tally.stale_cleared = proc.resubmitted(), proc.stale_cleared()
-        lost, bad = lost_bytes(image, expected, OURS_BLOCK, OURS_BLOCKS)
-        tally.lost_bytes = lost
-        tally.errors += bad
-        if tally.errors:
-            tally.errors.append(f"back-end log tail:\n{proc.log()[-2000:]}")
+        _tally_image(tally, proc, image, expected, OURS_BLOCK, OURS_BLOCKS)
     tally.seconds = time.monotonic() - started
     return tally
 

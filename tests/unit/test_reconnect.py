@@ -337,6 +337,15 @@ class _RestartedServer(unittest.TestCase):
         self.addCleanup(finish)
         return finish
 
+    def connected(self) -> tuple[Callable[[], None], Frontend, object]:
+        """The back-end started; our front-end connected, with 256 KiB of memory and ring 0 of 8."""
+        finish = self.start()
+        fe = Frontend.connect(self.path, timeout=TIMEOUT)
+        self.addCleanup(fe.close)
+        fe.negotiate()
+        fe.setup_memory(1 << 18)
+        return finish, fe, fe.setup_queue(0, 8)
+
 
 class OutOfOrderCrashTest(_RestartedServer):
     """A back-end dies after completing a chain out of order, with no inflight region to resubmit
@@ -346,12 +355,7 @@ class OutOfOrderCrashTest(_RestartedServer):
     pending behind the completed one and runs a reused entry instead.)"""
 
     def test_pending_chains_run_once_and_completed_ones_not_again(self) -> None:
-        finish = self.start()
-        fe = Frontend.connect(self.path, timeout=TIMEOUT)
-        self.addCleanup(fe.close)
-        fe.negotiate()
-        fe.setup_memory(1 << 18)
-        q = fe.setup_queue(0, 8)
+        finish, fe, q = self.connected()
         buffers: dict[bytes, int] = {}
 
         def add(text: bytes) -> None:
@@ -408,12 +412,7 @@ class HangUpDuringReconnectTest(_RestartedServer):
     socket every second but never sends the handshake again, and the guest's disk hangs.)"""
 
     def test_reconnect_survives_back_ends_that_hang_up_mid_handshake(self) -> None:
-        finish = self.start()
-        fe = Frontend.connect(self.path, timeout=TIMEOUT)
-        self.addCleanup(fe.close)
-        fe.negotiate()
-        fe.setup_memory(1 << 18)
-        q = fe.setup_queue(0, 8)
+        finish, fe, q = self.connected()
         src, dst = fe.alloc(16), fe.alloc(16)
 
         def roundtrip(text: bytes) -> bytes:
