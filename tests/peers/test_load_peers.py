@@ -34,7 +34,7 @@ import time
 import unittest
 
 from tests import support
-from tests.peers.test_guest_peers import ROOT, backend_process
+from tests.peers.test_guest_peers import backend_process
 from vhost_min.aio import io_uring_available
 from vhost_min.blk import BlkClient, BlkRequest
 from vhost_min.frontend import Frontend

@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 import unittest
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tests import guest, support
