@@ -132,12 +132,26 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
                              "threads where io_uring is refused; sync otherwise)")
 
 
-def _device_line(device) -> str:
+def _poll_us(text: str) -> int:
+    from .backend import MAX_POLL_US
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_POLL_US:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds from 0 to {MAX_POLL_US}")
+    return n
+
+
+def _device_line(device, poll_us: int | None = None) -> str:
     """How the device does its I/O, for the "serving" line: the one place the choice is logged."""
     image = device.image
     line = f"cache {image.cache}, aio {device.aio}"
     if image.direct:
         line += f", O_DIRECT alignment {image.align}"
+    poll = device.poll_us if poll_us is None else poll_us
+    if poll:
+        line += f", busy-polling up to {poll} us"
     return line
 
 
@@ -153,6 +167,10 @@ def _add_blk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-queues", type=_queue_count, default=1, metavar="N",
                         help="request queues (default 1; more offers VIRTIO_BLK_F_MQ)")
     _add_io_arguments(parser)
+    parser.add_argument("--poll-us", type=_poll_us, metavar="US",
+                        help="busy-poll the rings and the I/O engine for up to US microseconds before sleeping "
+                             "(adaptive, as QEMU's IOThread poll-max-ns); 0: never (default: the device's, "
+                             "blk.ENGINE_POLL_US with io_uring or threads, never with sync; the serving line says)")
     parser.add_argument("--blk-file", metavar="IMAGE", help="the image (the spec's spelling of IMAGE)")
     parser.add_argument("--print-capabilities", action=_PrintCapabilities)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")
@@ -217,11 +235,11 @@ def cmd_blk(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with BlkDevice(image, read_only=args.read_only, num_queues=args.num_queues, cache=args.cache,
-                       aio=args.aio) as device, Server() as server:
+                       aio=args.aio) as device, Server(poll_us=args.poll_us) as server:
             where = _serve_on(server, device, args)
             queues = f"{args.num_queues} queue{'s' if args.num_queues > 1 else ''}"
             print(f"{PROG}: serving {image} ({_human(device.image.capacity * SECTOR_SIZE)}, "
-                  f"{'read-only' if args.read_only else 'read-write'}, {queues}, {_device_line(device)}) on {where}",
+                  f"{'read-only' if args.read_only else 'read-write'}, {queues}, {_device_line(device, server.poll_us)}) on {where}",
                   flush=True)
             server.run(stop_event=stop)
     finally:
@@ -314,7 +332,7 @@ def cmd_vduse_blk(args: argparse.Namespace) -> int:
         with BlkDevice(args.image, read_only=args.read_only, num_queues=args.num_queues, cache=args.cache,
                        aio=args.aio) as blk, VduseDevice(blk, args.name) as device:
             print(f"{PROG}: serving {args.image} ({_human(blk.image.capacity * SECTOR_SIZE)}, "
-                  f"{'read-only' if args.read_only else 'read-write'}, {_device_line(blk)}) as VDUSE device {args.name} "
+                  f"{'read-only' if args.read_only else 'read-write'}, {_device_line(blk, 0)}) as VDUSE device {args.name} "
                   f"(/dev/vduse/{args.name}); attach it with: vdpa dev add mgmtdev vduse name {args.name}",
                   flush=True)
             if not got:

@@ -13,7 +13,9 @@ two engines with one interface, :class:`UringEngine` and :class:`ThreadEngine`:
   eventfd, IORING_REGISTER_EVENTFD; the pool's own); the owner watches it in its event loop and
   calls ``reap()``, which returns every completion there is as ``(token, result)``: the bytes moved,
   or ``-errno``, as a CQE's ``res``.
-* ``wait()`` blocks until at least one operation completes (draining a queue that stops).
+* ``ready()`` says without a system call whether ``reap()`` has something (for a loop that
+  busy-polls before it sleeps); ``wait()`` blocks until at least one operation completes
+  (draining a queue that stops).
 
 Operations complete in whatever order the disk finishes them. Views must stay valid until their
 operation is reaped: the kernel (or a worker) reads and writes them in place.
@@ -227,6 +229,11 @@ class IoUring:
         self._submitted = (self._submitted + got) % (1 << 32)
         return got
 
+    def ready(self) -> bool:
+        """A CQE is waiting (two loads, no system call: for a loop that busy-polls)."""
+        cq32 = self._cq32
+        return cq32[self._cq_head_i] != cq32[self._cq_tail_i]
+
     def reap(self) -> list[tuple[int, int]]:
         """Every CQE there is, as (user_data, res), and the CQ head moved past them."""
         cq32, head_i = self._cq32, self._cq_head_i
@@ -358,6 +365,10 @@ class UringEngine:
         except BlockingIOError:
             pass
 
+    def ready(self) -> bool:
+        """A completion is waiting to be reaped (no system call)."""
+        return self.ring.ready()
+
     def reap(self) -> list[tuple[object, int]]:
         """Every completion there is, as (token, res); operations that waited for a slot are
         prepared (the caller commits them)."""
@@ -465,6 +476,10 @@ class ThreadEngine:
             os.eventfd_read(self._efd)
         except BlockingIOError:
             pass
+
+    def ready(self) -> bool:
+        """A completion is waiting to be reaped (no lock, no system call)."""
+        return bool(self._done)
 
     def reap(self) -> list[tuple[object, int]]:
         with self._done_lock:

@@ -109,6 +109,9 @@ log = logging.getLogger("vhost_min.backend")
 
 #: How often rings in poll mode (no kick fd) and work a device left for later are looked at.
 POLL_INTERVAL = 0.01
+#: The first busy-polling window, and the most a device or the server may ask for (Server.step).
+POLL_START_NS = 4000
+MAX_POLL_US = 10_000
 #: Alignment every memory region field must have (the smallest page; see the module docstring).
 REGION_ALIGN = 0x1000
 #: Most queues a device can have: SET_VRING_KICK/CALL/ERR carry the index in 8 bits.
@@ -432,6 +435,47 @@ class Backend:
         for ring in self.rings:
             if ring.started and (ring.polling or ring.again) and not ring.broken:
                 self._run(ring)
+
+    def busy_poll(self) -> bool:
+        """One look, without a system call unless there is work, at what the device completed
+        (Device.poll) and at every started ring for chains the driver made available: the work
+        is done now, as a kick or the device's fd would have had it done. True if there was any.
+        The loop calls it while busy-polling (Device.poll_us) instead of sleeping."""
+        if self.closed:
+            return False
+        did = False
+        device = self.device
+        completions = self._completions
+        completions.hold(True)
+        try:
+            did = bool(device.poll())
+        finally:
+            completions.hold(False)
+        if did:
+            self._push_posted()
+        for ring in self.rings:
+            vq = ring.queue
+            if vq is None or not ring.started or not ring.enabled or ring.broken or ring.waiting_iotlb:
+                continue
+            try:
+                pending = vq.pending()
+            except VhostError:
+                pending = -1                        # _run meets the error and breaks the ring
+            if pending:
+                fd = ring.kick_fd
+                if fd is not None:
+                    try:
+                        os.eventfd_read(fd)         # the kick that announced these, if it came
+                    except OSError:
+                        pass
+                self._run(ring)
+                # Work only if the device took chains: one that leaves them for later (a net
+                # device's receive buffers wait for frames) must not keep the loop spinning.
+                try:
+                    did = did or ring.queue is not vq or vq.pending() != pending
+                except VhostError:
+                    did = True
+        return did
 
     def _keep_up(self) -> bool:
         """Hand over queued output (replies, back-end channel messages) and drop a front-end
@@ -1666,10 +1710,16 @@ class Server:
     """
 
     def __init__(self, *, selector: selectors.BaseSelector | None = None,
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL, poll_us: int | None = None) -> None:
+        if poll_us is not None and not (isinstance(poll_us, int) and 0 <= poll_us <= MAX_POLL_US):
+            raise ValueError(f"poll_us must be 0..{MAX_POLL_US} microseconds, not {poll_us!r}")
         self._own_selector = selector is None
         self.selector = selector if selector is not None else selectors.DefaultSelector()
         self.poll_interval = poll_interval
+        #: Busy-polling before each sleep, at most this many microseconds: None takes the largest
+        #: Device.poll_us of the devices served, 0 never polls (see :meth:`step`).
+        self.poll_us = poll_us
+        self._poll_ns = 0                   # the adaptive window now, within the maximum
         self.backends: list[Backend] = []
         self.endpoints: list[_Endpoint] = []
         #: The most recent exceptions that rejected a message or closed a connection (a peer that
@@ -1786,9 +1836,49 @@ class Server:
             pass
 
     # -- running ---------------------------------------------------------------------------------------
+    def _poll_max_ns(self) -> int:
+        if self.poll_us is not None:
+            return self.poll_us * 1000
+        return max((b.device.poll_us for b in self.backends if not b.closed), default=0) * 1000
+
+    def _busy_poll(self, window_ns: int) -> bool:
+        """Look at the backends' rings and devices until one has work (done, True) or
+        ``window_ns`` has passed (False)."""
+        now = time.perf_counter_ns
+        end = now() + window_ns
+        backends = [b for b in self.backends if b.device.poll_us or self.poll_us]
+        while True:
+            for backend in backends:
+                if backend.busy_poll():
+                    return True
+            if now() >= end:
+                return False
+
+    def _adapt_poll(self, waited_ns: int, max_ns: int) -> None:
+        """QEMU's rule (util/aio-posix.c): an event within the window needs no change; one later
+        than the maximum shrinks the window to nothing; one in between doubles it (from 4 us)."""
+        window = self._poll_ns
+        if waited_ns <= window:
+            return
+        if waited_ns > max_ns:
+            self._poll_ns = 0
+        elif window < max_ns:
+            self._poll_ns = min(max_ns, window * 2 if window else POLL_START_NS)
+
     def step(self, timeout: float | None = None) -> None:
-        """Wait up to ``timeout`` seconds for something to do, and do it."""
-        for key, _events in self.selector.select(timeout):
+        """Wait up to ``timeout`` seconds for something to do, and do it. Where a device asks for
+        it (Device.poll_us, or the server's ``poll_us``), busy-poll its rings and completions first
+        for the adaptive window, as QEMU's IOThreads do: a wake-up from sleep costs a disk
+        completion tens of microseconds on a virtual CPU."""
+        max_ns = self._poll_max_ns() if timeout != 0 else 0
+        if max_ns:
+            started = time.perf_counter_ns()
+            if self._poll_ns and self._busy_poll(self._poll_ns):
+                timeout = 0                 # the work was found: fds are looked at, not waited for
+        events = self.selector.select(timeout)
+        if max_ns:
+            self._adapt_poll(time.perf_counter_ns() - started if events or timeout == 0 else max_ns + 1, max_ns)
+        for key, _events in events:
             try:
                 key.data()
             except Exception:   # noqa: BLE001 (never let one connection take the loop down)

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import unittest
 from unittest import mock
 
@@ -961,6 +962,97 @@ class AsyncEngineTest(unittest.TestCase):
             self.assertEqual(list(device.watched()), [device.engine.fileno()])
         with self.assertRaises(ValueError):
             blk.BlkDevice(path, aio="posix")
+
+
+class BusyPollTest(ServedImageCase):
+    """Busy-polling (Device.poll_us, Server.step): the window adapts as QEMU's IOThreads do, and a
+    poll takes chains and completions that no fd announced; a device that leaves chains in the
+    ring (a net device's receive buffers) is not work, so the loop does not spin on it."""
+
+    def test_the_window_grows_while_events_come_within_it_and_stops_when_they_do_not(self):
+        from vhost_min.backend import POLL_START_NS
+        server = Server()
+        self.addCleanup(server.close)
+        max_ns = 64_000
+        windows = []
+        for waited in (60_000,) * 7:                         # each later than the window, within the maximum
+            server._adapt_poll(waited, max_ns)
+            windows.append(server._poll_ns)
+        self.assertEqual(windows, [POLL_START_NS, 8000, 16000, 32000, 64000, 64000, 64000])
+        server._adapt_poll(90_000, max_ns)                  # later than the maximum: stop polling
+        self.assertEqual(server._poll_ns, 0)
+        server._poll_ns = 32_000
+        server._adapt_poll(20_000, max_ns)                  # found within the window: unchanged
+        self.assertEqual(server._poll_ns, 32_000)
+
+    def test_the_default_is_the_devices_and_the_server_overrides_it(self):
+        with blk.BlkDevice(self.path) as sync, blk.BlkDevice(self.path, aio="threads") as threaded:
+            self.assertEqual((sync.poll_us, threaded.poll_us), (0, blk.ENGINE_POLL_US))
+        with self.assertRaises(ValueError):
+            Server(poll_us=-1)
+
+    def served_without_kicks(self, device, warm_up):
+        """``device`` served by a Server whose loop this test steps itself once ``warm_up(client)``
+        has run under the server's own thread (the ring is built by then), with the kick fds no
+        longer watched: only a busy poll can find what the driver makes available."""
+        server = Server(poll_us=10_000)
+        self.addCleanup(server.close)
+        self.addCleanup(device.close)
+        server.add(device, self.socket)
+        stop = threading.Event()
+        thread = threading.Thread(target=server.run, kwargs={"stop_event": stop}, daemon=True)
+        thread.start()
+        fe, client = self.connect(queue_size=32, depth=4)
+        warm_up(client)
+        stop.set()
+        thread.join(10)
+        self.assertFalse(thread.is_alive())
+        (backend,) = server.backends
+        self.assertIsNotNone(backend.rings[0].queue)
+        for ring in backend.rings:
+            if ring.kick_fd is not None:
+                server._remove_reader(ring.kick_fd)
+        return server, backend, client
+
+    def test_a_poll_takes_requests_no_kick_announced_and_their_completions(self):
+        from vhost_min import aio
+        for mode in ("threads", "io_uring"):
+            if mode == "io_uring" and not aio.io_uring_available()[0]:
+                continue
+            with self.subTest(aio=mode):
+                self.socket = os.path.join(self.work, f"poll-{mode}.sock")
+                device = blk.BlkDevice(self.path, aio=mode)
+                server, backend, client = self.served_without_kicks(
+                    device, lambda client: self.assertEqual(client.read(0, 512), self.original[:512]))
+                self.assertEqual(client.submit([blk.BlkRequest.read(3 * 512, 1024, tag="r")]), 1)
+                server.step(0.2)                        # nothing announces it: nothing is done
+                self.assertEqual(backend.rings[0].queue.pending(), 1)
+                deadline = time.monotonic() + 10
+                done = []
+                while not done and time.monotonic() < deadline:
+                    server._busy_poll(1_000_000)       # takes the chain, then (later) its completion
+                    done = client.complete(0)
+                (c,) = done
+                self.assertEqual((c.tag, c.status, bytes(c.data)), ("r", VIRTIO_BLK_S_OK, self.original[1536:2560]))
+                self.assertEqual(device.engine.in_flight, 0)
+
+    def test_chains_a_device_leaves_in_the_ring_are_not_work(self):
+        class Hoarder(blk.BlkDevice):
+            def process(self, queue, vq):
+                return None                             # leaves every chain where it is
+
+        def warm_up(client):
+            self.assertEqual(client.submit([blk.BlkRequest.read(0, 512)]), 1)
+            deadline = time.monotonic() + 10            # the kick builds the ring; the chain stays
+            while device.backend.rings[0].queue is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        device = Hoarder(self.path, aio="threads")
+        server, backend, client = self.served_without_kicks(device, warm_up)
+        self.assertEqual(backend.rings[0].queue.pending(), 1)
+        self.assertFalse(backend.busy_poll())
+        self.assertFalse(server._busy_poll(2_000_000))  # the whole window, then False: no spinning
+        self.assertEqual(backend.rings[0].queue.pending(), 1)
 
 
 class AsyncEndToEndTest(ServedImageCase):

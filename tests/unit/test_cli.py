@@ -491,7 +491,11 @@ class ErrorTest(AssertCli):
     def test_blk_cache_and_aio_are_in_the_serving_line(self) -> None:
         image = make_image(self.dir, 1 << 20)
         sock = os.path.join(self.dir, "blk.sock")
+        from vhost_min.blk import ENGINE_POLL_US
         for args, said in ((("--cache", "none", "--aio", "threads"), "cache none, aio threads, O_DIRECT alignment "),
+                           (("--aio", "threads"), f"aio threads, busy-polling up to {ENGINE_POLL_US} us)"),
+                           (("--aio", "threads", "--poll-us", "0"), "cache writeback, aio threads)"),
+                           (("--poll-us", "200"), "cache writeback, aio sync, busy-polling up to 200 us)"),
                            ((), "cache writeback, aio sync)")):
             proc = subprocess.Popen([sys.executable, "-m", "vhost_min", "blk", *args, "--socket-path", sock, image],
                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -500,6 +504,14 @@ class ErrorTest(AssertCli):
                 self.assertIn(said, line)
             finally:
                 stop_process(proc)
+
+    def test_blk_poll_us_out_of_range(self) -> None:
+        image = make_image(self.dir, 1 << 20)
+        for bad in ("-1", "10001", "lots"):
+            result = cli("blk", "--poll-us", bad, "--socket-path", os.path.join(self.dir, "blk.sock"), image)
+            self.assertEqual(result.returncode, 2)
+            self.assertIn(f"argument --poll-us: {bad!r} is not a number of microseconds from 0 to 10000",
+                          result.stderr)
 
     def test_socket_paths_longer_than_af_unix_allows(self) -> None:
         image = make_image(self.dir, 1 << 20)
