@@ -170,7 +170,7 @@ def _add_blk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-us", type=_poll_us, metavar="US",
                         help="busy-poll the rings and the I/O engine for up to US microseconds before sleeping "
                              "(adaptive, as QEMU's IOThread poll-max-ns); 0: never (default: the device's, "
-                             "blk.ENGINE_POLL_US with io_uring or threads, never with sync; the serving line says)")
+                             "blk.ENGINE_POLL_US with io_uring, never with threads or sync: the serving line says)")
     parser.add_argument("--blk-file", metavar="IMAGE", help="the image (the spec's spelling of IMAGE)")
     parser.add_argument("--print-capabilities", action=_PrintCapabilities)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")

@@ -344,9 +344,9 @@ def image_format(head: bytes) -> str | None:
 CACHE_MODES = ("writeback", "writethrough", "none")
 #: aio= of BlkDevice and --aio of the blk command: who runs reads, writes and flushes.
 AIO_MODES = ("io_uring", "threads", "sync")
-#: BlkDevice.engine_poll_us: busy-polling (Device.poll_us) for a device with an engine; override
-#: per server with Server(poll_us=...) or --poll-us.
-ENGINE_POLL_US = 64
+#: BlkDevice.engine_poll_us: busy-polling (Device.poll_us) for a device on io_uring; override per
+#: server with Server(poll_us=...) or --poll-us.
+ENGINE_POLL_US = 128
 
 # ioctl BLKSSZGET (linux/fs.h _IO(0x12, 104)): a block device's logical sector size, an int
 BLKSSZGET = _IO(0x12, 104)
@@ -958,7 +958,7 @@ class BlkDevice(Device):
         #: What runs reads, writes and flushes: "io_uring", "threads" or "sync".
         self.aio = self.engine.name if self.engine is not None else "sync"
         if self.engine is not None:
-            self.poll_us = self.engine_poll_us
+            self.poll_us = self.engine_poll_us if self.aio == "io_uring" else 0
             self.image.max_views = self.engine.max_views
             self.image.need_addresses = self.aio == "io_uring"
             self._watched = {self.engine.fileno(): self._on_io}
@@ -1104,10 +1104,13 @@ class BlkDevice(Device):
     #: 8 52-61k, 4 65-66k; 2 and 1 pay an io_uring_enter (a virtual disk's notification, ~18 us)
     #: too often: 46-56k.
     async_batch = 4
-    #: Busy-polling (Device.poll_us) for completions and kicks with an engine. On this project's
+    #: Busy-polling (Device.poll_us) for completions and kicks on io_uring. On this project's
     #: 2-core virtual machines a completion's wake-up from sleep cost ~23 us of a 4 KiB O_DIRECT
-    #: read's ~105 us; QEMU's IOThreads poll 32 us, which the disk's 30-45 us mostly outlasts
-    #: (9-12k IOPS at depth 1), 64 us catches it (13-16k, as qemu-storage-daemon's 13-16k).
+    #: read's ~105 us. The wait for a completion there is 25-100 us (median 55-70): QEMU's
+    #: IOThread default of 32 us is outlasted by most (9-12k IOPS at depth 1), 64 us by a third
+    #: (10-11k), 128 us by 1 in 150 (11-15k, 1.05-1.12x qemu-storage-daemon in the same run).
+    #: Never with the thread pool: a worker needs the GIL the spinning loop holds to hand its
+    #: completion back (5.6-6.1k IOPS at depth 1 without polling, 3.9k with 128 us).
     engine_poll_us = ENGINE_POLL_US
 
     def process(self, queue: int, vq) -> bool | None:

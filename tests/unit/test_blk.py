@@ -965,11 +965,12 @@ class AsyncEngineTest(unittest.TestCase):
 
 
 class BusyPollTest(ServedImageCase):
-    """Busy-polling (Device.poll_us, Server.step): the window adapts as QEMU's IOThreads do, and a
-    poll takes chains and completions that no fd announced; a device that leaves chains in the
-    ring (a net device's receive buffers) is not work, so the loop does not spin on it."""
+    """Busy-polling (Device.poll_us, Server.step): the window adapts as QEMU's IOThreads do (with
+    poll-shrink 2), and a poll takes chains and completions that no fd announced; a device that
+    leaves chains in the ring (a net device's receive buffers) is not work, so the loop does not
+    spin on it."""
 
-    def test_the_window_grows_while_events_come_within_it_and_stops_when_they_do_not(self):
+    def test_the_window_grows_while_events_come_within_it_and_shrinks_when_they_do_not(self):
         from vhost_min.backend import POLL_START_NS
         server = Server()
         self.addCleanup(server.close)
@@ -979,15 +980,24 @@ class BusyPollTest(ServedImageCase):
             server._adapt_poll(waited, max_ns)
             windows.append(server._poll_ns)
         self.assertEqual(windows, [POLL_START_NS, 8000, 16000, 32000, 64000, 64000, 64000])
-        server._adapt_poll(90_000, max_ns)                  # later than the maximum: stop polling
+        server._adapt_poll(90_000, max_ns)                  # later than the maximum: halved
+        self.assertEqual(server._poll_ns, 32_000)
+        for _ in range(3):
+            server._adapt_poll(90_000, max_ns)
+        self.assertEqual(server._poll_ns, POLL_START_NS)
+        server._adapt_poll(90_000, max_ns)                  # and below the first window: none
         self.assertEqual(server._poll_ns, 0)
         server._poll_ns = 32_000
         server._adapt_poll(20_000, max_ns)                  # found within the window: unchanged
         self.assertEqual(server._poll_ns, 32_000)
 
     def test_the_default_is_the_devices_and_the_server_overrides_it(self):
+        from vhost_min import aio
         with blk.BlkDevice(self.path) as sync, blk.BlkDevice(self.path, aio="threads") as threaded:
-            self.assertEqual((sync.poll_us, threaded.poll_us), (0, blk.ENGINE_POLL_US))
+            self.assertEqual((sync.poll_us, threaded.poll_us), (0, 0))   # the workers need the GIL
+        if aio.io_uring_available()[0]:
+            with blk.BlkDevice(self.path, aio="io_uring") as uring:
+                self.assertEqual(uring.poll_us, blk.ENGINE_POLL_US)
         with self.assertRaises(ValueError):
             Server(poll_us=-1)
 
@@ -1025,8 +1035,10 @@ class BusyPollTest(ServedImageCase):
                 server, backend, client = self.served_without_kicks(
                     device, lambda client: self.assertEqual(client.read(0, 512), self.original[:512]))
                 self.assertEqual(client.submit([blk.BlkRequest.read(3 * 512, 1024, tag="r")]), 1)
-                server.step(0.2)                        # nothing announces it: nothing is done
+                server.poll_us = 0
+                server.step(0.2)                        # not polling, nothing announces it: not done
                 self.assertEqual(backend.rings[0].queue.pending(), 1)
+                server.poll_us = 10_000                 # polling asked for (the thread pool's is 0)
                 deadline = time.monotonic() + 10
                 done = []
                 while not done and time.monotonic() < deadline:

@@ -493,8 +493,9 @@ class ErrorTest(AssertCli):
         sock = os.path.join(self.dir, "blk.sock")
         from vhost_min.blk import ENGINE_POLL_US
         for args, said in ((("--cache", "none", "--aio", "threads"), "cache none, aio threads, O_DIRECT alignment "),
-                           (("--aio", "threads"), f"aio threads, busy-polling up to {ENGINE_POLL_US} us)"),
-                           (("--aio", "threads", "--poll-us", "0"), "cache writeback, aio threads)"),
+                           (("--aio", "io_uring"), f"aio io_uring, busy-polling up to {ENGINE_POLL_US} us)"),
+                           (("--aio", "threads"), "cache writeback, aio threads)"),
+                           (("--aio", "io_uring", "--poll-us", "0"), "cache writeback, aio io_uring)"),
                            (("--poll-us", "200"), "cache writeback, aio sync, busy-polling up to 200 us)"),
                            ((), "cache writeback, aio sync)")):
             proc = subprocess.Popen([sys.executable, "-m", "vhost_min", "blk", *args, "--socket-path", sock, image],
