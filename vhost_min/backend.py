@@ -438,20 +438,14 @@ class Backend:
 
     def busy_poll(self) -> bool:
         """One look, without a system call unless there is work, at what the device completed
-        (Device.poll) and at every started ring for chains the driver made available: the work
+        (Device.poll_ready, Device.poll) and at every started ring for chains the driver made available: the work
         is done now, as a kick or the device's fd would have had it done. True if there was any.
         The loop calls it while busy-polling (Device.poll_us) instead of sleeping."""
         if self.closed:
             return False
-        did = False
-        device = self.device
-        completions = self._completions
-        completions.hold(True)
-        try:
-            did = bool(device.poll())
-        finally:
-            completions.hold(False)
+        did = self.device.poll_ready()
         if did:
+            self._completions.run_held(self.device.poll)
             self._push_posted()
         for ring in self.rings:
             vq = ring.queue

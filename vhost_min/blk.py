@@ -1171,13 +1171,15 @@ class BlkDevice(Device):
             reaped = self.engine.reap()
         return by_queue
 
-    def poll(self) -> bool:
-        """Busy-polling: completions the engine has (no system call to find out) are taken now."""
+    def poll_ready(self) -> bool:
+        """Busy-polling: the engine has completions (no system call to find out)."""
         engine = self.engine
-        if engine is None or not engine.ready():
-            return False
-        self._on_io()
-        return True
+        return engine is not None and engine.ready()
+
+    def poll(self) -> None:
+        """Busy-polling: the engine's completions are taken now, as their eventfd would have."""
+        if self.engine is not None:
+            self._on_io()
 
     def _on_io(self) -> None:
         """The engine's eventfd is readable (loop thread): one post_used batch per queue."""

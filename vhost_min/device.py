@@ -116,10 +116,14 @@ class Device:
         callables stable). What the callback posts with ``post_used`` is pushed when it returns."""
         return {}
 
-    def poll(self) -> bool:
-        """Loop thread, while busy-polling (``poll_us``): take what completed without waiting for
-        a watched fd (post_used it; it is pushed on return). True if anything was taken."""
+    def poll_ready(self) -> bool:
+        """Loop thread, while busy-polling (``poll_us``), often: is there something :meth:`poll`
+        would take? Cheap and without side effects (no system call, no lock)."""
         return False
+
+    def poll(self) -> None:
+        """After :meth:`poll_ready` said so: take what completed without waiting for a watched fd
+        (post_used it; it is pushed on return)."""
 
     def process_disabled(self, queue: int, vq) -> bool | None:
         """Queue ``queue`` is started but disabled: the spec asks for processing "without side
