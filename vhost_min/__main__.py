@@ -239,7 +239,8 @@ def cmd_blk(args: argparse.Namespace) -> int:
             where = _serve_on(server, device, args)
             queues = f"{args.num_queues} queue{'s' if args.num_queues > 1 else ''}"
             print(f"{PROG}: serving {image} ({_human(device.image.capacity * SECTOR_SIZE)}, "
-                  f"{'read-only' if args.read_only else 'read-write'}, {queues}, {_device_line(device, server.poll_us)}) on {where}",
+                  f"{'read-only' if args.read_only else 'read-write'}, {queues}, "
+                  f"{_device_line(device, server.poll_us)}) on {where}",
                   flush=True)
             server.run(stop_event=stop)
     finally:
@@ -332,7 +333,8 @@ def cmd_vduse_blk(args: argparse.Namespace) -> int:
         with BlkDevice(args.image, read_only=args.read_only, num_queues=args.num_queues, cache=args.cache,
                        aio=args.aio) as blk, VduseDevice(blk, args.name) as device:
             print(f"{PROG}: serving {args.image} ({_human(blk.image.capacity * SECTOR_SIZE)}, "
-                  f"{'read-only' if args.read_only else 'read-write'}, {_device_line(blk, 0)}) as VDUSE device {args.name} "
+                  f"{'read-only' if args.read_only else 'read-write'}, {_device_line(blk, 0)}) "
+                  f"as VDUSE device {args.name} "
                   f"(/dev/vduse/{args.name}); attach it with: vdpa dev add mgmtdev vduse name {args.name}",
                   flush=True)
             if not got:

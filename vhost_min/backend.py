@@ -438,9 +438,9 @@ class Backend:
 
     def busy_poll(self) -> bool:
         """One look, without a system call unless there is work, at what the device completed
-        (Device.poll_ready, Device.poll) and at every started ring for chains the driver made available: the work
-        is done now, as a kick or the device's fd would have had it done. True if there was any.
-        The loop calls it while busy-polling (Device.poll_us) instead of sleeping."""
+        (Device.poll_ready, Device.poll) and at every started ring for chains the driver made
+        available: the work is done now, as a kick or the device's fd would have had it done.
+        True if there was any. The loop calls it while busy-polling (Device.poll_us)."""
         if self.closed:
             return False
         did = self.device.poll_ready()
