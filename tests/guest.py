@@ -1137,7 +1137,7 @@ class Guest:
             with open(os.path.join(ctl, "status")) as f:
                 status, timed_out = (int(v) for v in f.read().split())
         except (OSError, ValueError):
-            reason = _read(os.path.join(ctl, "setup_error")).strip()
+            reason = read_text(os.path.join(ctl, "setup_error")).strip()
             if reason:
                 reason = f"guest setup failed: {reason}"
             elif not self.console() and process.returncode:
@@ -1145,11 +1145,11 @@ class Guest:
             else:
                 reason = "the guest wrote no exit status"
             raise self._error(f"{reason} (QEMU exit code {process.returncode})")
-        return GuestResult(status, _read(os.path.join(ctl, "stdout")), _read(os.path.join(ctl, "stderr")),
+        return GuestResult(status, read_text(os.path.join(ctl, "stdout")), read_text(os.path.join(ctl, "stderr")),
                            self.console(), bool(timed_out), seconds)
 
     def _error(self, message: str) -> GuestError:
-        qemu_out = _read(os.path.join(self._tmp.name, "qemu.stderr")) if self._tmp else ""
+        qemu_out = read_text(os.path.join(self._tmp.name, "qemu.stderr")) if self._tmp else ""
         text = f"{message}\n--- console tail:\n{console_tail(self.console())}"
         if qemu_out.strip():
             text += f"\n--- QEMU said:\n{console_tail(qemu_out, 15)}"
@@ -1161,7 +1161,8 @@ def _opt(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def _read(path: str) -> str:
+def read_text(path: str) -> str:
+    """A file's text (undecodable bytes replaced), or "" when it cannot be read (not there yet)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()

@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import unittest
 
@@ -95,6 +96,23 @@ def cache_dir(*parts: str) -> str:
     return path
 
 
+def run_server(test: unittest.TestCase, server, timeout: float = 10.0):
+    """Run ``server`` (a backend.Server, or a trace.Tracer: ``run(stop_event=)`` and ``close()``)
+    in a daemon thread until the test's cleanup, or until the returned ``finish()`` (stop, join,
+    close; the loop must have ended). Calling it twice is fine."""
+    stop = threading.Event()
+    thread = threading.Thread(target=server.run, kwargs={"stop_event": stop}, daemon=True)
+    thread.start()
+
+    def finish() -> None:
+        stop.set()
+        thread.join(timeout)
+        server.close()
+        test.assertFalse(thread.is_alive(), "the server loop is stuck")
+    test.addCleanup(finish)
+    return finish
+
+
 class StoreBuffer:
     """A CPU's store buffer over one word of a ring view: stores to ``index`` stay pending (invisible
     to the other side, which reads memory) until :meth:`flush`, the full barrier; every other index
@@ -119,3 +137,26 @@ class StoreBuffer:
     def flush(self) -> None:
         if self.pending is not None:
             self.view[self.index], self.pending = self.pending, None
+
+
+class LateDriver:
+    """A driver that publishes one more chain (a writable byte at ``buf``) at the worst moment:
+    the device's first full barrier once :attr:`armed` (the device's ``_mb``, replaced here, which
+    then flushes ``buffered``), or when called. :attr:`published` holds what publish() said (kick
+    or not)."""
+
+    def __init__(self, device, buffered: StoreBuffer, driver, buf: int) -> None:
+        self.buffered, self.driver, self.buf = buffered, driver, buf
+        self.armed = False
+        self.published: list[bool] = []
+        device._mb = self._barrier
+
+    def __call__(self) -> None:
+        if not self.published:
+            self.driver.add([], [(self.buf, 1)], "late")
+            self.published.append(self.driver.publish())
+
+    def _barrier(self) -> None:
+        if self.armed:
+            self()
+        self.buffered.flush()

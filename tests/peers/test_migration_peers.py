@@ -161,14 +161,6 @@ def wait_for(predicate, what: str, timeout: float, *peers: launch.Peer) -> None:
         time.sleep(0.1)
 
 
-def read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
 class QemuMigrationTest(unittest.TestCase):
     """One migration (setUpClass), looked at from the guest, the image, QEMU and both back-ends."""
 
@@ -223,22 +215,22 @@ class QemuMigrationTest(unittest.TestCase):
                     cls.migrate(source, destination, a, b)
                 except Exception as exc:      # noqa: BLE001 (QMP's socket errors too: with every side's story)
                     raise AssertionError(f"{''.join(traceback.format_exception(exc)[-4:])}\n--- source console:\n"
-                                         f"{guest.console_tail(read(cls.consoles['source']))}"
+                                         f"{guest.console_tail(guest.read_text(cls.consoles['source']))}"
                                          f"\n--- destination console:\n"
-                                         f"{guest.console_tail(read(cls.consoles['destination']))}\n--- QEMU:\n"
+                                         f"{guest.console_tail(guest.read_text(cls.consoles['destination']))}\n--- QEMU:\n"
                                          f"{source.log()}\n{destination.log()}\n--- back-ends:\n{a.log()}\n{b.log()}"
                                          ) from None
             cls.a_exit, cls.b_exit = a.wait_exit(10), b.wait_exit(10)
             cls.a_log, cls.b_log = a.log(1 << 20), b.log(1 << 20)
-        cls.source_console = read(cls.consoles["source"])
-        cls.destination_console = read(cls.consoles["destination"])
+        cls.source_console = guest.read_text(cls.consoles["source"])
+        cls.destination_console = guest.read_text(cls.consoles["destination"])
         with open(cls.image, "rb") as f:
             cls.on_disk = f.read(BLOCKS * BLOCK)
 
     @classmethod
     def migrate(cls, source: launch.Peer, destination: launch.Peer, a: launch.Peer, b: launch.Peer) -> None:
         def wrote(console: str) -> int:
-            lines = [line for line in read(cls.consoles[console]).splitlines() if line.startswith("wrote ")]
+            lines = [line for line in guest.read_text(cls.consoles[console]).splitlines() if line.startswith("wrote ")]
             return int(lines[-1].split()[1]) if lines else 0
 
         wait_for(lambda: wrote("source") >= MIGRATE_AFTER, f"the guest writing {MIGRATE_AFTER} blocks", TIMEOUT,

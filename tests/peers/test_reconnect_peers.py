@@ -55,6 +55,19 @@ def make_image(path: str, size: int) -> None:
         f.truncate(size)
 
 
+def _work_with_patterns(cls, prefix: str) -> tuple[str, str]:
+    """A temporary directory, removed with the class, whose ``data/NAME`` holds each of
+    ``cls.patterns`` (what the guest writes, shared with it): (that directory, data)."""
+    work = tempfile.TemporaryDirectory(prefix=prefix)
+    cls.addClassCleanup(work.cleanup)
+    data = os.path.join(work.name, "data")
+    os.mkdir(data)
+    for name, pattern in cls.patterns.items():
+        with open(os.path.join(data, name), "wb") as f:
+            f.write(pattern)
+    return work.name, data
+
+
 # --------------------------------------------------------------------------------------------
 # QEMU reconnect=1, our back-end restarted under a guest doing I/O
 # --------------------------------------------------------------------------------------------
@@ -102,18 +115,12 @@ class QemuReconnectGuestTest(unittest.TestCase):
         guest.require_guest()
         rng = support.seeded_random(cls("test_every_byte_the_guest_wrote_is_in_the_images"))
         cls.patterns = {disk: rng.randbytes(CHUNK * ROUNDS) for disk in ("main", "tapped")}
-        work = tempfile.TemporaryDirectory(prefix="vhost_min-reconnect-")
-        cls.addClassCleanup(work.cleanup)
-        data = os.path.join(work.name, "data")
-        os.mkdir(data)
-        for disk, pattern in cls.patterns.items():
-            with open(os.path.join(data, disk), "wb") as f:
-                f.write(pattern)
-        cls.images = {"main": os.path.join(work.name, "main.img"), "tapped": os.path.join(work.name, "tapped.img")}
+        work, data = _work_with_patterns(cls, "vhost_min-reconnect-")
+        cls.images = {"main": os.path.join(work, "main.img"), "tapped": os.path.join(work, "tapped.img")}
         make_image(cls.images["main"], MAIN_SIZE)
         make_image(cls.images["tapped"], TAPPED_SIZE)
-        sock = os.path.join(work.name, "main.sock")
-        upstream = os.path.join(work.name, "tapped.sock")
+        sock = os.path.join(work, "main.sock")
+        upstream = os.path.join(work, "tapped.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         cls.addClassCleanup(listener.close)
         listener.bind(upstream)
@@ -121,7 +128,7 @@ class QemuReconnectGuestTest(unittest.TestCase):
         fd = listener.fileno()
         qemu_args = ["-chardev", f"socket,id=blk0,path={sock},reconnect=1",
                      "-device", "vhost-user-blk-pci,id=blk0,chardev=blk0,num-queues=1",
-                     "-chardev", f"socket,id=blk1,path={os.path.join(work.name, 'tap.sock')},reconnect=1",
+                     "-chardev", f"socket,id=blk1,path={os.path.join(work, 'tap.sock')},reconnect=1",
                      "-device", "vhost-user-blk-pci,id=blk1,chardev=blk1,num-queues=1"]
         cls.exits: list[tuple[int, int]] = []            # (main, tapped) exit status of each stopped pair
         cls.logs: list[tuple[str, str]] = []
@@ -133,7 +140,7 @@ class QemuReconnectGuestTest(unittest.TestCase):
             tapped = stack.enter_context(launch.vhost_min_blk(cls.images["tapped"], extra=["-v"], fd=fd))
             return stack, main, tapped
 
-        with launch.WireTap(os.path.join(work.name, "tap.sock"), upstream) as tap:
+        with launch.WireTap(os.path.join(work, "tap.sock"), upstream) as tap:
             stack, main, tapped = start(0)
             try:
                 with guest.Guest(qemu_args, memfd_memory=True, modules=["virtio_blk"], shares={"data": data},
@@ -450,16 +457,10 @@ class ClientModeGuestTest(unittest.TestCase):
         guest.require_guest()
         rng = support.seeded_random(cls("test_both_guests_data_is_in_the_image"))
         cls.patterns = {name: rng.randbytes(CLIENT_SIZE) for name in CLIENT_OFFSETS}
-        work = tempfile.TemporaryDirectory(prefix="vhost_min-client-mode-")
-        cls.addClassCleanup(work.cleanup)
-        data = os.path.join(work.name, "data")
-        os.mkdir(data)
-        for name, pattern in cls.patterns.items():
-            with open(os.path.join(data, name), "wb") as f:
-                f.write(pattern)
-        cls.image = os.path.join(work.name, "disk.img")
+        work, data = _work_with_patterns(cls, "vhost_min-client-mode-")
+        cls.image = os.path.join(work, "disk.img")
         make_image(cls.image, CLIENT_IMAGE_SIZE)
-        sock = os.path.join(work.name, "qemu.sock")
+        sock = os.path.join(work, "qemu.sock")
         qemu_args = ["-chardev", f"socket,id=blk0,path={sock},server=on,wait=off",
                      "-device", "vhost-user-blk-pci,id=blk0,chardev=blk0,num-queues=1"]
         cls.results: dict[str, guest.GuestResult] = {}

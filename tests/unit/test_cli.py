@@ -23,6 +23,7 @@ import time
 import unittest
 from fnmatch import fnmatch
 
+from tests import support
 from tests.support import stop_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -351,12 +352,7 @@ class ProbeDecodeTest(AssertCli):
         path = os.path.join(tmp.name, "dev.sock")
         server = Server()
         server.add(device, path)
-        stop = threading.Event()
-        thread = threading.Thread(target=server.run, kwargs={"stop_event": stop}, daemon=True)
-        thread.start()
-        self.addCleanup(server.close)
-        self.addCleanup(thread.join, TIMEOUT)
-        self.addCleanup(stop.set)
+        support.run_server(self, server)
         return path
 
     def test_net(self) -> None:

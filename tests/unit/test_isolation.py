@@ -27,6 +27,7 @@ import unittest
 from unittest import mock
 
 import vhost_min.backend as backend_module
+from tests import support
 from tests.support import memfd, open_fds
 from tests.unit.test_backend import QEMU_PROTOCOL, BackendCase, Echo, eventfd, fired, wait_for
 from vhost_min.backend import Server
@@ -81,17 +82,8 @@ class IsolationCase(unittest.TestCase):
         self.device = BlkDevice(self.image)
         self.server.add(self.device, self.blk_sock)
         self.server.add(Echo, self.raw_sock)           # a device per raw peer
-        stop = threading.Event()
-        thread = threading.Thread(target=self.server.run, kwargs={"stop_event": stop}, daemon=True)
-        thread.start()
-
-        def finish() -> None:
-            stop.set()
-            thread.join(TIMEOUT)
-            self.server.close()
-            self.device.close()
-            self.assertFalse(thread.is_alive(), "the server loop is stuck")
-        self.addCleanup(finish)
+        self.addCleanup(self.device.close)         # after the loop has ended (cleanups run last first)
+        support.run_server(self, self.server, TIMEOUT)
 
     def check_no_leak(self) -> None:
         leaked = open_fds() - self.fds_before

@@ -326,16 +326,7 @@ class _RestartedServer(unittest.TestCase):
     def start(self) -> Callable[[], None]:
         server = Server()
         server.add(lambda: CountingUpper(self.runs), self.path)
-        stop = threading.Event()
-        thread = threading.Thread(target=server.run, kwargs={"stop_event": stop}, daemon=True)
-        thread.start()
-
-        def finish() -> None:
-            stop.set()
-            thread.join(TIMEOUT)
-            server.close()
-        self.addCleanup(finish)
-        return finish
+        return support.run_server(self, server, TIMEOUT)
 
     def connected(self) -> tuple[Callable[[], None], Frontend, object]:
         """The back-end started; our front-end connected, with 256 KiB of memory and ring 0 of 8."""

@@ -29,6 +29,7 @@ import time
 import unittest
 import uuid
 
+from tests import support
 from tests.support import memfd, open_fds
 from vhost_min.errors import DisconnectedError
 from vhost_min.trace import BACKEND, BACKEND_CHANNEL, FRONTEND, MAIN, Record, SessionEvent, Tracer
@@ -75,16 +76,7 @@ class TracerTestCase(unittest.TestCase):
             with self.lock:
                 self.events.append(event)
         tracer = Tracer(self.listen, self.backend_path, report)
-        stop = threading.Event()
-        thread = threading.Thread(target=tracer.run, kwargs={"stop_event": stop}, daemon=True)
-        thread.start()
-
-        def finish() -> None:
-            stop.set()
-            thread.join(TIMEOUT)
-            self.assertFalse(thread.is_alive(), "the tracer's loop did not stop")
-            tracer.close()
-        self.addCleanup(finish)
+        support.run_server(self, tracer, TIMEOUT)
         return tracer
 
     def records(self, channel: str | None = None) -> list[Record]:
@@ -483,17 +475,10 @@ class OurPeersTests(TracerTestCase):
 
         logging.getLogger("vhost_min.backend").setLevel(logging.CRITICAL)
         self.addCleanup(logging.getLogger("vhost_min.backend").setLevel, logging.NOTSET)
-        device, stop = UpperDevice(), threading.Event()
+        device = UpperDevice()
         server = Server()
         server.add(device, self.backend_path)
-        thread = threading.Thread(target=server.run, kwargs={"stop_event": stop}, daemon=True)
-        thread.start()
-
-        def finish() -> None:
-            stop.set()
-            thread.join(TIMEOUT)
-            server.close()
-        self.addCleanup(finish)
+        support.run_server(self, server, TIMEOUT)
         self.start_tracer()
         with Frontend.connect(self.listen, timeout=TIMEOUT) as fe:
             fe.negotiate()

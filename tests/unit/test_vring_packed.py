@@ -10,7 +10,7 @@ import struct
 import unittest
 from unittest import mock
 
-from tests.support import StoreBuffer, memfd, seeded_random
+from tests.support import LateDriver, StoreBuffer, memfd, seeded_random
 from vhost_min import packed
 from vhost_min.errors import GuestMemoryError, VirtqueueError
 from vhost_min.inflight import InflightPacked, queue_region_size
@@ -618,19 +618,7 @@ class NotificationTest(RingCase):
         self.setup_ring(8, event_idx=True)
         device = self.device
         device._device_event = buffered = StoreBuffer(device._device_event, 0)
-        published = []
-
-        def driver_publishes():          # at the device's first moment after its empty scan
-            if not published:
-                self.driver.add([], [(BUF, 1)], "late")
-                published.append(self.driver.publish())
-
-        def mb():
-            if armed:
-                driver_publishes()
-            buffered.flush()
-
-        device._mb, armed = mb, False
+        late = LateDriver(device, buffered, self.driver, BUF)
         self.driver.add([], [(BUF, 1)], 0)
         self.assertTrue(self.driver.publish())                   # ENABLE: kicked
         device.push_batch([(c[0], 1) for c in device.pop_batch()])
@@ -642,10 +630,10 @@ class NotificationTest(RingCase):
         first, second = device.pop_batch(1), device.pop_batch(1)  # each stops at its budget of one
         self.assertEqual(len(first) + len(second), 2)
         self.assertEqual(self.event("device"), (1 | 1 << 15, DESC_EVENT))   # the move to 3 not visible yet
-        armed = True
+        late.armed = True
         chains = device.pop_batch()
-        driver_publishes()               # no barrier in that pop: the driver comes after it returned
-        self.assertEqual(published, [False])                     # the driver saw the event at 1: no kick
+        late()                           # no barrier in that pop: the driver comes after it returned
+        self.assertEqual(late.published, [False])                     # the driver saw the event at 1: no kick
         self.assertEqual(len(chains), 1, "a chain published while the event store was unfenced was neither "
                                          "kicked nor popped")
 

@@ -8,7 +8,7 @@ import os
 import struct
 import unittest
 
-from tests.support import StoreBuffer, memfd
+from tests.support import LateDriver, StoreBuffer, memfd
 from vhost_min.errors import GuestMemoryError, VirtqueueError
 from vhost_min.memory import IOTLB, VHOST_ACCESS_RO, VHOST_ACCESS_RW, DirtyLog, GuestMemory, IOTLBMiss
 from vhost_min.virtio import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
@@ -510,28 +510,16 @@ class NotificationTest(RingCase):
         self.setup_ring(event_idx=True)
         device = self.device
         device._used16 = buffered = StoreBuffer(device._used16, 2 + 4 * self.size)   # avail_event
-        published = []
-
-        def driver_publishes():          # at the device's first moment after its empty look
-            if not published:
-                self.driver.add([], [(BUF, 1)], "late")
-                published.append(self.driver.publish())
-
-        def mb():
-            if armed:
-                driver_publishes()
-            buffered.flush()
-
-        device._mb, armed = mb, False
+        late = LateDriver(device, buffered, self.driver, BUF)
         for k in (0, 1):
             self.driver.add([], [(BUF, 1)], k)
         self.assertTrue(self.driver.publish())
         self.assertEqual(len(device.pop_batch(1)) + len(device.pop_batch(1)), 2)   # each at its budget
         self.assertEqual(self.u16(self.lay["device"] + 4 + 8 * self.size), 0)    # avail_event 2: not visible
-        armed = True
+        late.armed = True
         chains = device.pop_batch()
-        driver_publishes()               # no barrier in that pop: the driver comes after it returned
-        self.assertEqual(published, [False])                     # the driver saw avail_event 0: no kick
+        late()                           # no barrier in that pop: the driver comes after it returned
+        self.assertEqual(late.published, [False])                     # the driver saw avail_event 0: no kick
         self.assertEqual(len(chains), 1, "a chain published while avail_event was unfenced was neither "
                                          "kicked nor popped")
 
