@@ -1714,6 +1714,7 @@ class Server:
         #: Device.poll_us of the devices served, 0 never polls (see :meth:`step`).
         self.poll_us = poll_us
         self._poll_ns = 0                   # the adaptive window now, within the maximum
+        self._devices_poll_ns = 0           # the largest Device.poll_us served, in ns (kept by _serve/_retire)
         self.backends: list[Backend] = []
         self.endpoints: list[_Endpoint] = []
         #: The most recent exceptions that rejected a message or closed a connection (a peer that
@@ -1794,6 +1795,7 @@ class Server:
         self.served += 1
         endpoint.active.append(backend)
         self.backends.append(backend)
+        self._devices_poll_ns = max(self._devices_poll_ns, backend.device.poll_us * 1000)
         log.info("%s: serving a front-end on %s", backend.name, endpoint.path or "an inherited fd")
         if endpoint.exclusive and endpoint.listener is not None:
             self._watch_listener(endpoint, False)
@@ -1801,6 +1803,7 @@ class Server:
 
     def _retire(self, backend: Backend) -> None:
         self.backends.remove(backend)
+        self._devices_poll_ns = max((b.device.poll_us for b in self.backends), default=0) * 1000
         for endpoint in self.endpoints:
             if backend in endpoint.active:
                 endpoint.active.remove(backend)
@@ -1831,9 +1834,8 @@ class Server:
 
     # -- running ---------------------------------------------------------------------------------------
     def _poll_max_ns(self) -> int:
-        if self.poll_us is not None:
-            return self.poll_us * 1000
-        return max((b.device.poll_us for b in self.backends if not b.closed), default=0) * 1000
+        """Asked every step, so nothing is computed here (the devices' maximum is kept as they come and go)."""
+        return self._devices_poll_ns if self.poll_us is None else self.poll_us * 1000
 
     def _busy_poll(self, window_ns: int) -> bool:
         """Look at the backends' rings and devices until one has work (done, True) or
