@@ -23,6 +23,7 @@ Where the spec leaves room (section names of "Packed Virtqueues"):
 
 from __future__ import annotations
 
+import array
 import struct
 import sys
 from typing import Sequence
@@ -572,52 +573,67 @@ class PackedDeviceQueue(_PackedRing):
         if not used:
             return False
         n, ndescs = self.size, self._ndescs
-        # Check everything before writing anything: a bad id must never reach the ring.
+        first = self._used_slot
+        wrap = _BOTH if self._used_wrap else 0          # used: AVAIL == USED == the wrap counter
+        # Check everything before writing anything: a bad id must never reach the ring. Each
+        # chain's used descriptor is made here as one le64 (len | id << 32 | flags << 48), with
+        # the flags of this lap: right unless the batch wraps, which the slow write below redoes.
+        written_flags, empty_flags = (wrap | _WRITE) << 48, wrap << 48
         counts: list[int] = []
+        words: list[int] = []
+        count, word = counts.append, words.append
         try:
             for bid, ln in used:
-                if not 0 <= bid < n or not ndescs[bid] or not 0 <= ln <= _MAX_LEN:
-                    in_flight = 0 <= bid < n and ndescs[bid]
-                    self._undo(used, counts)
-                    if in_flight:
-                        raise VirtqueueError(f"push: written length {ln!r} for buffer id {bid} is not a u32")
-                    raise VirtqueueError(f"push: buffer id {bid!r} is not in flight (the caller's bug, not the driver's: the queue stays usable)")
-                counts.append(ndescs[bid])
+                if bid < 0 or ln < 0 or ln > _MAX_LEN:
+                    raise IndexError
+                c = ndescs[bid]                 # IndexError past the queue size
+                if not c:
+                    raise IndexError            # not in flight, or twice in this batch
+                count(c)
                 ndescs[bid] = 0
-        except (TypeError, ValueError):
+                word(ln | bid << 32 | written_flags if ln else bid << 32 | empty_flags)
+        except (TypeError, ValueError, IndexError):
             self._undo(used, counts)
-            raise VirtqueueError(f"push: {used!r} is not a sequence of (buffer_id, written_len) pairs") from None
+            raise self._push_error(used) from None
         inflight = self.inflight
         if inflight is not None:
             ids = [bid for bid, _ in used]
             inflight.before_publish(ids)
 
         q, h = self._q, self._h
-        first = slot = self._used_slot
-        wrap = _BOTH if self._used_wrap else 0          # used: AVAIL == USED == the wrap counter
+        advanced = sum(counts)
+        stride = counts[0]
         bid, ln = used[0]
         # The first used descriptor: len and id now, its flags last of all (they publish the batch).
-        self._i[slot * 4 + 2] = ln
-        h[slot * 8 + 6] = bid
+        self._i[first * 4 + 2] = ln
+        h[first * 8 + 6] = bid
         first_flags = wrap | _WRITE if ln else wrap
-        slot += counts[0]
-        if slot >= n:
-            slot, wrap = slot - n, wrap ^ _BOTH
         # The others complete, flags included: the driver reads them only after the first one.
         # (A crash before the first one's flags leaves them behind: see clear_stale_used.)
-        for j in range(1, len(used)):
-            bid, ln = used[j]
-            q[slot * 2 + 1] = ln | bid << 32 | (wrap | _WRITE if ln else wrap) << 48
-            slot += counts[j]
+        if len(used) == 1:
+            pass
+        elif first + advanced <= n and counts.count(stride) == len(counts) and type(q) is memoryview:
+            # One lap, every chain the same number of slots (the common case): one strided store.
+            q[(first + stride) * 2 + 1:(first + advanced) * 2:stride * 2] = array.array("Q", words[1:])
+        else:
+            slot = first + stride
             if slot >= n:
                 slot, wrap = slot - n, wrap ^ _BOTH
+            for j in range(1, len(used)):
+                bid, ln = used[j]
+                q[slot * 2 + 1] = ln | bid << 32 | (wrap | _WRITE if ln else wrap) << 48
+                slot += counts[j]
+                if slot >= n:
+                    slot, wrap = slot - n, wrap ^ _BOTH
+        slot, wrap = first + advanced, self._used_wrap
+        if slot >= n:
+            slot, wrap = slot - n, wrap ^ 1
         if self._wmb is not None:
             # Write barrier: every used descriptor of the batch (and the inflight record) must be
             # visible before the first one's flags tell the driver to read them.
             self._wmb()
         h[first * 8 + 7] = first_flags
-        advanced = sum(counts)
-        self._used_slot, self._used_wrap = slot, int(wrap == _BOTH)
+        self._used_slot, self._used_wrap = slot, wrap
         self._occupied -= advanced
         self.in_flight -= len(used)
         if inflight is not None:
@@ -633,6 +649,22 @@ class PackedDeviceQueue(_PackedRing):
     def _undo(self, used, counts: list[int]) -> None:
         for (bid, _), count in zip(used, counts):
             self._ndescs[bid] = count
+
+    def _push_error(self, used) -> VirtqueueError:
+        """What is wrong with a push that failed push_batch's checks (nothing was written): the
+        first id not in flight (or given twice), the first length that is not a u32, else the shape."""
+        n, ndescs, seen = self.size, self._ndescs, set()
+        try:
+            for bid, ln in used:
+                if not (isinstance(bid, int) and 0 <= bid < n and ndescs[bid]) or bid in seen:
+                    return VirtqueueError(f"push: buffer id {bid!r} is not in flight (the caller's bug, not the "
+                                          f"driver's: the queue stays usable)")
+                if not (isinstance(ln, int) and 0 <= ln <= _MAX_LEN):
+                    return VirtqueueError(f"push: written length {ln!r} for buffer id {bid} is not a u32")
+                seen.add(bid)
+        except (TypeError, ValueError):
+            pass
+        return VirtqueueError(f"push: {used!r} is not a sequence of (buffer_id, written_len) pairs")
 
     def _need_event(self, event: int, new: int, wrap: int, advanced: int) -> bool:
         """The event suppression test for ``advanced`` slots just written up to ``new`` (with the
