@@ -57,6 +57,7 @@ _EVENT_DISABLE = RING_EVENT_FLAGS_DISABLE << 16
 _EVENT_ENABLE = RING_EVENT_FLAGS_ENABLE << 16
 _MAX_LEN = 0xFFFFFFFF
 _EMPTY = memoryview(bytearray())               # what a zero-length descriptor maps to (as in vring)
+_CHAIN_FLAGS = 0xFFFF & ~(_NEXT | _WRITE)      # a fast-path descriptor's flags but NEXT and WRITE: AVAIL/USED
 
 # Indices into the descriptor ring viewed as le64 (q), le32 (i) and le16 (h) arrays, for slot s:
 #   q[2s] = addr, q[2s+1] = len | id << 32 | flags << 48; i[4s+2] = len; h[8s+6] = id, h[8s+7] = flags.
@@ -278,6 +279,9 @@ class PackedDeviceQueue(_PackedRing):
         when ``max_chains`` is reached or an IOTLB miss stopped it before a chain."""
         n, q, h, ring, read_rest = self.size, self._q, self._h, self._ring, _DESC_REST.unpack_from
         ndescs, written, inflight = self._ndescs, self._written, self.inflight
+        read_desc = PVIRTQ_DESC.unpack_from
+        direct_fast = translate and inflight is None and written is None
+        indirect_fast, table_shapes = direct_fast and self.indirect, _TABLE_SHAPES
         slot, occupied = self._avail_slot, self._occupied
         expect = _AVAIL if self._avail_wrap else _USED
         rs, re, rv = self._rs, self._re, self._rv     # the region cache, refreshed after each slow path
@@ -326,20 +330,20 @@ class PackedDeviceQueue(_PackedRing):
                     count += 1
                     continue
 
-                if f & (_NEXT | _INDIRECT) == _INDIRECT and translate and self.indirect:
+                if f & (_NEXT | _INDIRECT) == _INDIRECT and indirect_fast:
                     # One descriptor pointing at an indirect table (a virtio-blk request from
                     # Linux). The tables drivers write, in the cached region: readable entries
                     # (flags 0) then writable ones (WRITE), no other bit, every buffer in the
-                    # region, are checked by one struct call and read by one iterator; any other
-                    # table is expanded by _indirect. Either way checked in the general walk's order.
-                    addr, w = q[slot * 2], q[slot * 2 + 1]
-                    ln = w & _MAX_LEN
-                    readable = None
-                    if (written is None and ln and not ln & 15 and ln <= _FAST_TABLE_BYTES
-                            and rs <= addr and addr + ln <= re):
+                    # region, are checked by one struct call and read by one iterator. Any other
+                    # table, or a broken rule, takes the general walk below.
+                    addr, ln, bid = read_rest(ring, slot << 4)
+                    shape = table_shapes.get(ln)
+                    if shape is None and ln and not ln & 15 and ln <= _FAST_TABLE_BYTES:
+                        shape = _table_shapes(ln)
+                    if (shape is not None and rs <= addr and addr + ln <= re and bid < n and not ndescs[bid]
+                            and occupied < n):
                         table = rv[addr - rs:addr - rs + ln]
-                        read_flags, shapes = _TABLE_SHAPES.get(ln) or _table_shapes(ln)
-                        nread = shapes.get(read_flags(table))
+                        nread = shape[1].get(shape[0](table))
                         if nread is not None:
                             views = []
                             total = 0
@@ -350,31 +354,53 @@ class PackedDeviceQueue(_PackedRing):
                                 else:
                                     break
                             else:
-                                readable, writable = views[:nread], views[nread:]
-                    if readable is None:
-                        readable, writable = [], []
-                        log = [] if written is not None else None
-                        total = self._indirect(slot, addr, w & _MAX_LEN, readable, writable, log, True)
-                        rs, re, rv = self._rs, self._re, self._rv
-                    bid = w >> 32 & 0xFFFF
-                    if bid >= n or ndescs[bid] or occupied >= n:
-                        raise self._chain_error(slot, head, bid, 1, occupied)
-                    if total > _MAX_LEN:
-                        raise self._fail(VirtqueueError(
-                            f"packed ring slot {head}: the chain's lengths add up to {total:#x}, beyond 2^32-1"))
-                    if inflight is not None:
-                        inflight.on_pop_packed(head, [(addr, w & _MAX_LEN, bid, f)])
-                    out.append((bid, readable, writable))
-                    ndescs[bid] = 1
-                    occupied += 1
-                    if written is not None:
-                        written[bid] = log
-                    slot += 1
-                    if slot == n:
-                        slot, expect = 0, expect ^ _BOTH
-                    seen += 1
-                    count += 1
-                    continue
+                                if total <= _MAX_LEN:
+                                    out.append((bid, views[:nread], views[nread:]))
+                                    ndescs[bid] = 1
+                                    occupied += 1
+                                    slot += 1
+                                    if slot == n:
+                                        slot, expect = 0, expect ^ _BOTH
+                                    seen += 1
+                                    count += 1
+                                    continue
+
+                if direct_fast and not f & _INDIRECT:
+                    # A chain of direct descriptors (a virtio-blk request without indirect tables):
+                    # each read by one struct call, its flags exactly this lap's AVAIL/USED with
+                    # NEXT or WRITE, every buffer in the cached region, readable ones first. Any
+                    # other chain, broken rules included, takes the general walk below from its head.
+                    addr, ln, bid = read_rest(ring, slot << 4)
+                    readable, writable = [], []
+                    s, e, fl, k, total = slot, expect, f, 1, ln
+                    while ln and rs <= addr and addr + ln <= re:
+                        if fl & _WRITE:
+                            writable.append(rv[addr - rs:addr + ln - rs])
+                        elif writable:
+                            break
+                        else:
+                            readable.append(rv[addr - rs:addr + ln - rs])
+                        s += 1
+                        if s == n:              # checked here, not per descriptor: at most two laps
+                            if k > n:
+                                break
+                            s, e = 0, e ^ _BOTH
+                        if not fl & _NEXT:
+                            if bid < n and not ndescs[bid] and occupied + k <= n and total <= _MAX_LEN:
+                                out.append((bid, readable, writable))
+                                ndescs[bid] = k
+                                occupied += k
+                                seen += k
+                                count += 1
+                                slot, expect, k = s, e, 0
+                            break
+                        addr, ln, bid, fl = read_desc(ring, s << 4)
+                        if fl & _CHAIN_FLAGS != e:
+                            break
+                        k += 1
+                        total += ln
+                    if not k:
+                        continue
 
                 # A chain of several descriptors, or one pointing at an indirect table.
                 readable: list = []
