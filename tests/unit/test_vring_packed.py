@@ -43,6 +43,10 @@ def used_bits(wrap: int) -> int:
 class RingCase(unittest.TestCase):
     """One memfd-backed guest memory with a packed ring at RING_BASE; helpers to write it by hand."""
 
+    #: Start the device with its region cache filled, as after a first pop: chains then take the
+    #: inlined fast paths (one descriptor, direct chains, indirect tables) before the general walk.
+    WARM = False
+
     def memory_with(self, *regions: tuple[int, int]) -> GuestMemory:
         memory = GuestMemory()
         for gpa, size in regions:
@@ -62,6 +66,9 @@ class RingCase(unittest.TestCase):
                                          indirect_max=indirect_max) if driver else None)
         self.device = PackedDeviceQueue(self.memory, size, lay["desc"], lay["driver"], lay["device"],
                                         event_idx=event_idx, indirect=indirect, **device_kw)
+        if self.WARM:
+            region = self.memory.regions[0]
+            self.device._rs, self.device._re, self.device._rv = region.gpa, region.end, region.view
         self.slot, self.wrap = 0, 1          # the hand-written driver's next avail slot and wrap counter
         return self.device
 
@@ -872,6 +879,26 @@ class HostileDriverTest(RingCase):
         self.put(0, BUF, 1, 0, AVAIL | NEXT)       # the head's id is ignored: the last one counts
         self.rejects("slot 1: buffer id 65535 is not below the queue size 7")
 
+    def test_indirect_buffer_id_out_of_range(self):
+        table = BUF + 0x1000
+        self.put(0, BUF, 8, 0, 0, table=table)
+        self.put(1, BUF, 1, 0, WRITE, table=table)
+        self.offer(7, (table, 32, INDIRECT))
+        self.rejects("slot 0: buffer id 7 is not below the queue size 7")
+
+    def test_indirect_entry_outside_memory(self):
+        table = BUF + 0x1000
+        self.put(0, BUF, 8, 0, 0, table=table)
+        self.put(1, MEM_SIZE - 4, 8, 0, WRITE, table=table)
+        self.offer(0, (table, 32, INDIRECT))
+        self.rejects(r"slot 0: buffer 0xffffc\+0x8 is outside guest memory", GuestMemoryError)
+
+    def test_chain_id_made_available_again_while_in_flight(self):
+        self.offer(2, (BUF, 1, 0), (BUF, 1, WRITE))
+        self.device.pop_batch()
+        self.offer(2, (BUF, 1, 0), (BUF, 1, WRITE))
+        self.rejects("slot 3: buffer id 2 is made available again while still in flight")
+
     def test_buffer_id_made_available_again_while_in_flight(self):
         self.offer(2, (BUF, 1, 0))
         self.device.pop_batch()
@@ -908,6 +935,13 @@ class HostileDriverTest(RingCase):
             self.device.push(0, 1 << 32)
         self.assertFalse(self.device.broken)       # the driver did nothing wrong; nothing was written
         self.device.push(0, 1)
+
+
+class HostileDriverWarmTest(HostileDriverTest):
+    """The same broken rings met by the fast paths (the region cache already filled): they must
+    hand every one of them to the general walk."""
+
+    WARM = True
 
 
 class LyingDeviceTest(RingCase):

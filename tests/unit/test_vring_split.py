@@ -652,6 +652,25 @@ class HostileDriverTest(RingCase):
         self.offer(0)
         self.expect(VirtqueueError, r"head 0: descriptor 1 \(len 0x1\) takes the chain to 0x100000000 bytes")
 
+    def test_lengths_summing_beyond_2_32_all_in_one_region(self):
+        big = 0x1_2000_0000                        # a sparse memfd: the fast paths' region holds it all
+        self.setup_ring(driver=False, memory=self.memory_with((0, big)))
+        self.put_desc(0, 0x1000_0000, 0x8000_0000, NEXT, 1)
+        self.put_desc(1, 0x9000_0000, 0x8000_0000, WRITE)
+        self.offer(0)
+        self.expect(VirtqueueError, r"head 0: descriptor 1 \(len 0x80000000\) takes the chain to 0x100000000 bytes")
+
+    def test_lengths_summing_beyond_2_32_in_an_indirect_table_in_one_region(self):
+        big = 0x1_2000_0000
+        self.setup_ring(driver=False, memory=self.memory_with((0, big)))
+        table = BUF + 0x1000
+        self.put_desc(0, table, 32, INDIRECT)
+        self.put_desc(0, 0x1000_0000, 0x8000_0000, NEXT, 1, table=table)
+        self.put_desc(1, 0x9000_0000, 0x8000_0000, WRITE, table=table)
+        self.offer(0)
+        self.expect(VirtqueueError, r"head 0: descriptor 1 of the indirect table at 0x41000 \(from descriptor 0\) "
+                                    r"\(len 0x80000000\) takes the chain to 0x100000000 bytes")
+
     def test_avail_idx_more_than_queue_size_ahead(self):
         self.setup_ring(driver=False)
         self.set_avail_idx(9)
