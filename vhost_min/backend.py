@@ -134,7 +134,7 @@ STALL_TIMEOUT = 30.0
 RECONNECT_INTERVAL = 1.0
 
 # Virtio features whose change changes the device queue a ring needs.
-_RING_FEATURES = VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_RING_PACKED | VIRTIO_F_ACCESS_PLATFORM
+_RING_FEATURES = int(VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_RING_PACKED | VIRTIO_F_ACCESS_PLATFORM)
 
 
 def _close(fd: int | None) -> None:
@@ -202,6 +202,15 @@ _BASE_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.LOG_SHMFD | Prot
 _LIBRARY_FEATURES = int(VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX | VIRTIO_F_RING_PACKED
                         | VHOST_F_LOG_ALL | VHOST_USER_F_PROTOCOL_FEATURES)
 _LIBRARY_PROTOCOL_FEATURES = int(_BASE_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD)
+
+# The masks handlers test, as plain ints: an IntFlag operator costs about a microsecond, and the
+# handshake's messages test a dozen of them (``int & IntFlag`` goes through enum's __rand__).
+_F_PROTOCOL_FEATURES = int(VHOST_USER_F_PROTOCOL_FEATURES)
+_F_INDIRECT_DESC, _F_EVENT_IDX = int(VIRTIO_F_INDIRECT_DESC), int(VIRTIO_F_EVENT_IDX)
+_F_VERSION_1, _F_ACCESS_PLATFORM, _F_RING_PACKED = (int(VIRTIO_F_VERSION_1), int(VIRTIO_F_ACCESS_PLATFORM),
+                                                    int(VIRTIO_F_RING_PACKED))
+_PF_REPLY_ACK, _PF_BACKEND_REQ = int(ProtocolFeature.REPLY_ACK), int(ProtocolFeature.BACKEND_REQ)
+_PF_CONFIG, _PF_INBAND = int(ProtocolFeature.CONFIG), int(ProtocolFeature.INBAND_NOTIFICATIONS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,13 +580,13 @@ class Backend:
     def _check_virtio_gate(self, spec: RequestSpec) -> None:
         gate = spec.virtio_gate
         if gate is VirtioGate.PROTOCOL_FEATURES and not (self.protocol_negotiated
-                                                         or self.features & VHOST_USER_F_PROTOCOL_FEATURES):
+                                                         or self.features & _F_PROTOCOL_FEATURES):
             raise NotNegotiatedError(f"{spec.name} needs VHOST_USER_F_PROTOCOL_FEATURES negotiated: "
                                      f"VHOST_USER_SET_PROTOCOL_FEATURES or the bit acked with "
                                      f"VHOST_USER_SET_FEATURES (features {self.features:#x})")
-        if gate is VirtioGate.ACCESS_PLATFORM and not self.features & VIRTIO_F_ACCESS_PLATFORM:
+        if gate is VirtioGate.ACCESS_PLATFORM and not self.features & _F_ACCESS_PLATFORM:
             raise NotNegotiatedError(f"{spec.name} needs VIRTIO_F_ACCESS_PLATFORM negotiated")
-        if gate is VirtioGate.PROTOCOL_FEATURES_OFFERED and not self.offered_features & VHOST_USER_F_PROTOCOL_FEATURES:
+        if gate is VirtioGate.PROTOCOL_FEATURES_OFFERED and not self.offered_features & _F_PROTOCOL_FEATURES:
             raise NotNegotiatedError(f"{spec.name} needs VHOST_USER_F_PROTOCOL_FEATURES offered")
 
     def _send_reply(self, msg: Message, payload: bytes, fds: Sequence[int] = ()) -> None:
@@ -842,11 +851,11 @@ class Backend:
         if not ring.size or addr is None:
             return None
         features = self.features
-        packed = bool(features & VIRTIO_F_RING_PACKED)
-        event_idx = bool(features & VIRTIO_F_EVENT_IDX)
+        packed = bool(features & _F_RING_PACKED)
+        event_idx = bool(features & _F_EVENT_IDX)
         sizes = ring_sizes(ring.size, packed=packed, event_idx=event_idx)
         uvas = (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
-        if features & VIRTIO_F_ACCESS_PLATFORM:
+        if features & _F_ACCESS_PLATFORM:
             memory = self.iotlb
             for iova, length, write in zip(uvas, sizes, (packed, False, True)):
                 memory.segments(iova, length, write)           # raises IOTLBMiss: ask, retry later
@@ -869,7 +878,7 @@ class Backend:
         cls = PackedDeviceQueue if packed else SplitDeviceQueue
         tracker = self._inflight_tracker(ring)
         vq = cls(memory, ring.size, desc, driver_area, device_area, event_idx=event_idx,
-                 indirect=bool(features & VIRTIO_F_INDIRECT_DESC), inflight=tracker)
+                 indirect=bool(features & _F_INDIRECT_DESC), inflight=tracker)
         if ring.base is not None:
             vq.set_base(ring.base)
         resubmitted = self._resume_inflight(ring, vq, tracker, desc) if tracker is not None else []
@@ -900,7 +909,7 @@ class Backend:
             return None
         # The region's layout was fixed by the features of GET/SET_INFLIGHT_FD's time; a later
         # SET_FEATURES may have switched VIRTIO_F_RING_PACKED, and neither layout reads the other.
-        packed = bool(self.features & VIRTIO_F_RING_PACKED)
+        packed = bool(self.features & _F_RING_PACKED)
         if region.packed != packed:
             layouts = ("split", "packed")
             raise ProtocolError(f"inflight region has {layouts[region.packed]} queue regions but ring {ring.index} "
@@ -928,7 +937,7 @@ class Backend:
         if isinstance(vq, SplitDeviceQueue):
             tracker.reconcile(vq.used_idx)
         else:
-            memory = self.iotlb if self.features & VIRTIO_F_ACCESS_PLATFORM else self.memory
+            memory = self.iotlb if self.features & _F_ACCESS_PLATFORM else self.memory
 
             def ring_flags(slot: int) -> int:   # pvirtq_desc.flags of the descriptor-ring slot
                 return int.from_bytes(memory.segments(desc_gpa + 16 * slot + 14, 2)[0], "little")
@@ -951,7 +960,7 @@ class Backend:
             used = addr.log_guest_addr if addr is not None and addr.flags & VHOST_VRING_F_LOG else None
             # Behind an IOMMU the ring logs IOVAs (buffers, and log_guest_addr, which QEMU sends as
             # the used ring's IOVA); the log is kept in guest-physical pages (as DPDK does).
-            dirty = IOVALog(self.log, self.iotlb) if self.features & VIRTIO_F_ACCESS_PLATFORM else self.log
+            dirty = IOVALog(self.log, self.iotlb) if self.features & _F_ACCESS_PLATFORM else self.log
             vq.set_log(dirty, used)
         else:
             vq.set_log(None)
@@ -970,14 +979,14 @@ class Backend:
                 os.eventfd_write(fd, 1)
             except OSError as exc:
                 log.warning("%s: signalling ring %d (%s) failed: %s", self.name, ring.index, inband.name, exc)
-        elif not polling and self.protocol_features & ProtocolFeature.INBAND_NOTIFICATIONS:
+        elif not polling and self.protocol_features & _PF_INBAND:
             # The spec makes INBAND_NOTIFICATIONS imply REPLY_ACK: wait until the front-end processed it.
             self._channel_send(inband, VringState(ring.index, 0).pack(), need_reply=True)
 
     def notify_config_change(self) -> bool:
         """Send VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (the config space changed). Held back while the
         device is suspended and sent when a ring starts; True if it was sent now."""
-        if not self.protocol_features & ProtocolFeature.CONFIG:
+        if not self.protocol_features & _PF_CONFIG:
             raise NotNegotiatedError("a config change notification needs VHOST_USER_PROTOCOL_F_CONFIG")
         if self.channel is None:
             raise NotNegotiatedError("a config change notification needs the back-end channel "
@@ -1012,12 +1021,12 @@ class Backend:
         request needs (user.py's table). Never blocks for long: a front-end that does not take or
         answer it within BACKEND_REQUEST_TIMEOUT loses the channel (VhostError ETIMEDOUT)."""
         spec = BACKEND_REQUESTS[request]
-        spec.require(self.protocol_features | ProtocolFeature.BACKEND_REQ, len(fds))
+        spec.require(self.protocol_features | _PF_BACKEND_REQ, len(fds))
         channel = self.channel
         if channel is None:
             raise NotNegotiatedError(f"{spec.name} needs the back-end channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ "
                                      f"and VHOST_USER_SET_BACKEND_REQ_FD)")
-        ack = need_reply and not spec.reply and bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
+        ack = need_reply and not spec.reply and bool(self.protocol_features & _PF_REPLY_ACK)
         try:
             if not (spec.reply or ack):
                 channel.send(request, payload, fds)
@@ -1049,7 +1058,7 @@ class Backend:
         """VHOST_USER_BACKEND_IOTLB_MSG: an IOTLB miss (VHOST_IOTLB_MISS) or access failure
         (VHOST_IOTLB_ACCESS_FAIL) for the front-end to resolve with VHOST_USER_IOTLB_MSG. Only
         with VIRTIO_F_ACCESS_PLATFORM negotiated (the spec: nobody translates IOVAs otherwise)."""
-        if not self.features & VIRTIO_F_ACCESS_PLATFORM:
+        if not self.features & _F_ACCESS_PLATFORM:
             raise NotNegotiatedError("VHOST_USER_BACKEND_IOTLB_MSG needs VIRTIO_F_ACCESS_PLATFORM negotiated")
         self.backend_request(BackendRequest.IOTLB_MSG, msg.pack())
 
@@ -1128,7 +1137,7 @@ class Backend:
             if vq is None:
                 ring.again = ring.started       # perhaps it can be built now
                 continue
-            if self.features & VIRTIO_F_ACCESS_PLATFORM:
+            if self.features & _F_ACCESS_PLATFORM:
                 self._drop_queue(ring)
                 continue
             try:
@@ -1164,7 +1173,7 @@ class Backend:
         old, self.features = self.features, features
         self.features_acked, self._features_failed = True, False
         log.info("%s: features %#x negotiated", self.name, features)
-        if not features & VHOST_USER_F_PROTOCOL_FEATURES:
+        if not features & _F_PROTOCOL_FEATURES:
             for ring in self.rings:                 # spec: "must enable all rings immediately"
                 if not ring.enabled:
                     ring.enabled = True
@@ -1172,7 +1181,7 @@ class Backend:
         if (old ^ features) & _RING_FEATURES:
             for ring in self.rings:
                 self._drop_queue(ring)
-        if features & VIRTIO_F_ACCESS_PLATFORM:
+        if features & _F_ACCESS_PLATFORM:
             if self.iotlb is None:
                 self.iotlb = IOTLB(self.memory)
         else:
@@ -1238,7 +1247,7 @@ class Backend:
         limit = min(self.device.max_queue_size, VIRTQ_MAX_SIZE)
         if not 1 <= num <= limit:
             raise ProtocolError(f"VHOST_USER_SET_VRING_NUM: vring {index} size {num} is not in 1..{limit}")
-        if self.features_acked and not self.features & VIRTIO_F_RING_PACKED and num & (num - 1):
+        if self.features_acked and not self.features & _F_RING_PACKED and num & (num - 1):
             raise ProtocolError(f"VHOST_USER_SET_VRING_NUM: split vring {index} size {num} is not a power of two")
         self._drop_queue(ring)
         ring.size, ring.broken = num, None
@@ -1249,12 +1258,12 @@ class Backend:
         if addr.flags & ~VHOST_VRING_F_LOG:
             raise ProtocolError(f"VHOST_USER_SET_VRING_ADDR: vring {addr.index} flags {addr.flags:#x} has bits "
                                 f"other than VHOST_VRING_F_LOG")
-        packed = bool(self.features & VIRTIO_F_RING_PACKED)
+        packed = bool(self.features & _F_RING_PACKED)
         problem = misaligned_ring_part(addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr, packed=packed)
         if problem:
             raise ProtocolError(f"VHOST_USER_SET_VRING_ADDR: vring {addr.index}: {problem}")
-        if self.memory.regions and not self.features & VIRTIO_F_ACCESS_PLATFORM:
-            sizes = ring_sizes(ring.size or 1, packed=packed, event_idx=bool(self.features & VIRTIO_F_EVENT_IDX))
+        if self.memory.regions and not self.features & _F_ACCESS_PLATFORM:
+            sizes = ring_sizes(ring.size or 1, packed=packed, event_idx=bool(self.features & _F_EVENT_IDX))
             self._translate_ring(addr, sizes)       # GuestMemoryError: outside memory
         old = ring.addr
         ring.addr = addr
@@ -1267,7 +1276,7 @@ class Backend:
     def _on_set_vring_base(self, msg: Message) -> None:
         index, num = VringState.unpack(msg.payload)
         ring = self._ring(index, "VHOST_USER_SET_VRING_BASE")
-        if self.features & VIRTIO_F_RING_PACKED:
+        if self.features & _F_RING_PACKED:
             avail, avail_wrap, used, used_wrap = decode_base(num)
             if avail_wrap and not num >> 16:
                 # DPDK (virtio-user, and lib/vhost's GET_VRING_BASE) sends only the avail half;
@@ -1293,7 +1302,7 @@ class Backend:
         elif ring.base is not None:
             base = ring.base
         else:                                       # never set: where a fresh ring starts
-            if self.features & VIRTIO_F_RING_PACKED:   # indices 0, both wrap counters 1 (virtio §2.8.1)
+            if self.features & _F_RING_PACKED:   # indices 0, both wrap counters 1 (virtio §2.8.1)
                 base = encode_base(0, 1, 0, 1)
             else:
                 base = 0
@@ -1351,14 +1360,13 @@ class Backend:
         if unknown:
             raise ProtocolError(f"VHOST_USER_SET_PROTOCOL_FEATURES {value:#x}: bits {unknown:#x} were not offered "
                                 f"({int(self.offered_protocol_features):#x})")
-        features = ProtocolFeature(value)
-        needed = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
-        if features & ProtocolFeature.INBAND_NOTIFICATIONS and features & needed != needed:
+        needed = _PF_BACKEND_REQ | _PF_REPLY_ACK
+        if value & _PF_INBAND and value & needed != needed:
             error = ProtocolError(f"VHOST_USER_SET_PROTOCOL_FEATURES {value:#x}: INBAND_NOTIFICATIONS without "
                                   f"BACKEND_REQ and REPLY_ACK")
             error.close_connection = True           # "the back-end should close the connection"
             raise error
-        self.protocol_features = features
+        self.protocol_features = ProtocolFeature(value)
         self.protocol_negotiated = True
 
     def _on_get_queue_num(self, msg: Message) -> bytes:
@@ -1414,7 +1422,7 @@ class Backend:
     def _on_set_vring_endian(self, msg: Message) -> None:
         index, num = VringState.unpack(msg.payload)
         self._ring(index, "VHOST_USER_SET_VRING_ENDIAN")
-        if self.features & VIRTIO_F_VERSION_1:
+        if self.features & _F_VERSION_1:
             raise ProtocolError("VHOST_USER_SET_VRING_ENDIAN is for legacy devices: VIRTIO_F_VERSION_1 rings "
                                 "are little-endian")
         if num == 1:
@@ -1454,7 +1462,7 @@ class Backend:
 
     def _on_get_inflight_fd(self, msg: Message) -> tuple[bytes, list[int]]:
         request = Inflight.unpack(msg.payload)
-        packed = bool(self.features & VIRTIO_F_RING_PACKED)
+        packed = bool(self.features & _F_RING_PACKED)
         fd, size = _inflight.allocate(request.num_queues, request.queue_size, packed)
         try:
             region = _inflight.InflightRegion(fd, size, 0, request.num_queues, request.queue_size, packed)
@@ -1474,7 +1482,7 @@ class Backend:
         fd = msg.take_fd()
         try:
             region = _inflight.InflightRegion(fd, spec.mmap_size, spec.mmap_offset, spec.num_queues,
-                                              spec.queue_size, bool(self.features & VIRTIO_F_RING_PACKED))
+                                              spec.queue_size, bool(self.features & _F_RING_PACKED))
         finally:
             _close(fd)
         self._set_inflight(region)
