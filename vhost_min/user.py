@@ -943,6 +943,14 @@ _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _MEMBERS = {enum_type: {int(m): m for m in enum_type} for enum_type in (FrontendRequest, BackendRequest)}
 
 
+def _members_of(requests: type[enum.IntEnum]) -> dict[int, enum.IntEnum]:
+    """``requests``' members by code, made once per enum."""
+    members = _MEMBERS.get(requests)
+    if members is None:
+        members = _MEMBERS[requests] = {int(m): m for m in requests}
+    return members
+
+
 class _Partial:
     """A message read in part by Connection.recv_nowait: the header bytes and fds so far, then
     (header complete, checked) the payload so far; ``since`` is when its first byte arrived."""
@@ -980,6 +988,7 @@ class Connection:
             raise ValueError(f"vhost-user needs an AF_UNIX SOCK_STREAM socket, not {sock!r}")
         self._sock = sock
         self.requests = requests
+        self._members = _members_of(requests)   # codes -> members, for _check_header
         self.max_payload = max_payload
         self.max_fds = max_fds
         # Room for one more fd than allowed, so max_fds + 1 is reported as "too many", not truncation.
@@ -1286,50 +1295,53 @@ class Connection:
                 raise
 
     def _assemble(self) -> Message | None:
-        """recv_nowait's work: advance the message in part as far as the socket allows."""
+        """recv_nowait's work: advance the message in part as far as the socket allows. A message
+        that is all there and carries no fds (most are) is read without a _Partial."""
+        sock = self._sock
         p = self._partial
         if p is None:
-            p = _Partial()
-        sock = self._sock
-        while p.size < 0:                       # the header, and the fds that ride on it
-            try:
-                data, ancdata, msg_flags, _addr = sock.recvmsg(VHOST_USER_HDR_SIZE - len(p.header), self._cmsg_space,
-                                                               _MSG_CMSG_CLOEXEC | _MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
+            data, ancdata, msg_flags = self._recv_header_bytes(VHOST_USER_HDR_SIZE)
+            if data is None:
                 return None
-            except ConnectionResetError as exc:
-                raise DisconnectedError(f"peer reset the connection: {exc.strerror}", exc.errno) from exc
-            if ancdata:
-                self._partial = p               # p owns the fds now: closed if this goes wrong
-                _collect_fds(ancdata, p.fds)
-                if len(p.fds) > self.max_fds and len(p.header) + len(data) < VHOST_USER_HDR_SIZE:
-                    raise ProtocolError(f"{len(p.fds)} fds, at most {self.max_fds} per message (with "
-                                        f"{len(p.header) + len(data)} header bytes)")
-            if msg_flags & _MSG_CTRUNC:
-                raise ProtocolError(f"ancillary data truncated: the peer sent more than {self.max_fds} fds")
-            if not data:
-                where = f" after {p!r}" if p.header or p.fds else ""
-                raise DisconnectedError(f"peer closed the connection{where}")
-            p.header += data
-            if len(p.header) < VHOST_USER_HDR_SIZE:
-                self._partial = p
-                continue
-            p.request, p.flags, p.size = self._check_header(p.header, len(p.fds))
-        size = p.size
-        if size and p.payload is None:          # the common case: the payload is there, in one piece
+            if len(data) == VHOST_USER_HDR_SIZE and not ancdata and not msg_flags & _MSG_CTRUNC:
+                header = data
+                request, flags, size = self._check_header(header, 0)
+                if not size:
+                    return Message(request, flags, b"", [])
+                fds: list[int] = []
+            else:
+                p = _Partial()
+                if not self._take_header_bytes(p, data, ancdata, msg_flags):
+                    p = self._read_header(p)
+                    if p is None:
+                        return None
+                header, request, flags, size, fds = p.header, p.request, p.flags, p.size, p.fds
+        elif p.size < 0:
+            p = self._read_header(p)
+            if p is None:
+                return None
+            header, request, flags, size, fds = p.header, p.request, p.flags, p.size, p.fds
+        else:
+            size = p.size
+        if size and (p is None or p.payload is None):     # the payload is usually there, in one piece
+            reset = None
             try:
                 data = sock.recv(size, _MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 data = None
             except ConnectionResetError as exc:
-                raise DisconnectedError(f"peer reset the connection inside {p!r}: {exc.strerror}",
-                                        exc.errno) from exc
-            if data is not None:
-                if len(data) == size:
-                    self._partial = None
-                    return Message(p.request, p.flags, data, p.fds)
-                if not data:
-                    raise DisconnectedError(f"peer closed the connection after {p!r}")
+                data, reset = None, exc
+            if data is not None and len(data) == size:
+                self._partial = None
+                return Message(request, flags, data, fds)
+            if p is None:                               # kept for the next call: now it needs a _Partial
+                p = _Partial()
+                p.header, p.request, p.flags, p.size, p.fds = header, request, flags, size, fds
+            if reset is not None:
+                raise DisconnectedError(f"peer reset the connection inside {p!r}: {reset.strerror}",
+                                        reset.errno) from reset
+            if data is not None and not data:
+                raise DisconnectedError(f"peer closed the connection after {p!r}")
             p.payload = bytearray(size)
             self._partial = p
             if not data:
@@ -1351,6 +1363,48 @@ class Connection:
                 p.got += n
         self._partial = None
         return Message(p.request, p.flags, bytes(p.payload) if size else b"", p.fds)
+
+    def _recv_header_bytes(self, count: int) -> tuple:
+        """One recvmsg of up to ``count`` header bytes and their fds: (data, ancdata, flags), or
+        (None, None, 0) when the socket has nothing now."""
+        try:
+            data, ancdata, msg_flags, _addr = self._sock.recvmsg(count, self._cmsg_space,
+                                                                 _MSG_CMSG_CLOEXEC | _MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None, None, 0
+        except ConnectionResetError as exc:
+            raise DisconnectedError(f"peer reset the connection: {exc.strerror}", exc.errno) from exc
+        return data, ancdata, msg_flags
+
+    def _take_header_bytes(self, p: _Partial, data: bytes, ancdata: list, msg_flags: int) -> bool:
+        """Add one read of header bytes (and the fds that rode on them) to ``p``, which then owns
+        those fds; True once the header is complete (and checked)."""
+        if ancdata:
+            self._partial = p                   # p owns the fds now: closed if this goes wrong
+            _collect_fds(ancdata, p.fds)
+            if len(p.fds) > self.max_fds and len(p.header) + len(data) < VHOST_USER_HDR_SIZE:
+                raise ProtocolError(f"{len(p.fds)} fds, at most {self.max_fds} per message (with "
+                                    f"{len(p.header) + len(data)} header bytes)")
+        if msg_flags & _MSG_CTRUNC:
+            raise ProtocolError(f"ancillary data truncated: the peer sent more than {self.max_fds} fds")
+        if not data:
+            where = f" after {p!r}" if p.header or p.fds else ""
+            raise DisconnectedError(f"peer closed the connection{where}")
+        p.header += data
+        if len(p.header) < VHOST_USER_HDR_SIZE:
+            self._partial = p
+            return False
+        p.request, p.flags, p.size = self._check_header(p.header, len(p.fds))
+        return True
+
+    def _read_header(self, p: _Partial) -> _Partial | None:
+        """Read the rest of ``p``'s header; ``p`` once it is complete, None if the socket ran dry."""
+        while True:
+            data, ancdata, msg_flags = self._recv_header_bytes(VHOST_USER_HDR_SIZE - len(p.header))
+            if data is None:
+                return None
+            if self._take_header_bytes(p, data, ancdata, msg_flags):
+                return p
 
     def _finish_partial(self) -> Message:
         """recv() after recv_nowait() left a message in part: wait for the rest of it."""
@@ -1451,10 +1505,7 @@ class Connection:
 
     def _as_request(self, code: int) -> int:
         # Unknown codes stay ints: they are the dispatcher's to reject.
-        members = _MEMBERS.get(self.requests)
-        if members is None:
-            members = _MEMBERS[self.requests] = {int(m): m for m in self.requests}
-        return members.get(code, code)
+        return self._members.get(code, code)
 
     def _retry(self, events: int, call: Callable, *args):
         """``call(*args)`` on our socket, retried after EINTR and, on a non-blocking socket, after
