@@ -1723,6 +1723,7 @@ class Server:
         self.poll_us = poll_us
         self._poll_ns = 0                   # the adaptive window now, within the maximum
         self._devices_poll_ns = 0           # the largest Device.poll_us served, in ns (kept by _serve/_retire)
+        self._backends_wait: tuple[float | None] | None = None   # step(): the nearest poll_interval, for _timeout
         self.backends: list[Backend] = []
         self.endpoints: list[_Endpoint] = []
         #: The most recent exceptions that rejected a message or closed a connection (a peer that
@@ -1800,6 +1801,7 @@ class Server:
             connection.close()
             return
         backend.on_error = self.errors.append
+        self._backends_wait = None          # not known for this one
         self.served += 1
         endpoint.active.append(backend)
         self.backends.append(backend)
@@ -1892,13 +1894,21 @@ class Server:
                 for backend in self.backends:
                     if key.fd in backend.watched():
                         backend.close()
+        wait = None                         # the backends' nearest poll_interval after this step
         for backend in list(self.backends):
             if backend.closed:
                 self._retire(backend)
-            elif backend.poll_interval is not None:
+                continue
+            interval = backend.poll_interval
+            if interval is not None:
                 backend.poll()
                 if backend.closed:
                     self._retire(backend)
+                    continue
+                interval = backend.poll_interval
+                if interval is not None:
+                    wait = interval if wait is None else min(wait, interval)
+        self._backends_wait = (wait,)
         for endpoint in self.endpoints:
             if (endpoint.client and endpoint.retry_at is not None and time.monotonic() >= endpoint.retry_at
                     and not self._stopping):
@@ -1907,8 +1917,10 @@ class Server:
     def _timeout(self, stop_event: threading.Event | None) -> float | None:
         """The select timeout: the nearest of the stop_event check, a backend's poll, a reconnect."""
         timeout = 0.1 if stop_event is not None else None
-        for backend in self.backends:
-            interval = backend.poll_interval
+        known, self._backends_wait = self._backends_wait, None
+        # What step() found last is still true (nothing ran since): each poll_interval once per step.
+        intervals = known if known is not None else [backend.poll_interval for backend in self.backends]
+        for interval in intervals:
             if interval is not None:
                 wait = min(interval, self.poll_interval) if interval else 0.0
                 timeout = wait if timeout is None else min(timeout, wait)
@@ -1922,6 +1934,7 @@ class Server:
         """Serve until :meth:`stop` (or ``stop_event`` is set); with ``once``, until the first
         connection has ended. Also returns when no endpoint can bring another connection."""
         self._stopping = False
+        self._backends_wait = None          # the caller may have done anything since its last step()
         while not self._stopping and not (stop_event is not None and stop_event.is_set()):
             if once and self.served and not self.backends:
                 return
