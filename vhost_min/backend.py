@@ -93,8 +93,8 @@ from .user import (BACKEND_REQUESTS, FRONTEND_REQUESTS, VHOST_IOTLB_INVALIDATE, 
                    VHOST_TRANSFER_STATE_PHASE_STOPPED, VHOST_USER_DEVICE_STATE_ERROR_MASK, VHOST_USER_FLAG_MAP_RW,
                    VHOST_USER_VRING_IDX_MASK, VHOST_USER_VRING_NOFD_MASK, BackendRequest, Config, Connection,
                    DeviceState, FrontendRequest, Inflight, IotlbMsg, Listener, Log, MemoryRegion, MemoryTable,
-                   Message, ProtocolFeature, RequestSpec, SharedObject, ShmemConfig, ShmemMap, VirtioGate, VringAddr,
-                   VringArea, VringFd, VringState, check_message, pack_u64)
+                   Message, NO_FEATURES, ProtocolFeature, RequestSpec, SharedObject, ShmemConfig, ShmemMap, VirtioGate,
+                   VringAddr, VringArea, VringFd, VringState, check_message, pack_u64)
 from .virtio import (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG, VIRTIO_F_ACCESS_PLATFORM,
                      VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
                      VIRTQ_MAX_SIZE, DeviceStatus, misaligned_ring_part, ring_sizes)
@@ -317,7 +317,7 @@ class Backend:
         self.features = 0                   # acknowledged with SET_FEATURES
         self.features_acked = False
         self._features_failed = False       # SET_FEATURES was refused: FEATURES_OK does not stick
-        self.protocol_features = ProtocolFeature(0)
+        self.protocol_features = NO_FEATURES
         self.protocol_negotiated = False    # SET_PROTOCOL_FEATURES was accepted
         self.owner = False
         self.status = 0
@@ -575,7 +575,7 @@ class Backend:
             payload, fds = result if isinstance(result, tuple) else (result, ())
             self._send_reply(msg, payload, fds)
         elif msg.need_reply:
-            self._send_reply(msg, pack_u64(0))
+            self._send_reply(msg, _ACK)
 
     def _check_virtio_gate(self, spec: RequestSpec) -> None:
         gate = spec.virtio_gate
@@ -1637,6 +1637,9 @@ class Backend:
 
     _HANDLERS: dict[FrontendRequest, Callable[[Backend, Message], object]] = {}
 
+
+#: The REPLY_ACK answer "success" (u64 0).
+_ACK = pack_u64(0)
 
 # Requests whose explicit reply is a u64 status, so an error is a non-zero u64.
 _STATUS_REPLIES = frozenset({FrontendRequest.SET_LOG_BASE, FrontendRequest.IOTLB_MSG, FrontendRequest.POSTCOPY_END,

@@ -893,7 +893,8 @@ class Message:
 
     def close(self) -> None:
         """Close the fds nobody took (unused, rejected, or REM_MEM_REG's legacy fd)."""
-        _close_all(self.take_fds())
+        if self.fds:                    # most messages carry none, and every one is closed
+            _close_all(self.take_fds())
 
     def __enter__(self) -> Message:
         return self
@@ -1300,9 +1301,13 @@ class Connection:
         sock = self._sock
         p = self._partial
         if p is None:
-            data, ancdata, msg_flags = self._recv_header_bytes(VHOST_USER_HDR_SIZE)
-            if data is None:
+            try:
+                data, ancdata, msg_flags, _addr = sock.recvmsg(VHOST_USER_HDR_SIZE, self._cmsg_space,
+                                                               _MSG_CMSG_CLOEXEC | _MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
                 return None
+            except ConnectionResetError as exc:
+                raise DisconnectedError(f"peer reset the connection: {exc.strerror}", exc.errno) from exc
             if len(data) == VHOST_USER_HDR_SIZE and not ancdata and not msg_flags & _MSG_CTRUNC:
                 header = data
                 request, flags, size = self._check_header(header, 0)
@@ -1418,7 +1423,7 @@ class Connection:
         """(request, flags, size) of a received header, checked: the version, the reserved flag
         bits, ``size`` against max_payload and the fd count against max_fds (ProtocolError)."""
         code, flags, size = HEADER.unpack(header)
-        request = self._as_request(code)
+        request = self._members.get(code, code)     # unknown codes stay ints: the dispatcher rejects them
         version = flags & VHOST_USER_VERSION_MASK
         if version != VHOST_USER_VERSION:
             raise ProtocolError(f"{request_name(request)}: header version {version} (flags {flags:#x}), "
@@ -1502,10 +1507,6 @@ class Connection:
                                         f"of {request_name(request)}")
             got += n
         return bytes(payload)
-
-    def _as_request(self, code: int) -> int:
-        # Unknown codes stay ints: they are the dispatcher's to reject.
-        return self._members.get(code, code)
 
     def _retry(self, events: int, call: Callable, *args):
         """``call(*args)`` on our socket, retried after EINTR and, on a non-blocking socket, after
