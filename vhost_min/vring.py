@@ -409,12 +409,13 @@ class SplitDeviceQueue:
                     off = addr - rstart
                     end = off + length
                     if 0 <= off and end <= rsize:
-                        if flags & ~2 == 4 and indirect and not length & 15 and length:
+                        if flags & ~2 == 4 and indirect:
                             # INDIRECT alone (its WRITE is ignored), the table in the cached region:
                             # one struct call reads its shape (see _table_reader), one iterator
                             # (addr, len) per entry; every buffer must lie in the region.
-                            read = tables.get(length) or (_table_reader(length) if length <= _FAST_TABLE_BYTES
-                                                          else None)
+                            read = tables.get(length)
+                            if read is None and length and not length & 15 and length <= _FAST_TABLE_BYTES:
+                                read = _table_reader(length)
                             if read is not None:
                                 nread = shapes.get(read(rview, off))
                                 if nread is not None:
