@@ -928,13 +928,20 @@ class HostileDriverTest(RingCase):
                 self.device.push_batch([(0, 0), (1, 0)])
                 self.assertEqual(self.device.in_flight, 0)
 
-    def test_push_of_a_length_beyond_u32(self):
+    def test_push_of_a_length_that_is_not_a_u32(self):
         self.offer(0, (BUF, 1, WRITE))
+        self.offer(1, (BUF, 1, WRITE))
         self.device.pop_batch()
-        with self.assertRaisesRegex(VirtqueueError, "written length 4294967296 for buffer id 0 is not a u32"):
-            self.device.push(0, 1 << 32)
-        self.assertFalse(self.device.broken)       # the driver did nothing wrong; nothing was written
-        self.device.push(0, 1)
+        before = self.memory.read(self.lay["desc"], 16 * 7)
+        for bad, shown in ((1 << 32, "4294967296"), (-1, "-1"), (1.5, "1.5"), ("1", "'1'")):
+            with self.subTest(bad=bad):
+                with self.assertRaisesRegex(VirtqueueError, f"written length {shown} for buffer id 1 is not a u32"):
+                    self.device.push_batch([(0, 1), (1, bad)])
+                self.assertFalse(self.device.broken)   # the driver did nothing wrong; nothing was written
+                self.assertEqual(self.memory.read(self.lay["desc"], 16 * 7), before)
+                self.assertEqual(self.device.in_flight, 2)
+        self.device.push_batch([(0, 1), (1, 1)])
+        self.assertEqual(self.device.in_flight, 0)
 
 
 class HostileDriverWarmTest(HostileDriverTest):
