@@ -1301,13 +1301,9 @@ class Connection:
         sock = self._sock
         p = self._partial
         if p is None:
-            try:
-                data, ancdata, msg_flags, _addr = sock.recvmsg(VHOST_USER_HDR_SIZE, self._cmsg_space,
-                                                               _MSG_CMSG_CLOEXEC | _MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
+            data, ancdata, msg_flags = self._recv_header_bytes(VHOST_USER_HDR_SIZE)
+            if data is None:
                 return None
-            except ConnectionResetError as exc:
-                raise DisconnectedError(f"peer reset the connection: {exc.strerror}", exc.errno) from exc
             if len(data) == VHOST_USER_HDR_SIZE and not ancdata and not msg_flags & _MSG_CTRUNC:
                 header = data
                 request, flags, size = self._check_header(header, 0)
@@ -1316,18 +1312,12 @@ class Connection:
                 fds: list[int] = []
             else:
                 p = _Partial()
-                if not self._take_header_bytes(p, data, ancdata, msg_flags):
-                    p = self._read_header(p)
-                    if p is None:
-                        return None
-                header, request, flags, size, fds = p.header, p.request, p.flags, p.size, p.fds
-        elif p.size < 0:
-            p = self._read_header(p)
-            if p is None:
-                return None
+                if not self._take_header_bytes(p, data, ancdata, msg_flags) and self._read_header(p) is None:
+                    return None
+        elif p.size < 0 and self._read_header(p) is None:
+            return None
+        if p is not None:
             header, request, flags, size, fds = p.header, p.request, p.flags, p.size, p.fds
-        else:
-            size = p.size
         if size and (p is None or p.payload is None):     # the payload is usually there, in one piece
             reset = None
             try:
