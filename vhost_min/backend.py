@@ -1726,7 +1726,6 @@ class Server:
         self.poll_us = poll_us
         self._poll_ns = 0                   # the adaptive window now, within the maximum
         self._devices_poll_ns = 0           # the largest Device.poll_us served, in ns (kept by _serve/_retire)
-        self._backends_wait: tuple[float | None] | None = None   # step(): the nearest poll_interval, for _timeout
         self.backends: list[Backend] = []
         self.endpoints: list[_Endpoint] = []
         #: The most recent exceptions that rejected a message or closed a connection (a peer that
@@ -1804,7 +1803,6 @@ class Server:
             connection.close()
             return
         backend.on_error = self.errors.append
-        self._backends_wait = None          # not known for this one
         self.served += 1
         endpoint.active.append(backend)
         self.backends.append(backend)
@@ -1881,6 +1879,11 @@ class Server:
         it (Device.poll_us, or the server's ``poll_us``), busy-poll its rings and completions first
         for the adaptive window, as QEMU's IOThreads do: a wake-up from sleep costs a disk
         completion tens of microseconds on a virtual CPU."""
+        self._step(timeout)
+
+    def _step(self, timeout: float | None) -> float | None:
+        """:meth:`step`; returns the backends' nearest poll_interval after it, for run()'s next
+        timeout (a backend connected at its end has none yet: no ring started, nothing queued)."""
         max_ns = self._poll_max_ns() if timeout != 0 else 0
         if max_ns:
             started = time.perf_counter_ns()
@@ -1897,7 +1900,7 @@ class Server:
                 for backend in self.backends:
                     if key.fd in backend.watched():
                         backend.close()
-        wait = None                         # the backends' nearest poll_interval after this step
+        nearest = None
         for backend in list(self.backends):
             if backend.closed:
                 self._retire(backend)
@@ -1910,23 +1913,24 @@ class Server:
                     continue
                 interval = backend.poll_interval
                 if interval is not None:
-                    wait = interval if wait is None else min(wait, interval)
-        self._backends_wait = (wait,)
+                    nearest = interval if nearest is None else min(nearest, interval)
         for endpoint in self.endpoints:
             if (endpoint.client and endpoint.retry_at is not None and time.monotonic() >= endpoint.retry_at
                     and not self._stopping):
                 self._connect(endpoint)
+        return nearest
 
-    def _timeout(self, stop_event: threading.Event | None) -> float | None:
-        """The select timeout: the nearest of the stop_event check, a backend's poll, a reconnect."""
+    def _nearest_poll(self) -> float | None:
+        """The backends' nearest poll_interval (None: only fds matter)."""
+        return min((i for i in (b.poll_interval for b in self.backends) if i is not None), default=None)
+
+    def _timeout(self, stop_event: threading.Event | None, nearest: float | None) -> float | None:
+        """The select timeout: the nearest of the stop_event check, the backends' ``nearest``
+        poll_interval, a reconnect."""
         timeout = 0.1 if stop_event is not None else None
-        known, self._backends_wait = self._backends_wait, None
-        # What step() found last is still true (nothing ran since): each poll_interval once per step.
-        intervals = known if known is not None else [backend.poll_interval for backend in self.backends]
-        for interval in intervals:
-            if interval is not None:
-                wait = min(interval, self.poll_interval) if interval else 0.0
-                timeout = wait if timeout is None else min(timeout, wait)
+        if nearest is not None:
+            wait = min(nearest, self.poll_interval) if nearest else 0.0
+            timeout = wait if timeout is None else min(timeout, wait)
         for e in self.endpoints:
             if e.client and e.retry_at is not None:
                 wait = max(0.0, e.retry_at - time.monotonic())
@@ -1937,13 +1941,13 @@ class Server:
         """Serve until :meth:`stop` (or ``stop_event`` is set); with ``once``, until the first
         connection has ended. Also returns when no endpoint can bring another connection."""
         self._stopping = False
-        self._backends_wait = None          # the caller may have done anything since its last step()
+        nearest = self._nearest_poll()      # then from each step: what it found is still true
         while not self._stopping and not (stop_event is not None and stop_event.is_set()):
             if once and self.served and not self.backends:
                 return
             if not self.backends and all(e.done for e in self.endpoints):
                 return
-            self.step(self._timeout(stop_event))
+            nearest = self._step(self._timeout(stop_event, nearest))
 
     def stop(self) -> None:
         """Make :meth:`run` return (thread-safe)."""
