@@ -636,30 +636,29 @@ class PackedDeviceQueue(_PackedRing):
         first_flags = wrap | _WRITE if ln else wrap
         # The others complete, flags included: the driver reads them only after the first one.
         # (A crash before the first one's flags leaves them behind: see clear_stale_used.)
-        if len(used) == 1:
-            pass
-        elif first + advanced <= n and counts.count(stride) == len(counts) and type(q) is memoryview:
-            # One lap, every chain the same number of slots (the common case): one strided store.
-            q[(first + stride) * 2 + 1:(first + advanced) * 2:stride * 2] = array.array("Q", words[1:])
-        else:
-            slot = first + stride
-            if slot >= n:
-                slot, wrap = slot - n, wrap ^ _BOTH
-            for j in range(1, len(used)):
-                bid, ln = used[j]
-                q[slot * 2 + 1] = ln | bid << 32 | (wrap | _WRITE if ln else wrap) << 48
-                slot += counts[j]
+        if len(used) > 1:
+            if first + advanced <= n and counts.count(stride) == len(counts) and type(q) is memoryview:
+                # One lap, every chain the same number of slots (the common case): one strided store.
+                q[(first + stride) * 2 + 1:(first + advanced) * 2:stride * 2] = array.array("Q", words[1:])
+            else:                       # slot by slot, the flags of the lap each one is in
+                slot = first + stride
                 if slot >= n:
                     slot, wrap = slot - n, wrap ^ _BOTH
-        slot, wrap = first + advanced, self._used_wrap
+                for j in range(1, len(used)):
+                    bid, ln = used[j]
+                    q[slot * 2 + 1] = ln | bid << 32 | (wrap | _WRITE if ln else wrap) << 48
+                    slot += counts[j]
+                    if slot >= n:
+                        slot, wrap = slot - n, wrap ^ _BOTH
+        slot, used_wrap = first + advanced, self._used_wrap
         if slot >= n:
-            slot, wrap = slot - n, wrap ^ 1
+            slot, used_wrap = slot - n, used_wrap ^ 1
         if self._wmb is not None:
             # Write barrier: every used descriptor of the batch (and the inflight record) must be
             # visible before the first one's flags tell the driver to read them.
             self._wmb()
         h[first * 8 + 7] = first_flags
-        self._used_slot, self._used_wrap = slot, wrap
+        self._used_slot, self._used_wrap = slot, used_wrap
         self._occupied -= advanced
         self.in_flight -= len(used)
         if inflight is not None:
