@@ -18,6 +18,12 @@
  * image) and checks every read against it: bench/vublk.py computes the same pattern
  * (splitmix64(SEED ^ offset) for each aligned 8-byte word), so a test can check the image itself.
  *
+ * With REPLY_ACK negotiated, every request that has no reply of its own asks for one (NEED_REPLY);
+ * --need-reply mem-table asks only on SET_MEM_TABLE, as QEMU 7.2 does (hw/virtio/vhost-user.c).
+ *
+ * Handshakes (--handshakes N): N times connect, bring up one ring, read 4 KiB, close; each phase's
+ * time and the back-end's CPU as JSON (see run_handshakes), for bench/handshake.py.
+ *
  * Null back-end (--null-backend): serves the same protocol on --socket and completes every chain
  * with VIRTIO_BLK_S_OK without touching data: the driver's own ceiling.
  *
@@ -174,15 +180,15 @@ static int recv_msg(int sock, struct msg *m) {
 
 struct options {
     const char *socket, *rw;
-    unsigned bs, qd, queue_size;
+    unsigned bs, qd, queue_size, handshakes;
     double seconds, warmup;
-    int event_idx, wait_call, backend_pid, have_pattern;
+    int event_idx, wait_call, backend_pid, have_pattern, reply_mem_table_only;
     uint64_t pattern, size, seed, count;
 };
 
 struct driver {
     struct options o;
-    int sock, kick, call, reply_ack;
+    int sock, kick, call, reply_ack, memfd;
     uint8_t *mem;
     size_t mem_size;
     struct vring_desc *desc;
@@ -192,6 +198,7 @@ struct driver {
     uint64_t capacity_bytes, rng;
     int write, random;
     uint64_t seq_next;
+    double connected;                   /* when GET_FEATURES was answered (the connect phase's end) */
 };
 
 /* Guest memory layout (guest physical address = offset in the memfd; one region at 0). */
@@ -203,7 +210,8 @@ struct driver {
 
 static void request(struct driver *d, uint32_t req, uint32_t flags, const void *p, uint32_t size,
                     const int *fds, int nfds) {
-    if (d->reply_ack) flags |= VHOST_USER_NEED_REPLY_MASK;
+    if (d->reply_ack && (!d->o.reply_mem_table_only || req == VHOST_USER_SET_MEM_TABLE))
+        flags |= VHOST_USER_NEED_REPLY_MASK;
     if (send_msg(d->sock, req, flags, p, size, fds, nfds)) die("send");
     if (flags & VHOST_USER_NEED_REPLY_MASK) {
         struct msg m;
@@ -232,6 +240,7 @@ static void connect_and_negotiate(struct driver *d) {
     if (d->sock < 0 || connect(d->sock, (struct sockaddr *)&sa, sizeof sa)) die(d->o.socket);
 
     uint64_t offered = get_u64(d, VHOST_USER_GET_FEATURES);
+    d->connected = now();
     uint64_t want = (1ULL << VIRTIO_F_VERSION_1) | (1ULL << VHOST_USER_F_PROTOCOL_FEATURES);
     if (d->o.event_idx) want |= 1ULL << VIRTIO_RING_F_EVENT_IDX;
     if ((offered & want) != want) fail("%s: the back-end lacks a feature asked for (VERSION_1, PROTOCOL_FEATURES"
@@ -256,17 +265,21 @@ static void connect_and_negotiate(struct driver *d) {
     set_u64(d, VHOST_USER_SET_FEATURES, want);
 }
 
+/* The "guest" memory: one memfd, mapped once (--handshakes reuses it for every connection). */
+static void map_memory(struct driver *d) {
+    d->mem_size = (DATA_OFF + (size_t)d->o.qd * d->o.bs + (2 << 20) - 1) & ~(size_t)((2 << 20) - 1);
+    d->memfd = memfd_create("vublk-guest", MFD_CLOEXEC);
+    if (d->memfd < 0 || ftruncate(d->memfd, d->mem_size)) die("memfd");
+    d->mem = mmap(NULL, d->mem_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, d->memfd, 0);
+    if (d->mem == MAP_FAILED) die("mmap");
+}
+
 static void setup_memory_and_ring(struct driver *d) {
     unsigned num = d->o.queue_size;
-    d->mem_size = (DATA_OFF + (size_t)d->o.qd * d->o.bs + (2 << 20) - 1) & ~(size_t)((2 << 20) - 1);
-    int fd = memfd_create("vublk-guest", MFD_CLOEXEC);
-    if (fd < 0 || ftruncate(fd, d->mem_size)) die("memfd");
-    d->mem = mmap(NULL, d->mem_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-    if (d->mem == MAP_FAILED) die("mmap");
+    if (!d->mem) map_memory(d);
     struct { uint32_t nregions, padding; struct vhost_memory_region r; } table = {
         1, 0, { 0, d->mem_size, (uintptr_t)d->mem, 0 } };
-    request(d, VHOST_USER_SET_MEM_TABLE, 0, &table, sizeof table, &fd, 1);
-    close(fd);
+    request(d, VHOST_USER_SET_MEM_TABLE, 0, &table, sizeof table, &d->memfd, 1);
 
     d->desc = (struct vring_desc *)(d->mem + DESC_OFF);
     d->avail = (volatile uint16_t *)(d->mem + AVAIL_OFF);
@@ -585,6 +598,65 @@ static int run_driver(struct options *o) {
     return bad_status || mismatches ? 3 : 0;
 }
 
+/* --handshakes N: N times connect (socket + GET_FEATURES), bring-up (negotiation, config, memory, one
+ * ring), the first 4 KiB read completed, close; 10 ms apart so the back-end finishes with each
+ * connection outside the clock. The memfd is made and mapped once; the ring area is zeroed before
+ * each connection, outside the clock. One JSON object: each phase of each handshake in
+ * microseconds, and the back-end's CPU over all of them (close included). */
+static void print_list(const char *name, const double *v, unsigned n) {
+    printf("\"%s\": [", name);
+    for (unsigned i = 0; i < n; i++) printf(i ? ", %.1f" : "%.1f", v[i] * 1e6);
+    printf("], ");
+}
+
+static int run_handshakes(struct options *o) {
+    struct driver d = { .o = *o, .rng = o->seed | 1, .memfd = -1 };
+    d.o.qd = 1;
+    unsigned n = o->handshakes;
+    double *t = calloc(4 * (size_t)n, sizeof *t), *connect_t = t, *bring_up = t + n, *first_read = t + 2 * n,
+           *ready = t + 3 * n;
+    double bcpu0 = o->backend_pid ? process_cpu(o->backend_pid) : 0, cpu0 = self_cpu();
+    for (unsigned i = 0; i < n; i++) {
+        if (d.mem) memset(d.mem, 0, HDR_OFF + 0x1000);  /* rings and headers as a fresh guest has them */
+        d.avail_idx = d.last_used = d.last_kick = 0;
+        double t0 = now();
+        connect_and_negotiate(&d);       /* stamps d.connected at GET_FEATURES' answer */
+        setup_memory_and_ring(&d);
+        double t3 = now();
+        struct slot s;
+        prepare(&d, &s, 0);
+        publish(&d, 0);
+        /* Wait for the call, as a guest would: a driver busy-polling on the back-end's core (nothing
+         * is pinned here) would hold the CPU the back-end needs until the next scheduler tick. A call
+         * may come before the request is done (back-ends signal a new call fd), so it is read. */
+        struct pollfd p = { d.call, POLLIN, 0 };
+        uint64_t calls;
+        while (__atomic_load_n((volatile uint16_t *)(d.used + 2), __ATOMIC_ACQUIRE) == 0) {
+            if (poll(&p, 1, 10000) != 1) fail("%s: the first request did not complete within 10 s", o->socket);
+            if (read(d.call, &calls, 8) != 8 && errno != EAGAIN) die("call");
+        }
+        double t4 = now();
+        if (d.mem[HDR_OFF + 16] != VIRTIO_BLK_S_OK) fail("%s: the first read failed", o->socket);
+        close(d.sock);
+        close(d.kick);
+        close(d.call);
+        connect_t[i] = d.connected - t0;
+        bring_up[i] = t3 - d.connected;
+        first_read[i] = t4 - t3;
+        ready[i] = t4 - t0;
+        usleep(10000);
+    }
+    double bcpu = o->backend_pid ? process_cpu(o->backend_pid) - bcpu0 : -1.0, cpu = self_cpu() - cpu0;
+    printf("{\"handshakes\": %u, \"need_reply\": \"%s\", ", n, o->reply_mem_table_only ? "mem-table" : "all");
+    print_list("connect_us", connect_t, n);
+    print_list("bring_up_us", bring_up, n);
+    print_list("first_read_us", first_read, n);
+    print_list("ready_us", ready, n);
+    printf("\"client_cpu_s\": %.6f, \"backend_cpu_s\": %.6f}\n", cpu, bcpu);
+    free(t);
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * The null back-end: every request completes VIRTIO_BLK_S_OK at once, no data touched
  * ------------------------------------------------------------------------------------------- */
@@ -787,6 +859,8 @@ static void usage(void) {
     fputs("usage: vublk --socket PATH [--rw randread|randwrite|read|write] [--bs BYTES] [--qd N]\n"
           "             [--queue-size 128|256] [--seconds S] [--warmup S] [--event-idx] [--wait-call]\n"
           "             [--backend-pid PID] [--size BYTES] [--seed N] [--pattern SEED] [--count N]\n"
+          "             [--need-reply all|mem-table]\n"
+          "       vublk --socket PATH --handshakes N [--need-reply all|mem-table] [--backend-pid PID]\n"
           "       vublk --null-backend --socket PATH [--size BYTES]\n", stderr);
     exit(2);
 }
@@ -800,6 +874,7 @@ int main(int argc, char **argv) {
         { "queue-size", 1, 0, 'Q' }, { "seconds", 1, 0, 't' }, { "warmup", 1, 0, 'w' },
         { "event-idx", 0, 0, 'e' }, { "wait-call", 0, 0, 'c' }, { "backend-pid", 1, 0, 'p' },
         { "size", 1, 0, 'S' }, { "seed", 1, 0, 'd' }, { "count", 1, 0, 'n' }, { "pattern", 1, 0, 'P' }, { "null-backend", 0, 0, 'N' },
+        { "handshakes", 1, 0, 'H' }, { "need-reply", 1, 0, 'R' },
         { 0, 0, 0, 0 } };
     for (int c; (c = getopt_long(argc, argv, "", longs, NULL)) != -1;) {
         switch (c) {
@@ -818,10 +893,15 @@ int main(int argc, char **argv) {
         case 'n': o.count = strtoull(optarg, NULL, 0); break;
         case 'P': o.pattern = strtoull(optarg, NULL, 0); o.have_pattern = 1; break;
         case 'N': null_backend = 1; break;
+        case 'H': o.handshakes = strtoul(optarg, NULL, 0); break;
+        case 'R':
+            if (!strcmp(optarg, "mem-table")) o.reply_mem_table_only = 1;
+            else if (strcmp(optarg, "all")) usage();
+            break;
         default: usage();
         }
     }
     if (!o.socket || optind != argc) usage();
     if (null_backend) run_null_backend(o.socket, o.size ? o.size : 256 << 20);
-    return run_driver(&o);
+    return o.handshakes ? run_handshakes(&o) : run_driver(&o);
 }

@@ -5,8 +5,8 @@ busy at depth 32) and, with ``--null-backend``, a back-end that completes every 
 I/O: the driver's own ceiling. :func:`build` compiles it once per source hash into
 ``$VHOST_MIN_CACHE/bench`` (default ``~/.cache/vhost_min/bench``) and returns None when there is
 no compiler; :func:`drive` runs one timed measurement and returns the driver's JSON object;
-:func:`pattern` is the byte pattern ``--pattern SEED`` writes and checks, for tests that look at
-the image itself.
+:func:`handshakes` times connect to first read; :func:`pattern` is the byte pattern ``--pattern
+SEED`` writes and checks, for tests that look at the image itself.
 """
 
 from __future__ import annotations
@@ -108,6 +108,24 @@ def drive(binary: str, socket: str, rw: str, bs: int, qd: int, seconds: float, *
     report["returncode"] = result.returncode
     report["stderr"] = result.stderr.strip()        # stall descriptions, if any
     return report
+
+
+def handshakes(binary: str, socket: str, count: int, *, need_reply: str = "all", backend_pid: int | None = None,
+               cpu: int | None = None) -> dict:
+    """``count`` handshakes against the back-end on ``socket`` (``vublk --handshakes``: connect,
+    negotiate, memory, one ring, one 4 KiB read, close, 10 ms apart): lists ``connect_us``,
+    ``bring_up_us``, ``first_read_us`` and ``ready_us`` (one figure per handshake), and
+    ``backend_cpu_s`` over all of them. ``need_reply``: "all" (NEED_REPLY on every request without a
+    reply of its own, once REPLY_ACK is negotiated) or "mem-table" (only SET_MEM_TABLE's, as QEMU 7.2
+    asks). Raises RuntimeError when it fails, with what it said."""
+    argv = [binary, "--socket", socket, "--handshakes", str(count), "--need-reply", need_reply]
+    argv += ["--backend-pid", str(backend_pid)] if backend_pid else []
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60 + count,
+                            preexec_fn=_pinned(cpu), start_new_session=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode or not lines or not lines[-1].startswith("{"):
+        raise RuntimeError(f"vublk {' '.join(argv[1:])} exited with {result.returncode}: {result.stderr.strip()}")
+    return json.loads(lines[-1])
 
 
 @contextlib.contextmanager

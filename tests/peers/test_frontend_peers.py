@@ -406,6 +406,38 @@ class ProbeCommandTest(PeerTestCase):
         self.assertNothingLeft()
 
 
+class BenchHandshakeTest(PeerTestCase):
+    """``python3 -m bench handshake --count 4 --json``: both tables (our front-end; the C front-end in
+    both NEED_REPLY modes), every figure a real time for both back-ends, and nothing left running."""
+
+    def test_both_front_ends_time_both_back_ends(self):
+        from bench import vublk
+        support.require(vublk.compiler() is not None, "a C compiler (cc)", vublk.CC_INSTALL)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = subprocess.run([sys.executable, "-m", "bench", "handshake", "--count", "4", "--json"],
+                             capture_output=True, text=True, timeout=300, cwd=root)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("handshake under vublk (C front-end)", out.stdout)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        # (Our front-end's rows take back-end CPU from /proc/PID/stat, in 10 ms ticks: four handshakes
+        # may show none. vublk reads schedstat's nanoseconds.)
+        self.assertGreaterEqual(min(result["ours_cpu_ms_per_handshake"], result["theirs_cpu_ms_per_handshake"]), 0)
+        keys = ["ours_ms_median", "theirs_ms_median"]
+        for mode in ("all", "mem_table"):
+            keys += [f"vublk_{mode}_{side}_{what}" for side in ("ours", "theirs")
+                     for what in ("ms_median", "ms_p90", "cpu_ms_per_handshake", "connect_ms_median")]
+        for key in keys:
+            with self.subTest(key=key):
+                self.assertGreater(result[key], 0)
+        for mode in ("all", "mem_table"):
+            self.assertAlmostEqual(result[f"vublk_{mode}_ratio_median"],
+                                   result[f"vublk_{mode}_ours_ms_median"] / result[f"vublk_{mode}_theirs_ms_median"],
+                                   delta=0.01)
+        report(self, "bench handshake", {k: result[k] for k in ("ratio_median", "vublk_all_ratio_median",
+                                                               "vublk_mem_table_ratio_median")})
+        self.assertNothingLeft()
+
+
 # --------------------------------------------------------------------------------------------
 # Packed rings: qsd has none, DPDK's vhost has them
 # --------------------------------------------------------------------------------------------

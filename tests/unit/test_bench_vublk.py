@@ -33,7 +33,10 @@ class VublkDriverTest(unittest.TestCase):
             f.truncate(IMAGE_SIZE)
 
     def _ours(self) -> tuple[subprocess.Popen, str]:
-        sock = os.path.join(self.work.name, "blk.sock")
+        return self._ours_on("blk.sock")
+
+    def _ours_on(self, name: str) -> tuple[subprocess.Popen, str]:
+        sock = os.path.join(self.work.name, name)
         proc = subprocess.Popen([sys.executable, "-m", "vhost_min", "blk", "--socket-path", sock, self.image],
                                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         self.addCleanup(stop_process, proc)
@@ -67,6 +70,25 @@ class VublkDriverTest(unittest.TestCase):
             self.assertTrue(f.read() == vublk.pattern(SEED + 2, 0, IMAGE_SIZE), "the image holds what was written")
         again = vublk.drive(self.binary, sock, "randread", 4096, 8, 0.2, warmup=0, pattern=SEED + 2, wait_call=True)
         self.assertEqual((again["returncode"], again["mismatches"]), (0, 0))
+
+    def test_handshakes_time_each_connection_and_fail_loudly(self) -> None:
+        proc, sock = self._ours()
+        for need_reply in ("all", "mem-table"):
+            with self.subTest(need_reply=need_reply):
+                run = vublk.handshakes(self.binary, sock, 3, need_reply=need_reply, backend_pid=proc.pid)
+                self.assertEqual((run["handshakes"], run["need_reply"]), (3, need_reply))
+                for n in range(3):      # the phases add up to the whole, each one took time
+                    phases = [run[f"{phase}_us"][n] for phase in ("connect", "bring_up", "first_read")]
+                    self.assertTrue(all(t > 0 for t in phases), phases)
+                    self.assertAlmostEqual(sum(phases), run["ready_us"][n], delta=0.5)
+                self.assertGreater(run["backend_cpu_s"], 0)
+        with self.assertRaisesRegex(RuntimeError, "exited with 1"):
+            vublk.handshakes(self.binary, os.path.join(self.work.name, "nobody.sock"), 1)
+        with open(self.image, "r+b") as f:      # smaller than the first read: refused, not timed
+            f.truncate(512)
+        proc, sock = self._ours_on("small.sock")
+        with self.assertRaisesRegex(RuntimeError, "capacity unknown or too small"):
+            vublk.handshakes(self.binary, sock, 1)
 
     def test_the_null_backend_completes_every_request(self) -> None:
         with vublk.null_backend(self.binary, self.work.name, size=IMAGE_SIZE) as null:
