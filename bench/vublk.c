@@ -615,6 +615,7 @@ static int run_handshakes(struct options *o) {
     unsigned n = o->handshakes;
     double *t = calloc(4 * (size_t)n, sizeof *t), *connect_t = t, *bring_up = t + n, *first_read = t + 2 * n,
            *ready = t + 3 * n;
+    if (!t) die("calloc");
     double bcpu0 = o->backend_pid ? process_cpu(o->backend_pid) : 0, cpu0 = self_cpu();
     for (unsigned i = 0; i < n; i++) {
         if (d.mem) memset(d.mem, 0, HDR_OFF + 0x1000);  /* rings and headers as a fresh guest has them */
