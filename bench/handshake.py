@@ -64,9 +64,11 @@ def handshake(sock: str) -> dict[str, float]:
 
 def _under_vublk(binary: str, sides: list, count: int) -> dict:
     """{mode: {side: {phase: [us, ...], "cpu_s": total}}} over ``count`` handshakes per side and mode."""
-    out: dict = {mode: {side: {**{p: [] for p in VUBLK_PHASES}, "cpu_s": 0.0} for side, _ in sides} for mode in VUBLK_MODES}
+    out: dict = {mode: {side: {**{p: [] for p in VUBLK_PHASES}, "cpu_s": 0.0} for side, _ in sides}
+                 for mode in VUBLK_MODES}
     for mode in VUBLK_MODES:
-        vublk.handshakes(binary, sides[0][1].socket, 3, need_reply=mode)        # warm-up, untimed
+        for _, daemon in sides:                                 # warm-up, untimed
+            vublk.handshakes(binary, daemon.socket, 3, need_reply=mode)
         for start in range(0, count, VUBLK_ROUND):
             for side, daemon in sides:
                 r = vublk.handshakes(binary, daemon.socket, min(VUBLK_ROUND, count - start), need_reply=mode,
