@@ -12,7 +12,9 @@ import tempfile
 import unittest
 
 from bench import vublk
-from tests.support import require, stop_process, wait_for_path
+from tests.support import require, run_server, stop_process, wait_for_path
+from vhost_min.trace import FRONTEND, Record, Tracer
+from vhost_min.user import FRONTEND_REQUESTS, VHOST_USER_NEED_REPLY_MASK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGE_SIZE = 1 << 20
@@ -84,6 +86,21 @@ class VublkDriverTest(unittest.TestCase):
                 self.assertGreater(run["backend_cpu_s"], 0)
         with self.assertRaisesRegex(RuntimeError, "exited with 1"):
             vublk.handshakes(self.binary, os.path.join(self.work.name, "nobody.sock"), 1)
+
+        # On the wire (through our Tracer): NEED_REPLY on every request without a reply of its own
+        # once REPLY_ACK is acked, or on SET_MEM_TABLE alone, as the mode says.
+        records: list = []
+        traced = os.path.join(self.work.name, "trace.sock")
+        run_server(self, Tracer(traced, sock, records.append))
+        for session, need_reply in enumerate(("all", "mem-table")):
+            vublk.handshakes(self.binary, traced, 1, need_reply=need_reply)
+            sent = [r for r in records if isinstance(r, Record) and r.session == session and r.sender == FRONTEND]
+            asked = [r.name for r in sent if r.flags & VHOST_USER_NEED_REPLY_MASK]
+            after_ack = [r.name for r in sent[[r.name for r in sent].index("VHOST_USER_SET_PROTOCOL_FEATURES") + 1:]
+                         if not FRONTEND_REQUESTS[r.request].reply]
+            with self.subTest(need_reply=need_reply):
+                self.assertIn("VHOST_USER_SET_VRING_KICK", after_ack)
+                self.assertEqual(asked, after_ack if need_reply == "all" else ["VHOST_USER_SET_MEM_TABLE"])
         with open(self.image, "r+b") as f:      # smaller than the first read: refused, not timed
             f.truncate(512)
         proc, sock = self._ours_on("small.sock")
