@@ -603,7 +603,7 @@ class PackedDeviceQueue(_PackedRing):
         wrap = _BOTH if self._used_wrap else 0          # used: AVAIL == USED == the wrap counter
         # Check everything before writing anything: a bad id must never reach the ring. Each
         # chain's used descriptor is made here as one le64 (len | id << 32 | flags << 48), with
-        # the flags of this lap: right unless the batch wraps, which the slow write below redoes.
+        # the flags of this lap: a chain the batch puts in the next lap gets AVAIL/USED flipped.
         written_flags, empty_flags = (wrap | _WRITE) << 48, wrap << 48
         counts: list[int] = []
         words: list[int] = []
@@ -633,7 +633,7 @@ class PackedDeviceQueue(_PackedRing):
         # The first used descriptor: len and id now, its flags last of all (they publish the batch).
         self._i[first * 4 + 2] = ln
         h[first * 8 + 6] = bid
-        first_flags = wrap | _WRITE if ln else wrap
+        first_flags = words[0] >> 48
         # The others complete, flags included: the driver reads them only after the first one.
         # (A crash before the first one's flags leaves them behind: see clear_stale_used.)
         if len(used) > 1:
@@ -641,15 +641,12 @@ class PackedDeviceQueue(_PackedRing):
                 # One lap, every chain the same number of slots (the common case): one strided store.
                 q[(first + stride) * 2 + 1:(first + advanced) * 2:stride * 2] = array.array("Q", words[1:])
             else:                       # slot by slot, the flags of the lap each one is in
-                slot = first + stride
-                if slot >= n:
-                    slot, wrap = slot - n, wrap ^ _BOTH
+                slot, lap = first, 0
                 for j in range(1, len(used)):
-                    bid, ln = used[j]
-                    q[slot * 2 + 1] = ln | bid << 32 | (wrap | _WRITE if ln else wrap) << 48
-                    slot += counts[j]
-                    if slot >= n:
-                        slot, wrap = slot - n, wrap ^ _BOTH
+                    slot += counts[j - 1]
+                    if slot >= n:               # at most once: a batch frees at most n slots
+                        slot, lap = slot - n, _BOTH << 48
+                    q[slot * 2 + 1] = words[j] ^ lap
         slot, used_wrap = first + advanced, self._used_wrap
         if slot >= n:
             slot, used_wrap = slot - n, used_wrap ^ 1
